@@ -1,0 +1,182 @@
+"""``roi_pool``: Fast R-CNN RoI max pooling (Girshick, 2015)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from roipool_jax._src import bin_max as bin_max_lib
+from roipool_jax._src import boxes as boxes_lib
+from roipool_jax._src import validation
+
+QUANTIZATIONS = ("round", "floor")
+
+
+def _round_mode_edges(lo, hi, _size, num_bins, extent):
+  """torchvision / Caffe bin edges along one axis; see :func:`roi_pool`."""
+  start = boxes_lib.to_int(boxes_lib.round_half_away(lo))
+  end = boxes_lib.to_int(boxes_lib.round_half_away(hi))
+  roi = jnp.maximum(end - start + 1, 1)
+  bin_size = boxes_lib.exact_div(roi.astype(jnp.float32), num_bins)[:, None]
+  # Separate iotas for j and j + 1: no add that could be fused into an FMA.
+  j = jnp.arange(num_bins, dtype=jnp.float32)
+  j_next = jnp.arange(1, num_bins + 1, dtype=jnp.float32)
+  first = boxes_lib.to_int(jnp.floor(j * bin_size)) + start[:, None]
+  last = boxes_lib.to_int(jnp.ceil(j_next * bin_size)) + start[:, None]
+  return jnp.clip(first, 0, extent), jnp.clip(last, 0, extent)
+
+
+def _floor_mode_edges(lo, hi, size, num_bins, extent):
+  """The article's bin edges along one axis; see :func:`roi_pool`."""
+  start = boxes_lib.to_int(jnp.floor(lo))
+  length = boxes_lib.to_int(jnp.floor(size))
+  bin_size = jnp.maximum(length // num_bins, 1)[:, None]
+  first = start[:, None] + jnp.arange(num_bins, dtype=jnp.int32) * bin_size
+  return jnp.clip(first, 0, extent), jnp.clip(first + bin_size, 0, extent)
+
+
+def pool_bins(
+    flat: boxes_lib.FlatBoxes,
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    quantization: str,
+    map_size: tuple[int, int],
+) -> bin_max_lib.Bins:
+  """Integer bin rectangles of ``roi_pool`` (exposed for the demo and tests)."""
+  edges = _round_mode_edges if quantization == "round" else _floor_mode_edges
+  b = flat.boxes
+  scaled = boxes_lib.scale_coords(b, spatial_scale)
+  size = boxes_lib.scale_coords(b[:, 2:] - b[:, :2], spatial_scale)
+  (oh, ow), (height, width) = output_size, map_size
+  rs, re = edges(scaled[:, 1], scaled[:, 3], size[:, 1], oh, height)
+  cs, ce = edges(scaled[:, 0], scaled[:, 2], size[:, 0], ow, width)
+  re = jnp.where(flat.valid[:, None], re, rs)  # invalid boxes: empty bins
+  return bin_max_lib.Bins(flat.image_index, rs, re, cs, ce)
+
+
+@jax.custom_vjp
+def _max_over_bins(features: jax.Array, bins: bin_max_lib.Bins) -> jax.Array:
+  return bin_max_lib.bin_max(features, bins, with_argmax=False)
+
+
+def _max_over_bins_fwd(features, bins):
+  values, argmax = bin_max_lib.bin_max(features, bins, with_argmax=True)
+  # A zero-size [N, H, W, 0] array carries the static shape and dtype to the bwd.
+  like = jnp.zeros(features.shape[:3] + (0,), features.dtype)
+  return values, (argmax, bins.image_index, like)
+
+
+def _max_over_bins_bwd(residuals, cotangent):
+  argmax, image_index, like = residuals
+  shape = like.shape[:3] + cotangent.shape[-1:]
+  grad = bin_max_lib.scatter_to_argmax(cotangent, argmax, image_index, shape)
+  return grad.astype(like.dtype), None
+
+
+_max_over_bins.defvjp(_max_over_bins_fwd, _max_over_bins_bwd)
+
+
+def roi_pool(
+    features: jax.typing.ArrayLike,
+    boxes: jax.typing.ArrayLike,
+    output_size: int | Sequence[int],
+    *,
+    spatial_scale: float = 1.0,
+    box_indices: jax.typing.ArrayLike | None = None,
+    quantization: str = "round",
+) -> jax.Array:
+  r"""RoI max pooling (Fast R-CNN): max over a quantized ``oh x ow`` grid per box.
+
+  Each box is mapped onto the feature map with ``spatial_scale``, snapped to
+  whole cells, split into ``oh x ow`` bins of whole cells, and each bin is
+  max-pooled channel-wise. All arithmetic is float32 then int32, as in the C
+  kernels. Let ``s = spatial_scale``; per axis (x shown; y is the same with
+  rows, ``H`` and ``oh``):
+
+  ``quantization="round"`` (default; bit-exact with ``torchvision.ops.roi_pool``
+  and the original Caffe layer)::
+
+      x1' = round(x1 * s)        x2' = round(x2 * s)   # C round: halves away from 0
+      roi_w = max(x2' - x1' + 1, 1)                    # inverted boxes become 1 cell
+      bin_w = roi_w / ow                               # float32
+      bin j: columns [floor(j * bin_w) + x1', ceil((j + 1) * bin_w) + x1') clipped to [0, W]
+
+  Neighbouring bins may share a row/column (floor/ceil) and, for boxes smaller
+  than ``ow`` cells, several bins may read the same cell.
+
+  ``quantization="floor"`` (the scheme of the article this library starts from:
+  floor the position and the size separately, drop the leftovers)::
+
+      x0 = floor(x1 * s)         width = floor((x2 - x1) * s)
+      bin_w = max(floor(width / ow), 1)                # whole cells, at least 1
+      bin j: columns [x0 + j * bin_w, x0 + (j + 1) * bin_w) clipped to [0, W]
+
+  The ``width - ow * bin_w`` right-most columns (bottom rows for y) are lost.
+  Boxes narrower than ``ow`` cells (zero-size and inverted ones included) get
+  1-cell bins laid from ``x0``, which then extend past the box.
+
+  In both modes a bin (or the part of it) that falls outside the map is
+  clipped away; a bin left with no cell is *empty* and outputs 0. A box with a
+  non-finite coordinate, or (under ``jit``) an out-of-range ``box_indices``
+  entry, outputs zeros everywhere. Such boxes never affect other boxes.
+
+  Gradient (hand-written ``custom_vjp``): each output cotangent goes entirely
+  to the arg-max of its bin and channel, the *first* maximal cell in row-major
+  (row, then column) order, exactly as torchvision (ties are not split);
+  empty bins send nothing; cells read by several bins accumulate. The gradient
+  with respect to ``boxes`` is zero (the bins are quantized) and ``box_indices``
+  has none. The backward accumulates in float32.
+
+  Cost: see :mod:`roipool_jax._src.bin_max`; no per-box copy of the map.
+
+  Args:
+    features: ``[N, H, W, C]`` floating feature map (float32, bfloat16,
+      float16, float64).
+    boxes: ``[K, 4]`` (with ``box_indices``) or ``[N, R, 4]`` (per image) boxes
+      ``(x1, y1, x2, y2)`` in input-image pixels.
+    output_size: ``oh`` (square) or ``(oh, ow)``; static.
+    spatial_scale: static ``feature size / image size`` (1/16 for VGG16 conv5,
+      1/32 in the article).
+    box_indices: ``[K]`` integer image index of each box for ``[K, 4]`` boxes;
+      may be omitted when ``N == 1``. Must be None for ``[N, R, 4]`` boxes.
+    quantization: ``"round"`` (torchvision) or ``"floor"`` (the article).
+
+  Returns:
+    ``[K, oh, ow, C]`` (flat boxes) or ``[N, R, oh, ow, C]`` (per-image boxes),
+    in the dtype of ``features``.
+
+  Raises:
+    ValueError: wrong rank or last dim of ``features``/``boxes``, a
+      non-positive ``output_size`` or ``spatial_scale``, an unknown
+      ``quantization``, ``box_indices`` of the wrong length, or (when concrete)
+      out of ``[0, N)``.
+    TypeError: non-floating ``features`` or non-integer ``box_indices``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from roipool_jax import roi_pool
+    >>> x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+    >>> roi_pool(x, jnp.array([[0.0, 0.0, 3.0, 3.0]]), 2)[0, :, :, 0]
+    Array([[ 5.,  7.],
+           [13., 15.]], dtype=float32)
+
+  References:
+    Girshick, "Fast R-CNN", ICCV 2015. https://arxiv.org/abs/1504.08083
+  """
+  validation.check_features(features)
+  size = validation.normalize_output_size(output_size)
+  scale = validation.check_spatial_scale(spatial_scale)
+  validation.check_choice("quantization", quantization, QUANTIZATIONS)
+  features = jnp.asarray(features)
+  flat = boxes_lib.flatten_boxes(boxes, box_indices, features.shape[0])
+  return _roi_pool(features, flat, size, scale, quantization)
+
+
+@partial(jax.named_call, name="roi_pool")
+def _roi_pool(features, flat, size, scale, quantization):
+  bins = pool_bins(flat, size, scale, quantization, features.shape[1:3])
+  out = _max_over_bins(features, bins)
+  return out.reshape(flat.batch_shape + out.shape[1:])
