@@ -102,6 +102,12 @@ def _sparse_table_with_argmax(values: jax.Array, levels: int) -> tuple[jax.Array
   return jnp.stack(vals), jnp.stack(idxs)
 
 
+# Boxes are processed in sequential chunks of about this many output elements,
+# so each chunk's running maxima stay in cache while its lookups stream through,
+# and each chunk loops only as long as its own largest bin needs.
+_CHUNK_ELEMENTS = 1 << 15
+
+
 def bin_max(features: jax.Array, bins: Bins, with_argmax: bool):
   """Max over every bin rectangle; see the module docstring.
 
@@ -126,42 +132,61 @@ def bin_max(features: jax.Array, bins: Bins, with_argmax: bool):
     table, index_table = _sparse_table(features, levels), None
   table = table.reshape(-1, channels)
 
-  # Per-bin lookup plan, [K, oh, ow]: rows x windows of 2**level cells.
+  # Per-bin lookup plan, [K, oh, ow]: `rows` x `windows` lookups of 2**level cells.
   rows = jnp.maximum(bins.row_end - bins.row_start, 0)[:, :, None]
   cols = jnp.maximum(bins.col_end - bins.col_start, 0)[:, None, :]
   level = jnp.minimum(_floor_log2(jnp.maximum(cols, 1)), levels)
   span = jnp.left_shift(1, level)
   windows = (cols + span - 1) // span
-  steps = rows * windows
-  safe_windows = jnp.maximum(windows, 1)
-  row0 = bins.row_start[:, :, None]
-  col0, col_last = bins.col_start[:, None, :], (bins.col_end[:, None, :] - span)
-  plane = (level * n_img + bins.image_index[:, None, None]) * height  # [K, 1, ow]
-
-  def body(carry):
-    t, best, best_index = carry
-    active = t < steps
-    row = jnp.clip(row0 + t // safe_windows, 0, height - 1)
-    col = jnp.clip(jnp.minimum(col0 + (t % safe_windows) * span, col_last), 0, width - 1)
-    flat = (plane + row) * width + col  # [K, oh, ow]
-    value = table[flat]
-    found = best_index >= 0
-    if index_table is not None:
-      index = index_table[flat]
-    else:
-      index = jnp.zeros_like(best_index)
-    take = active[..., None] & ((value > best) | ~found)
-    return t + 1, jnp.where(take, value, best), jnp.where(take, index, best_index)
-
-  init = (
-      jnp.int32(0),
-      jnp.full((k, oh, ow, channels), -jnp.inf, features.dtype),
-      jnp.full((k, oh, ow, channels), -1, jnp.int32),
+  shape = (k, oh, ow)
+  plan = dict(
+      steps=jnp.broadcast_to(rows * windows, shape),
+      windows=jnp.broadcast_to(jnp.maximum(windows, 1), shape),
+      row0=jnp.broadcast_to(bins.row_start[:, :, None], shape),
+      col0=jnp.broadcast_to(bins.col_start[:, None, :], shape),
+      col_last=jnp.broadcast_to(bins.col_end[:, None, :] - span, shape),
+      span=jnp.broadcast_to(span, shape),
+      plane=jnp.broadcast_to((level * n_img + bins.image_index[:, None, None]) * height, shape),
   )
-  _, best, best_index = lax.while_loop(lambda c: c[0] < jnp.max(steps, initial=0), body, init)
-  values = jnp.where(best_index >= 0, best, jnp.zeros((), features.dtype))
+
+  def pool_chunk(p):
+    def body(carry):
+      t, best, best_index = carry
+      active = (t < p["steps"])[..., None]
+      row = jnp.clip(p["row0"] + t // p["windows"], 0, height - 1)
+      col = p["col0"] + (t % p["windows"]) * p["span"]
+      col = jnp.clip(jnp.minimum(col, p["col_last"]), 0, width - 1)
+      flat = (p["plane"] + row) * width + col
+      value = table.at[flat].get(mode="promise_in_bounds")
+      if index_table is None:
+        return t + 1, jnp.where(active, jnp.maximum(best, value), best), best_index
+      index = index_table.at[flat].get(mode="promise_in_bounds")
+      take = active & ((value > best) | (best_index < 0))
+      return t + 1, jnp.where(take, value, best), jnp.where(take, index, best_index)
+
+    acc_shape = p["steps"].shape + (channels,)
+    init = (
+        jnp.int32(0),
+        jnp.full(acc_shape, -jnp.inf, features.dtype),
+        jnp.full(acc_shape if with_argmax else (0,), -1, jnp.int32),
+    )
+    num_steps = jnp.max(p["steps"], initial=0)
+    _, best, best_index = lax.while_loop(lambda c: c[0] < num_steps, body, init)
+    best = jnp.where((p["steps"] > 0)[..., None], best, jnp.zeros((), features.dtype))
+    return best, best_index
+
+  chunk = max(1, min(k, _CHUNK_ELEMENTS // max(1, oh * ow * channels)))
+  num_chunks = -(-k // chunk)
+  pad = num_chunks * chunk - k
+
+  def to_chunks(x):  # padded boxes get steps == 0: empty
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape((num_chunks, chunk) + x.shape[1:])
+
+  values, argmax = lax.map(pool_chunk, jax.tree.map(to_chunks, plan))
+  values = values.reshape((num_chunks * chunk, oh, ow, channels))[:k]
   if with_argmax:
-    return values, best_index
+    return values, argmax.reshape((num_chunks * chunk, oh, ow, channels))[:k]
   return values
 
 
@@ -180,7 +205,7 @@ def scatter_to_argmax(
     ``[N, H, W, C]`` float32 gradient.
   """
   n_img, height, width, channels = features_shape
-  channel = jnp.arange(channels, dtype=jnp.int32)
+  channel = jnp.arange(channels, dtype=jnp.int32)[None, None, None]
   cell = image_index[:, None, None, None] * (height * width) + argmax
   flat = jnp.where(argmax >= 0, cell * channels + channel, n_img * height * width * channels)
   grad = jnp.zeros((n_img * height * width * channels,), jnp.float32)

@@ -24,8 +24,8 @@ def _round_mode_edges(lo, hi, _size, num_bins, extent):
   # Separate iotas for j and j + 1: no add that could be fused into an FMA.
   j = jnp.arange(num_bins, dtype=jnp.float32)
   j_next = jnp.arange(1, num_bins + 1, dtype=jnp.float32)
-  first = boxes_lib.to_int(jnp.floor(j * bin_size)) + start[:, None]
-  last = boxes_lib.to_int(jnp.ceil(j_next * bin_size)) + start[:, None]
+  first = boxes_lib.to_int(jnp.floor(j[None] * bin_size)) + start[:, None]
+  last = boxes_lib.to_int(jnp.ceil(j_next[None] * bin_size)) + start[:, None]
   return jnp.clip(first, 0, extent), jnp.clip(last, 0, extent)
 
 
@@ -34,7 +34,7 @@ def _floor_mode_edges(lo, hi, size, num_bins, extent):
   start = boxes_lib.to_int(jnp.floor(lo))
   length = boxes_lib.to_int(jnp.floor(size))
   bin_size = jnp.maximum(length // num_bins, 1)[:, None]
-  first = start[:, None] + jnp.arange(num_bins, dtype=jnp.int32) * bin_size
+  first = start[:, None] + jnp.arange(num_bins, dtype=jnp.int32)[None] * bin_size
   return jnp.clip(first, 0, extent), jnp.clip(first + bin_size, 0, extent)
 
 

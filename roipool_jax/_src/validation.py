@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -23,16 +24,16 @@ def check_features(features: jax.Array, name: str = "features") -> None:
     raise ValueError(
         f"`{name}` must have rank 4 ([N, H, W, C], NHWC); got shape {shape} (rank {len(shape)})."
     )
-  dtype = np.result_type(features)
-  if not np.issubdtype(dtype, np.floating):
+  dtype = jnp.result_type(features)
+  if not jnp.issubdtype(dtype, np.floating):
     raise TypeError(f"`{name}` must have a floating dtype; got {dtype} with shape {shape}.")
   if shape[1] < 1 or shape[2] < 1:
     raise ValueError(f"`{name}` must have H >= 1 and W >= 1; got shape {shape} ([N, H, W, C]).")
 
 
 def check_boxes_dtype(boxes: jax.Array) -> None:
-  dtype = np.result_type(boxes)
-  if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+  dtype = jnp.result_type(boxes)
+  if not (jnp.issubdtype(dtype, np.floating) or jnp.issubdtype(dtype, np.integer)):
     raise TypeError(
         f"`boxes` must have a floating (or integer) dtype; got {dtype} with shape {np.shape(boxes)}."
     )
@@ -79,8 +80,8 @@ def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
 def check_box_indices(box_indices: jax.Array, num_boxes: int, num_images: int) -> None:
   """Checks ``box_indices`` is an integer ``[K]`` array, and in ``[0, N)`` when concrete."""
   shape = np.shape(box_indices)
-  dtype = np.result_type(box_indices)
-  if not np.issubdtype(dtype, np.integer):
+  dtype = jnp.result_type(box_indices)
+  if not jnp.issubdtype(dtype, np.integer):
     raise TypeError(f"`box_indices` must have an integer dtype; got {dtype} with shape {shape}.")
   if shape != (num_boxes,):
     raise ValueError(

@@ -1,0 +1,89 @@
+"""Independent NumPy references, written for reading, not for speed.
+
+Plain loops over boxes, bins and cells, following the formulas in the op
+docstrings (and torchvision's C++ kernels for the "round" scheme). Scalar
+float32 arithmetic goes through NumPy float32 scalars, which round exactly as C
+``float`` does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+F32 = np.float32
+
+
+def c_round(x: float) -> int:
+  """C ``roundf``: halves away from zero (exact: a float32 plus 0.5 fits a double)."""
+  return int(math.copysign(math.floor(abs(x) + 0.5), x))
+
+
+def _bin_ranges(box, scale, oh, ow, quantization):
+  """Unclipped [start, end) rows and columns of every bin of one box."""
+  x1, y1, x2, y2 = (F32(v) for v in box)
+  s = F32(scale)
+  if quantization == "round":
+    x_start, y_start = c_round(float(x1 * s)), c_round(float(y1 * s))
+    x_end, y_end = c_round(float(x2 * s)), c_round(float(y2 * s))
+    roi_w, roi_h = max(x_end - x_start + 1, 1), max(y_end - y_start + 1, 1)
+    bin_w, bin_h = F32(roi_w) / F32(ow), F32(roi_h) / F32(oh)
+    rows = [
+        (math.floor(F32(i) * bin_h) + y_start, math.ceil(F32(i + 1) * bin_h) + y_start)
+        for i in range(oh)
+    ]
+    cols = [
+        (math.floor(F32(j) * bin_w) + x_start, math.ceil(F32(j + 1) * bin_w) + x_start)
+        for j in range(ow)
+    ]
+  else:  # "floor": the article's scheme
+    x0, y0 = math.floor(x1 * s), math.floor(y1 * s)
+    width, height = math.floor((x2 - x1) * s), math.floor((y2 - y1) * s)
+    bin_w, bin_h = max(width // ow, 1), max(height // oh, 1)
+    rows = [(y0 + i * bin_h, y0 + (i + 1) * bin_h) for i in range(oh)]
+    cols = [(x0 + j * bin_w, x0 + (j + 1) * bin_w) for j in range(ow)]
+  return rows, cols
+
+
+def roi_pool(features, boxes, box_indices, output_size, scale, quantization="round"):
+  """Returns (output [K, oh, ow, C], argmax [K, oh, ow, C] flat h * W + w, -1 if empty)."""
+  features = np.asarray(features)
+  n, height, width, channels = features.shape
+  oh, ow = output_size
+  k = len(boxes)
+  out = np.zeros((k, oh, ow, channels), features.dtype)
+  argmax = np.full((k, oh, ow, channels), -1, np.int64)
+  for b in range(k):
+    box = np.asarray(boxes[b], np.float32)
+    if not np.all(np.isfinite(box)) or not 0 <= box_indices[b] < n:
+      continue
+    image = features[box_indices[b]]
+    rows, cols = _bin_ranges(box, scale, oh, ow, quantization)
+    for i, (h0, h1) in enumerate(rows):
+      h0, h1 = min(max(h0, 0), height), min(max(h1, 0), height)
+      for j, (w0, w1) in enumerate(cols):
+        w0, w1 = min(max(w0, 0), width), min(max(w1, 0), width)
+        for c in range(channels):
+          best, best_at = None, -1
+          for h in range(h0, h1):
+            for w in range(w0, w1):
+              if best is None or image[h, w, c] > best:
+                best, best_at = image[h, w, c], h * width + w
+          if best is not None:
+            out[b, i, j, c], argmax[b, i, j, c] = best, best_at
+  return out, argmax
+
+
+def roi_pool_grad(features_shape, box_indices, argmax, cotangent):
+  """Gradient wrt features: each cotangent added at its bin's arg-max."""
+  n, height, width, channels = features_shape
+  grad = np.zeros((n, height * width, channels), np.float64)
+  k, oh, ow, _ = argmax.shape
+  for b in range(k):
+    for i in range(oh):
+      for j in range(ow):
+        for c in range(channels):
+          if argmax[b, i, j, c] >= 0:
+            grad[box_indices[b], argmax[b, i, j, c], c] += cotangent[b, i, j, c]
+  return grad.reshape(features_shape)

@@ -1,0 +1,324 @@
+"""Tests of roipool_jax.roi_pool against torchvision fixtures and the NumPy reference."""
+
+import pathlib
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import roipool_jax
+from roipool_jax import roi_pool
+from tests import reference
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "torchvision_roi_pool.npz"
+
+
+def _load_cases():
+  data = np.load(FIXTURES)
+  cases = {}
+  for key in data.files:
+    case, field = key.split("/")
+    cases.setdefault(case, {})[field] = data[key]
+  return cases
+
+
+CASES = _load_cases()
+
+
+# ------------------------------------------------------------------ torchvision parity
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_torchvision_forward_and_gradient(name):
+  c = CASES[name]
+  size = tuple(int(s) for s in np.broadcast_to(c["output_size"], (2,)))
+
+  def f(x):
+    return roi_pool(
+        x, c["boxes"], size, spatial_scale=float(c["spatial_scale"]), box_indices=c["box_indices"]
+    )
+
+  out, vjp = jax.vjp(f, jnp.asarray(c["features"]))
+  np.testing.assert_array_equal(np.asarray(out), c["output"])
+  (grad,) = vjp(jnp.asarray(c["cotangent"]))
+  np.testing.assert_allclose(np.asarray(grad), c["grad"], rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ NumPy reference
+
+_MAPS = [(1, 5, 7, 2), (2, 6, 4, 3), (1, 1, 1, 1), (3, 9, 9, 1)]
+_SIZES = [(1, 1), (2, 2), (3, 2), (4, 5)]
+_SCALES = [1.0, 0.5, 0.25, 1 / 3]
+
+
+@st.composite
+def _problems(draw):
+  shape = draw(st.sampled_from(_MAPS))
+  n, h, w, _ = shape
+  size = draw(st.sampled_from(_SIZES))
+  scale = draw(st.sampled_from(_SCALES))
+  k = draw(st.sampled_from([1, 4, 9]))
+  seed = draw(st.integers(0, 2**31 - 1))
+  rng = np.random.default_rng(seed)
+  # Integer-valued features create ties; the float part keeps some distinct.
+  features = rng.integers(-2, 3, shape).astype(np.float32)
+  if draw(st.booleans()):
+    features += rng.standard_normal(shape).astype(np.float32)
+  extent = np.array([w, h, w, h]) / scale
+  boxes = rng.uniform(-0.3, 1.3, (k, 4)) * extent
+  # Snap some corners to half-pixels (rounding traps) and make some boxes degenerate.
+  snap = rng.random((k, 4)) < 0.3
+  boxes = np.where(snap, np.round(boxes * 2) / 2, boxes).astype(np.float32)
+  kinds = rng.integers(0, 8, k)
+  boxes[kinds == 0] = boxes[kinds == 0][:, [2, 3, 0, 1]]  # inverted
+  boxes[kinds == 1, 2:] = boxes[kinds == 1, :2]  # zero size
+  boxes[kinds == 2, 0] = np.nan
+  boxes[kinds == 3] += 3 * extent  # fully outside
+  indices = rng.integers(0, n, k).astype(np.int32)
+  quantization = draw(st.sampled_from(["round", "floor"]))
+  return features, boxes, indices, size, scale, quantization
+
+
+@given(_problems())
+def test_matches_numpy_reference(problem):
+  features, boxes, indices, size, scale, quantization = problem
+  want, argmax = reference.roi_pool(features, boxes, indices, size, scale, quantization)
+
+  def f(x):
+    return roi_pool(
+        x, boxes, size, spatial_scale=scale, box_indices=indices, quantization=quantization
+    )
+
+  out, vjp = jax.vjp(f, jnp.asarray(features))
+  np.testing.assert_array_equal(np.asarray(out), want)
+  cotangent = np.random.default_rng(0).standard_normal(want.shape).astype(np.float32)
+  want_grad = reference.roi_pool_grad(features.shape, indices, argmax, cotangent)
+  np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(cotangent))[0]), want_grad, atol=1e-5)
+
+
+def test_article_floor_scheme_bins():
+  # The article: RoI at (x=296, y=192), w=200, h=145 on a 16x16 map (scale 1/32),
+  # quantized to x=9, y=6, w=6, h=4; 3x3 pooling gives 1x2 bins; row 6+3=9 is lost.
+  features = jnp.arange(16 * 16, dtype=jnp.float32).reshape(1, 16, 16, 1)
+  box = jnp.array([[296.0, 192.0, 496.0, 337.0]])
+  out = roi_pool(features, box, 3, spatial_scale=1 / 32, quantization="floor")
+  # The max of each 1x2 bin is its bottom-right cell: row 6 + i, column 9 + 2j + 1.
+  want = np.array([[(6 + i) * 16 + 9 + 2 * j + 1 for j in range(3)] for i in range(3)])
+  np.testing.assert_array_equal(np.asarray(out)[0, :, :, 0], want)
+
+
+# ------------------------------------------------------------------ transformations
+
+
+def _fixed_problem():
+  rng = np.random.default_rng(7)
+  features = rng.standard_normal((2, 10, 12, 3)).astype(np.float32)
+  boxes = np.array(
+      [[0, 0, 90, 70], [10, 20, 30, 40], [-20, 5, 200, 300], [50, 50, 40, 40], [3, 3, 3, 3]],
+      np.float32,
+  )
+  indices = np.array([0, 1, 1, 0, 1], np.int32)
+  return features, boxes, indices
+
+
+class JitConsistencyTest(chex.TestCase):
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_jit_and_no_jit_agree_with_reference(self):
+    features, boxes, indices = _fixed_problem()
+
+    @self.variant
+    def f(x, b, i):
+      return roi_pool(x, b, (3, 4), spatial_scale=1 / 8, box_indices=i)
+
+    want, _ = reference.roi_pool(features, boxes, indices, (3, 4), 1 / 8)
+    out = f(features, boxes, indices)
+    chex.assert_shape(out, (5, 3, 4, 3))
+    np.testing.assert_array_equal(np.asarray(out), want)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_gradient_jit_and_no_jit(self):
+    features, boxes, indices = _fixed_problem()
+
+    @self.variant
+    def g(x):
+      return jax.grad(lambda y: jnp.sum(roi_pool(y, boxes, 2, box_indices=indices) ** 2))(x)
+
+    out = roi_pool(features, boxes, 2, box_indices=indices)
+    _, argmax = reference.roi_pool(features, boxes, indices, (2, 2), 1.0)
+    want = reference.roi_pool_grad(features.shape, indices, argmax, 2 * np.asarray(out))
+    np.testing.assert_allclose(np.asarray(g(features)), want, atol=1e-5)
+
+
+def test_vmap_over_a_batch_of_maps_matches_loop():
+  features, boxes, indices = _fixed_problem()
+  stacked = np.stack([features, features[::-1] * 2.0, -features])
+  f = lambda x: roi_pool(x, boxes, (2, 3), spatial_scale=0.25, box_indices=indices)  # noqa: E731
+  batched = jax.vmap(f)(stacked)
+  for i in range(3):
+    np.testing.assert_array_equal(np.asarray(batched[i]), np.asarray(f(stacked[i])))
+  grads = jax.vmap(jax.grad(lambda x: f(x).sum()))(stacked)
+  for i in range(3):
+    np.testing.assert_array_equal(np.asarray(grads[i]), np.asarray(jax.grad(lambda x: f(x).sum())(stacked[i])))
+
+
+def test_vmap_over_boxes_matches_flat_call():
+  features, boxes, _ = _fixed_problem()
+  features = features[:1]
+  per_box = jax.vmap(lambda b: roi_pool(features, b[None], 3)[0])(boxes)
+  np.testing.assert_array_equal(np.asarray(per_box), np.asarray(roi_pool(features, boxes, 3)))
+
+
+def test_traced_boxes_and_indices_under_jit():
+  features, boxes, indices = _fixed_problem()
+  f = jax.jit(lambda x, b, i: roi_pool(x, b, 2, box_indices=i))
+  np.testing.assert_array_equal(
+      np.asarray(f(features, boxes, indices)),
+      reference.roi_pool(features, boxes, indices, (2, 2), 1.0)[0],
+  )
+
+
+def test_per_image_boxes_equal_flat_boxes():
+  features, _, _ = _fixed_problem()
+  rng = np.random.default_rng(3)
+  per_image = rng.uniform(-10, 120, (2, 6, 4)).astype(np.float32)
+  out = roi_pool(features, per_image, 2, spatial_scale=0.1)
+  chex.assert_shape(out, (2, 6, 2, 2, 3))
+  flat = roi_pool(
+      features, per_image.reshape(-1, 4), 2, spatial_scale=0.1,
+      box_indices=np.repeat(np.arange(2, dtype=np.int32), 6),
+  )
+  np.testing.assert_array_equal(np.asarray(out).reshape(flat.shape), np.asarray(flat))
+
+
+# ------------------------------------------------------------------ dtypes, gradients
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_dtype_is_preserved_and_values_exact(dtype):
+  features, boxes, indices = _fixed_problem()
+  x = jnp.asarray(features, dtype)
+  out = roi_pool(x, boxes, 3, box_indices=indices)
+  assert out.dtype == dtype
+  want, _ = reference.roi_pool(np.asarray(x, np.float32), boxes, indices, (3, 3), 1.0)
+  np.testing.assert_array_equal(np.asarray(out, np.float32), want)
+  grad = jax.grad(lambda y: roi_pool(y, boxes, 3, box_indices=indices).astype(jnp.float32).sum())(x)
+  assert grad.dtype == dtype
+
+
+def test_box_gradient_is_zero_and_finite():
+  features, boxes, indices = _fixed_problem()
+  g = jax.grad(lambda b: roi_pool(features, b, 2, box_indices=indices).sum())(jnp.asarray(boxes))
+  np.testing.assert_array_equal(np.asarray(g), np.zeros_like(boxes))
+
+
+def test_gradient_is_bitwise_deterministic():
+  rng = np.random.default_rng(0)
+  features = rng.integers(0, 2, (1, 16, 16, 8)).astype(np.float32)  # many ties
+  boxes = rng.uniform(0, 16, (64, 4)).astype(np.float32)
+  g = jax.jit(jax.grad(lambda x: (roi_pool(x, boxes, 3) * jnp.arange(8.0)[None, None, None]).sum()))
+  first = np.asarray(g(features))
+  for _ in range(3):
+    np.testing.assert_array_equal(np.asarray(g(features)), first)
+
+
+# ------------------------------------------------------------------ degenerate boxes
+
+
+def test_invalid_boxes_do_not_affect_others():
+  features, boxes, indices = _fixed_problem()
+  bad = np.array([[np.nan, 0, 5, 5], [0, 0, np.inf, 4], [-np.inf, -np.inf, np.inf, np.inf]], np.float32)
+  mixed = np.concatenate([boxes, bad])
+  mixed_idx = np.concatenate([indices, np.zeros(3, np.int32)])
+
+  def loss(x, b, i):
+    return (roi_pool(x, b, 2, box_indices=i) ** 2).sum()
+
+  out = roi_pool(features, mixed, 2, box_indices=mixed_idx)
+  np.testing.assert_array_equal(np.asarray(out[5:]), 0.0)
+  np.testing.assert_array_equal(np.asarray(out[:5]), np.asarray(roi_pool(features, boxes, 2, box_indices=indices)))
+  g_mixed = jax.grad(loss)(features, mixed, mixed_idx)
+  g_clean = jax.grad(loss)(features, boxes, indices)
+  np.testing.assert_array_equal(np.asarray(g_mixed), np.asarray(g_clean))
+  assert np.all(np.isfinite(np.asarray(jax.grad(loss, argnums=1)(features, mixed, mixed_idx))))
+
+
+def test_traced_out_of_range_box_indices_give_zeros():
+  features, boxes, _ = _fixed_problem()
+  f = jax.jit(lambda i: roi_pool(features, boxes[:3], 2, box_indices=i))
+  out = np.asarray(f(jnp.array([0, 7, -1], jnp.int32)))
+  assert np.any(out[0] != 0)
+  np.testing.assert_array_equal(out[1:], 0.0)
+
+
+def test_huge_coordinates_are_finite_and_match_reference():
+  features, _, _ = _fixed_problem()
+  boxes = np.array([[-1e30, -1e30, 1e30, 1e30], [-3e9, 2, 5, 3e9]], np.float32)
+  out = roi_pool(features[:1], boxes, 2)
+  assert np.all(np.isfinite(np.asarray(out)))
+  # Past the clamp, every bin of the first box contains the whole map or nothing.
+  np.testing.assert_array_equal(np.asarray(out[1]), reference.roi_pool(features[:1], boxes[1:], [0], (2, 2), 1.0)[0][0])
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_zero_boxes(per_image):
+  features, _, _ = _fixed_problem()
+  if per_image:
+    boxes, kwargs, shape = np.zeros((2, 0, 4), np.float32), {}, (2, 0, 2, 2, 3)
+  else:
+    boxes, kwargs, shape = np.zeros((0, 4), np.float32), {"box_indices": np.zeros(0, np.int32)}, (0, 2, 2, 3)
+  out = jax.jit(lambda x: roi_pool(x, boxes, 2, **kwargs))(features)
+  chex.assert_shape(out, shape)
+  g = jax.grad(lambda x: roi_pool(x, boxes, 2, **kwargs).sum())(features)
+  np.testing.assert_array_equal(np.asarray(g), 0.0)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+_GOOD = dict(features=np.zeros((2, 4, 4, 1), np.float32), boxes=np.zeros((3, 4), np.float32))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(features=np.zeros((4, 4, 1), np.float32)), ValueError, r"`features` must have rank 4.*\(4, 4, 1\)"),
+        (dict(features=np.zeros((2, 4, 4, 1), np.int32)), TypeError, r"`features` must have a floating dtype; got int32"),
+        (dict(features=np.zeros((2, 0, 4, 1), np.float32)), ValueError, r"H >= 1 and W >= 1"),
+        (dict(boxes=np.zeros((3, 5), np.float32)), ValueError, r"`boxes` must be \[K, 4\].*\(3, 5\)"),
+        (dict(boxes=np.zeros((3,), np.float32)), ValueError, r"`boxes` must be.*\(3,\)"),
+        (dict(boxes=np.zeros((3, 4), bool)), TypeError, r"`boxes` must have a floating.*bool"),
+        (dict(boxes=np.zeros((3, 2, 4), np.float32), box_indices=None), ValueError, r"N = features.shape\[0\] = 2"),
+        (dict(box_indices=None), ValueError, r"`box_indices` \[K\] is required.*N = 2"),
+        (dict(box_indices=np.zeros(2, np.int32)), ValueError, r"`box_indices` must have shape \[K\] = \(3,\).*\(2,\)"),
+        (dict(box_indices=np.zeros(3, np.float32)), TypeError, r"`box_indices` must have an integer dtype; got float32"),
+        (dict(box_indices=np.array([0, 2, 1], np.int32)), ValueError, r"\[0, 2\).*\[0, 2\]"),
+        (dict(output_size=0), ValueError, r"`output_size` must be positive; got 0"),
+        (dict(output_size=(2, -1)), ValueError, r"`output_size` must be positive"),
+        (dict(output_size=(2, 2, 2)), ValueError, r"`output_size` must be a positive int or a pair"),
+        (dict(output_size=2.0), ValueError, r"`output_size` must be a positive int"),
+        (dict(spatial_scale=0.0), ValueError, r"`spatial_scale` must be positive and finite; got 0.0"),
+        (dict(spatial_scale=float("nan")), ValueError, r"`spatial_scale` must be positive and finite"),
+        (dict(spatial_scale=jnp.float32(0.5) + jnp.zeros(())), ValueError, r"`spatial_scale` must be a static"),
+        (dict(quantization="ceil"), ValueError, r"`quantization` must be one of \('round', 'floor'\); got 'ceil'"),
+    ],
+)
+def test_bad_input_raises_clear_error(kwargs, error, match):
+  args = dict(_GOOD, output_size=2, box_indices=np.zeros(3, np.int32))
+  args.update(kwargs)
+  features, boxes, size = args.pop("features"), args.pop("boxes"), args.pop("output_size")
+  with pytest.raises(error, match=match):
+    roi_pool(features, boxes, size, **args)
+
+
+def test_errors_are_raised_at_trace_time_under_jit():
+  with pytest.raises(ValueError, match="rank 4"):
+    jax.jit(lambda x: roi_pool(x, jnp.zeros((1, 4)), 2)).lower(jnp.zeros((4, 4, 1)))
+
+
+def test_public_api():
+  assert "roi_pool" in roipool_jax.__all__
+  assert roipool_jax.roi_pool is roi_pool
