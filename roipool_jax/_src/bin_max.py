@@ -1,38 +1,43 @@
 """Exact max (and first arg-max) over integer rectangles of a feature map.
 
-This is the engine of every max-pooling RoI op: given, per box, the row ranges
+This is the engine of the max-pooling RoI ops: given, per box, the row ranges
 ``[hs, he)`` of its ``oh`` bin rows and the column ranges ``[ws, we)`` of its
 ``ow`` bin columns, it returns the channel-wise maximum over each
-``[hs, he) x [ws, we)`` rectangle, and the flat position ``h * W + w`` of the
-first maximal element in row-major order (the element the gradient goes to).
+``[hs, he) x [ws, we)`` rectangle and, for the backward pass, the flat position
+``h * W + w`` of the first maximal cell in row-major order.
 
 How the work is bounded
 -----------------------
-A sparse table along W holds, for levels ``l = 0..L``, the max over the
-``2**l`` cells ``[w, w + 2**l)`` of every row (level 0 is the map itself). A
-bin of width ``b`` reads level ``l = min(floor(log2 b), L)`` at
-``ceil(b / 2**l)`` window starts (the last one aligned to the bin's right
-edge, so windows may overlap: harmless for a max). A ``lax.while_loop`` then
-visits, for every bin at once, its ``rows x windows`` lookups, each a gather of
-one contiguous ``C`` vector (fast in NHWC). The loop runs for the largest
-``rows x windows`` over all bins, so the cost is
-``O(L * |features| + K * oh * ow * C * max_bin_lookups)`` and never
-materializes a per-box copy of the map. ``L`` is picked from the static shapes
-so that a bin of a box lying inside the map needs at most two windows per row.
+The cells of a bin are numbered in row-major order. Boxes are processed in
+small sequential chunks (``lax.map``); within a chunk a ``lax.while_loop``
+makes passes, and pass ``p`` gathers cells ``[p * S, (p + 1) * S)`` of every
+bin at once (``S = SLOTS``; each cell is one contiguous ``C`` vector of the
+NHWC map, a fast gather), masks the slots past the bin's cell count, and
+reduces them. A chunk makes ``ceil(max bin cells in the chunk / S)`` passes,
+so the total work is about ``sum over boxes of oh * ow * C * (largest bin of
+the box)``, the cells a direct loop reads, with no per-box copy of the map and
+no dependence on the other boxes' sizes beyond the chunk. Only bin geometry
+(``[K, oh, ow]`` integers) is materialized besides the output.
 
-The backward pass sends each output cotangent to its arg-max cell; it is a
-scatter-add over ``[N * H * W * C]`` accumulated in float32 (sequential, hence
+The backward pass sends each output cotangent to its arg-max cell: a
+scatter-add into ``[N * H * W * C]`` accumulated in float32 (sequential, hence
 deterministic, on CPU).
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+# Cells gathered per bin and pass (one pass reads [chunk, oh, ow, SLOTS, C]).
+SLOTS = 8
+# Boxes per chunk: about this many output elements, so a chunk's running maxima
+# stay in cache, and each chunk loops only as long as its own largest bin needs.
+_CHUNK_ELEMENTS = 1 << 15
+_NO_CELL = 2**30  # larger than any h * W + w
 
 
 class Bins(NamedTuple):
@@ -53,59 +58,38 @@ class Bins(NamedTuple):
   col_end: jax.Array
 
 
-def table_levels(width: int, out_width: int) -> int:
-  """Top sparse-table level L: windows of up to ``2**L`` cells, L <= floor(log2 W).
-
-  Chosen so that a bin of a box inside the map (at most ``ceil(W / ow) + 1``
-  cells wide) needs at most two windows per row, without building levels that
-  only huge boxes would use (those take more windows instead).
-  """
-  typical = -(-width // out_width) + 1
-  return max(0, min(int(math.log2(width)), int(math.log2(typical))))
-
-
-def _floor_log2(x: jax.Array) -> jax.Array:
-  """floor(log2(x)) for int32 x >= 1, exactly (no float rounding)."""
-  return 31 - lax.clz(x.astype(jnp.int32))
-
-
-def _sparse_table(values: jax.Array, levels: int) -> jax.Array:
-  """Stacks ``values`` and its windowed maxima: ``[L + 1, N, H, W, C]``.
-
-  Level ``l`` at column ``w`` is the max (for indices: the first arg-max) of
-  columns ``[w, w + 2**l)``. Columns past ``W - 2**l`` hold padding that is
-  never read.
-  """
-  out = [values]
-  for level in range(1, levels + 1):
-    shift = 1 << (level - 1)
-    prev = out[-1]
-    right = jnp.concatenate([prev[:, :, shift:], prev[:, :, -shift:]], axis=2)
-    out.append(jnp.maximum(prev, right))
-  return jnp.stack(out)
+def _plan(bins: Bins, height: int, width: int) -> dict[str, jax.Array]:
+  """Per-bin cell enumeration, each ``[K, oh, ow]`` int32."""
+  k, oh = bins.row_start.shape
+  ow = bins.col_start.shape[1]
+  shape = (k, oh, ow)
+  rows = jnp.maximum(bins.row_end - bins.row_start, 0)[:, :, None]
+  cols = jnp.maximum(bins.col_end - bins.col_start, 0)[:, None, :]
+  origin = (
+      bins.image_index[:, None, None] * (height * width)
+      + bins.row_start[:, :, None] * width
+      + bins.col_start[:, None, :]
+  )
+  return dict(
+      cells=jnp.broadcast_to(rows * cols, shape),
+      cols=jnp.broadcast_to(jnp.maximum(cols, 1), shape),
+      origin=jnp.broadcast_to(origin, shape),
+  )
 
 
-def _sparse_table_with_argmax(values: jax.Array, levels: int) -> tuple[jax.Array, jax.Array]:
-  """Like :func:`_sparse_table`, plus the first arg-max (flat ``h * W + w``) of each window."""
-  _, height, width, _ = values.shape
-  flat = (jnp.arange(height)[:, None] * width + jnp.arange(width)[None, :]).astype(jnp.int32)
-  index = jnp.broadcast_to(flat[None, :, :, None], values.shape)
-  vals, idxs = [values], [index]
-  for level in range(1, levels + 1):
-    shift = 1 << (level - 1)
-    v, i = vals[-1], idxs[-1]
-    v_right = jnp.concatenate([v[:, :, shift:], v[:, :, -shift:]], axis=2)
-    i_right = jnp.concatenate([i[:, :, shift:], i[:, :, -shift:]], axis=2)
-    take_right = v_right > v  # ties keep the left (earlier) element
-    vals.append(jnp.where(take_right, v_right, v))
-    idxs.append(jnp.where(take_right, i_right, i))
-  return jnp.stack(vals), jnp.stack(idxs)
+def _by_chunks(fn, plan: dict[str, jax.Array], per_box_elements: int):
+  """Runs ``fn`` over chunks of boxes sequentially and concatenates the results."""
+  k = plan["cells"].shape[0]
+  chunk = max(1, min(k, _CHUNK_ELEMENTS // max(1, per_box_elements)))
+  num_chunks = -(-k // chunk)
+  pad = num_chunks * chunk - k
 
+  def split(x):  # padded boxes have 0 cells: empty
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape((num_chunks, chunk) + x.shape[1:])
 
-# Boxes are processed in sequential chunks of about this many output elements,
-# so each chunk's running maxima stay in cache while its lookups stream through,
-# and each chunk loops only as long as its own largest bin needs.
-_CHUNK_ELEMENTS = 1 << 15
+  out = lax.map(fn, jax.tree.map(split, plan))
+  return jax.tree.map(lambda y: y.reshape((num_chunks * chunk,) + y.shape[2:])[:k], out)
 
 
 def bin_max(features: jax.Array, bins: Bins, with_argmax: bool):
@@ -121,73 +105,47 @@ def bin_max(features: jax.Array, bins: Bins, with_argmax: bool):
     ``with_argmax``, ``argmax [K, oh, ow, C]`` int32 flat ``h * W + w`` of the
     first maximal cell in row-major order, -1 for empty bins.
   """
-  n_img, height, width, channels = features.shape
-  k, oh = bins.row_start.shape
-  ow = bins.col_start.shape[1]
-  levels = table_levels(width, ow)
-  if with_argmax:
-    table, index_table = _sparse_table_with_argmax(features, levels)
-    index_table = index_table.reshape(-1, channels)
-  else:
-    table, index_table = _sparse_table(features, levels), None
-  table = table.reshape(-1, channels)
-
-  # Per-bin lookup plan, [K, oh, ow]: `rows` x `windows` lookups of 2**level cells.
-  rows = jnp.maximum(bins.row_end - bins.row_start, 0)[:, :, None]
-  cols = jnp.maximum(bins.col_end - bins.col_start, 0)[:, None, :]
-  level = jnp.minimum(_floor_log2(jnp.maximum(cols, 1)), levels)
-  span = jnp.left_shift(1, level)
-  windows = (cols + span - 1) // span
-  shape = (k, oh, ow)
-  plan = dict(
-      steps=jnp.broadcast_to(rows * windows, shape),
-      windows=jnp.broadcast_to(jnp.maximum(windows, 1), shape),
-      row0=jnp.broadcast_to(bins.row_start[:, :, None], shape),
-      col0=jnp.broadcast_to(bins.col_start[:, None, :], shape),
-      col_last=jnp.broadcast_to(bins.col_end[:, None, :] - span, shape),
-      span=jnp.broadcast_to(span, shape),
-      plane=jnp.broadcast_to((level * n_img + bins.image_index[:, None, None]) * height, shape),
-  )
+  _, height, width, channels = features.shape
+  rows_of_cells = features.reshape(-1, channels)
+  slot = jnp.arange(SLOTS, dtype=jnp.int32)[None, None, None]
 
   def pool_chunk(p):
-    def body(carry):
-      t, best, best_index = carry
-      active = (t < p["steps"])[..., None]
-      row = jnp.clip(p["row0"] + t // p["windows"], 0, height - 1)
-      col = p["col0"] + (t % p["windows"]) * p["span"]
-      col = jnp.clip(jnp.minimum(col, p["col_last"]), 0, width - 1)
-      flat = (p["plane"] + row) * width + col
-      value = table.at[flat].get(mode="promise_in_bounds")
-      if index_table is None:
-        return t + 1, jnp.where(active, jnp.maximum(best, value), best), best_index
-      index = index_table.at[flat].get(mode="promise_in_bounds")
-      take = active & ((value > best) | (best_index < 0))
-      return t + 1, jnp.where(take, value, best), jnp.where(take, index, best_index)
+    p = {name: x[..., None] for name, x in p.items()}  # [chunk, oh, ow, 1]
 
-    acc_shape = p["steps"].shape + (channels,)
+    def body(carry):
+      t, best, best_at = carry
+      s = t * SLOTS + slot  # cell numbers of this pass, [1, 1, 1, S]
+      valid = s < p["cells"]
+      cell = jnp.where(valid, p["origin"] + (s // p["cols"]) * width + s % p["cols"], 0)
+      v = rows_of_cells.at[cell].get(mode="promise_in_bounds")  # [chunk, oh, ow, S, C]
+      v = jnp.where(valid[..., None], v, -jnp.inf)
+      pass_max = v.max(axis=3)
+      if not with_argmax:
+        return t + 1, jnp.maximum(best, pass_max), best_at
+      # First slot holding the pass max (slots are in row-major order).
+      hit = (v == pass_max[:, :, :, None]) & valid[..., None]
+      pass_at = jnp.where(hit, cell[..., None], _NO_CELL).min(axis=3)
+      # Strictly greater: an earlier pass (earlier cells) keeps ties.
+      take = (pass_at < _NO_CELL) & ((pass_max > best) | (best_at < 0))
+      return t + 1, jnp.where(take, pass_max, best), jnp.where(take, pass_at, best_at)
+
+    acc_shape = p["cells"].shape[:3] + (channels,)
     init = (
         jnp.int32(0),
         jnp.full(acc_shape, -jnp.inf, features.dtype),
-        jnp.full(acc_shape if with_argmax else (0,), -1, jnp.int32),
+        jnp.full(acc_shape, -1, jnp.int32) if with_argmax else jnp.int32(0),
     )
-    num_steps = jnp.max(p["steps"], initial=0)
-    _, best, best_index = lax.while_loop(lambda c: c[0] < num_steps, body, init)
-    best = jnp.where((p["steps"] > 0)[..., None], best, jnp.zeros((), features.dtype))
-    return best, best_index
+    passes = (jnp.max(p["cells"], initial=0) + SLOTS - 1) // SLOTS
+    _, best, best_at = lax.while_loop(lambda c: c[0] < passes, body, init)
+    best = jnp.where(p["cells"] > 0, best, jnp.zeros((), features.dtype))
+    if not with_argmax:
+      return best, None
+    # Flat cell -> position within its image.
+    return best, jnp.where(best_at >= 0, best_at % (height * width), -1)
 
-  chunk = max(1, min(k, _CHUNK_ELEMENTS // max(1, oh * ow * channels)))
-  num_chunks = -(-k // chunk)
-  pad = num_chunks * chunk - k
-
-  def to_chunks(x):  # padded boxes get steps == 0: empty
-    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-    return x.reshape((num_chunks, chunk) + x.shape[1:])
-
-  values, argmax = lax.map(pool_chunk, jax.tree.map(to_chunks, plan))
-  values = values.reshape((num_chunks * chunk, oh, ow, channels))[:k]
-  if with_argmax:
-    return values, argmax.reshape((num_chunks * chunk, oh, ow, channels))[:k]
-  return values
+  oh, ow = bins.row_start.shape[1], bins.col_start.shape[1]
+  values, argmax = _by_chunks(pool_chunk, _plan(bins, height, width), oh * ow * channels)
+  return (values, argmax) if with_argmax else values
 
 
 def scatter_to_argmax(
