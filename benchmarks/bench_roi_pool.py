@@ -25,9 +25,9 @@ import numpy as np
 from roipool_jax import roi_pool
 
 CONFIGS = [
-    # name, (N, H, W, C), K, output size, spatial scale
-    ("Fast R-CNN VGG16", (2, 38, 63, 512), 128, 7, 1 / 16),
-    ("article (Fast R-CNN 512x512)", (1, 16, 16, 512), 2000, 3, 1 / 32),
+  # name, (N, H, W, C), K, output size, spatial scale
+  ("Fast R-CNN VGG16", (2, 38, 63, 512), 128, 7, 1 / 16),
+  ("article (Fast R-CNN 512x512)", (1, 16, 16, 512), 2000, 3, 1 / 32),
 ]
 
 
@@ -60,8 +60,8 @@ def bench_jax(features, boxes, indices, size, scale, repeats):
   jax.block_until_ready(fwd(features, boxes, indices))
   jax.block_until_ready(grad(features, boxes, indices))
   return (
-      median_ms(lambda: jax.block_until_ready(fwd(features, boxes, indices)), repeats),
-      median_ms(lambda: jax.block_until_ready(grad(features, boxes, indices)), repeats),
+    median_ms(lambda: jax.block_until_ready(fwd(features, boxes, indices)), repeats),
+    median_ms(lambda: jax.block_until_ready(grad(features, boxes, indices)), repeats),
   )
 
 
@@ -102,24 +102,41 @@ def main():
     boxes, indices = proposals(rng, k, n, h / scale, w / scale)
     j_fwd, j_both = bench_jax(features, boxes, indices, size, scale, args.repeats)
     t = bench_torch(features, boxes, indices, size, scale, args.repeats)
-    rows.append(dict(config=name, shape=shape, rois=k, output=size, scale=scale,
-                     jax_fwd_ms=j_fwd, jax_fwd_bwd_ms=j_both,
-                     torch_fwd_ms=t and t[0], torch_fwd_bwd_ms=t and t[1]))
+    rows.append(
+      dict(
+        config=name,
+        shape=shape,
+        rois=k,
+        output=size,
+        scale=scale,
+        jax_fwd_ms=j_fwd,
+        jax_fwd_bwd_ms=j_both,
+        torch_fwd_ms=t and t[0],
+        torch_fwd_bwd_ms=t and t[1],
+      )
+    )
 
-  print(f"roi_pool on {jax.devices()[0].platform.upper()} ({platform.processor() or platform.machine()}, "
-        f"jax {jax.__version__}), median of {args.repeats}")
-  print("| config | features NHWC | RoIs | out | jax fwd ms | torchvision fwd ms | speed-up "
-        "| jax fwd+bwd ms | torchvision fwd+bwd ms | speed-up |")
+  device = jax.devices()[0].platform.upper()
+  cpu = platform.processor() or platform.machine()
+  print(f"roi_pool on {device} ({cpu}, jax {jax.__version__}), median of {args.repeats}")
+  print(
+    "| config | features NHWC | RoIs | out | jax fwd ms | torchvision fwd ms | speed-up "
+    "| jax fwd+bwd ms | torchvision fwd+bwd ms | speed-up |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
+
     def ratio(a, b):
       return f"{b / a:.1f}x" if b else "n/a"
+
     tf = f"{r['torch_fwd_ms']:.1f}" if r["torch_fwd_ms"] else "n/a"
     tb = f"{r['torch_fwd_bwd_ms']:.1f}" if r["torch_fwd_bwd_ms"] else "n/a"
-    print(f"| {r['config']} | {'x'.join(map(str, r['shape']))} | {r['rois']} | "
-          f"{r['output']}x{r['output']} | {r['jax_fwd_ms']:.1f} | {tf} | "
-          f"{ratio(r['jax_fwd_ms'], r['torch_fwd_ms'])} | {r['jax_fwd_bwd_ms']:.1f} | {tb} | "
-          f"{ratio(r['jax_fwd_bwd_ms'], r['torch_fwd_bwd_ms'])} |")
+    print(
+      f"| {r['config']} | {'x'.join(map(str, r['shape']))} | {r['rois']} | "
+      f"{r['output']}x{r['output']} | {r['jax_fwd_ms']:.1f} | {tf} | "
+      f"{ratio(r['jax_fwd_ms'], r['torch_fwd_ms'])} | {r['jax_fwd_bwd_ms']:.1f} | {tb} | "
+      f"{ratio(r['jax_fwd_bwd_ms'], r['torch_fwd_bwd_ms'])} |"
+    )
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=2)

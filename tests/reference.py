@@ -30,12 +30,12 @@ def _bin_ranges(box, scale, oh, ow, quantization):
     roi_w, roi_h = max(x_end - x_start + 1, 1), max(y_end - y_start + 1, 1)
     bin_w, bin_h = F32(roi_w) / F32(ow), F32(roi_h) / F32(oh)
     rows = [
-        (math.floor(F32(i) * bin_h) + y_start, math.ceil(F32(i + 1) * bin_h) + y_start)
-        for i in range(oh)
+      (math.floor(F32(i) * bin_h) + y_start, math.ceil(F32(i + 1) * bin_h) + y_start)
+      for i in range(oh)
     ]
     cols = [
-        (math.floor(F32(j) * bin_w) + x_start, math.ceil(F32(j + 1) * bin_w) + x_start)
-        for j in range(ow)
+      (math.floor(F32(j) * bin_w) + x_start, math.ceil(F32(j + 1) * bin_w) + x_start)
+      for j in range(ow)
     ]
   else:  # "floor": the article's scheme
     x0, y0 = math.floor(x1 * s), math.floor(y1 * s)

@@ -39,7 +39,7 @@ def test_matches_torchvision_forward_and_gradient(name):
 
   def f(x):
     return roi_pool(
-        x, c["boxes"], size, spatial_scale=float(c["spatial_scale"]), box_indices=c["box_indices"]
+      x, c["boxes"], size, spatial_scale=float(c["spatial_scale"]), box_indices=c["box_indices"]
     )
 
   out, vjp = jax.vjp(f, jnp.asarray(c["features"]))
@@ -90,7 +90,7 @@ def test_matches_numpy_reference(problem):
 
   def f(x):
     return roi_pool(
-        x, boxes, size, spatial_scale=scale, box_indices=indices, quantization=quantization
+      x, boxes, size, spatial_scale=scale, box_indices=indices, quantization=quantization
     )
 
   out, vjp = jax.vjp(f, jnp.asarray(features))
@@ -118,8 +118,8 @@ def _fixed_problem():
   rng = np.random.default_rng(7)
   features = rng.standard_normal((2, 10, 12, 3)).astype(np.float32)
   boxes = np.array(
-      [[0, 0, 90, 70], [10, 20, 30, 40], [-20, 5, 200, 300], [50, 50, 40, 40], [3, 3, 3, 3]],
-      np.float32,
+    [[0, 0, 90, 70], [10, 20, 30, 40], [-20, 5, 200, 300], [50, 50, 40, 40], [3, 3, 3, 3]],
+    np.float32,
   )
   indices = np.array([0, 1, 1, 0, 1], np.int32)
   return features, boxes, indices
@@ -162,7 +162,9 @@ def test_vmap_over_a_batch_of_maps_matches_loop():
     np.testing.assert_array_equal(np.asarray(batched[i]), np.asarray(f(stacked[i])))
   grads = jax.vmap(jax.grad(lambda x: f(x).sum()))(stacked)
   for i in range(3):
-    np.testing.assert_array_equal(np.asarray(grads[i]), np.asarray(jax.grad(lambda x: f(x).sum())(stacked[i])))
+    np.testing.assert_array_equal(
+      np.asarray(grads[i]), np.asarray(jax.grad(lambda x: f(x).sum())(stacked[i]))
+    )
 
 
 def test_vmap_over_boxes_matches_flat_call():
@@ -176,8 +178,8 @@ def test_traced_boxes_and_indices_under_jit():
   features, boxes, indices = _fixed_problem()
   f = jax.jit(lambda x, b, i: roi_pool(x, b, 2, box_indices=i))
   np.testing.assert_array_equal(
-      np.asarray(f(features, boxes, indices)),
-      reference.roi_pool(features, boxes, indices, (2, 2), 1.0)[0],
+    np.asarray(f(features, boxes, indices)),
+    reference.roi_pool(features, boxes, indices, (2, 2), 1.0)[0],
   )
 
 
@@ -188,8 +190,11 @@ def test_per_image_boxes_equal_flat_boxes():
   out = roi_pool(features, per_image, 2, spatial_scale=0.1)
   chex.assert_shape(out, (2, 6, 2, 2, 3))
   flat = roi_pool(
-      features, per_image.reshape(-1, 4), 2, spatial_scale=0.1,
-      box_indices=np.repeat(np.arange(2, dtype=np.int32), 6),
+    features,
+    per_image.reshape(-1, 4),
+    2,
+    spatial_scale=0.1,
+    box_indices=np.repeat(np.arange(2, dtype=np.int32), 6),
   )
   np.testing.assert_array_equal(np.asarray(out).reshape(flat.shape), np.asarray(flat))
 
@@ -230,7 +235,9 @@ def test_gradient_is_bitwise_deterministic():
 
 def test_invalid_boxes_do_not_affect_others():
   features, boxes, indices = _fixed_problem()
-  bad = np.array([[np.nan, 0, 5, 5], [0, 0, np.inf, 4], [-np.inf, -np.inf, np.inf, np.inf]], np.float32)
+  bad = np.array(
+    [[np.nan, 0, 5, 5], [0, 0, np.inf, 4], [-np.inf, -np.inf, np.inf, np.inf]], np.float32
+  )
   mixed = np.concatenate([boxes, bad])
   mixed_idx = np.concatenate([indices, np.zeros(3, np.int32)])
 
@@ -239,7 +246,9 @@ def test_invalid_boxes_do_not_affect_others():
 
   out = roi_pool(features, mixed, 2, box_indices=mixed_idx)
   np.testing.assert_array_equal(np.asarray(out[5:]), 0.0)
-  np.testing.assert_array_equal(np.asarray(out[:5]), np.asarray(roi_pool(features, boxes, 2, box_indices=indices)))
+  np.testing.assert_array_equal(
+    np.asarray(out[:5]), np.asarray(roi_pool(features, boxes, 2, box_indices=indices))
+  )
   g_mixed = jax.grad(loss)(features, mixed, mixed_idx)
   g_clean = jax.grad(loss)(features, boxes, indices)
   np.testing.assert_array_equal(np.asarray(g_mixed), np.asarray(g_clean))
@@ -260,7 +269,9 @@ def test_huge_coordinates_are_finite_and_match_reference():
   out = roi_pool(features[:1], boxes, 2)
   assert np.all(np.isfinite(np.asarray(out)))
   # Past the clamp, every bin of the first box contains the whole map or nothing.
-  np.testing.assert_array_equal(np.asarray(out[1]), reference.roi_pool(features[:1], boxes[1:], [0], (2, 2), 1.0)[0][0])
+  np.testing.assert_array_equal(
+    np.asarray(out[1]), reference.roi_pool(features[:1], boxes[1:], [0], (2, 2), 1.0)[0][0]
+  )
 
 
 @pytest.mark.parametrize("per_image", [False, True])
@@ -269,7 +280,11 @@ def test_zero_boxes(per_image):
   if per_image:
     boxes, kwargs, shape = np.zeros((2, 0, 4), np.float32), {}, (2, 0, 2, 2, 3)
   else:
-    boxes, kwargs, shape = np.zeros((0, 4), np.float32), {"box_indices": np.zeros(0, np.int32)}, (0, 2, 2, 3)
+    boxes, kwargs, shape = (
+      np.zeros((0, 4), np.float32),
+      {"box_indices": np.zeros(0, np.int32)},
+      (0, 2, 2, 3),
+    )
   out = jax.jit(lambda x: roi_pool(x, boxes, 2, **kwargs))(features)
   chex.assert_shape(out, shape)
   g = jax.grad(lambda x: roi_pool(x, boxes, 2, **kwargs).sum())(features)
@@ -283,28 +298,56 @@ _GOOD = dict(features=np.zeros((2, 4, 4, 1), np.float32), boxes=np.zeros((3, 4),
 
 
 @pytest.mark.parametrize(
-    "kwargs, error, match",
-    [
-        (dict(features=np.zeros((4, 4, 1), np.float32)), ValueError, r"`features` must have rank 4.*\(4, 4, 1\)"),
-        (dict(features=np.zeros((2, 4, 4, 1), np.int32)), TypeError, r"`features` must have a floating dtype; got int32"),
-        (dict(features=np.zeros((2, 0, 4, 1), np.float32)), ValueError, r"H >= 1 and W >= 1"),
-        (dict(boxes=np.zeros((3, 5), np.float32)), ValueError, r"`boxes` must be \[K, 4\].*\(3, 5\)"),
-        (dict(boxes=np.zeros((3,), np.float32)), ValueError, r"`boxes` must be.*\(3,\)"),
-        (dict(boxes=np.zeros((3, 4), bool)), TypeError, r"`boxes` must have a floating.*bool"),
-        (dict(boxes=np.zeros((3, 2, 4), np.float32), box_indices=None), ValueError, r"N = features.shape\[0\] = 2"),
-        (dict(box_indices=None), ValueError, r"`box_indices` \[K\] is required.*N = 2"),
-        (dict(box_indices=np.zeros(2, np.int32)), ValueError, r"`box_indices` must have shape \[K\] = \(3,\).*\(2,\)"),
-        (dict(box_indices=np.zeros(3, np.float32)), TypeError, r"`box_indices` must have an integer dtype; got float32"),
-        (dict(box_indices=np.array([0, 2, 1], np.int32)), ValueError, r"\[0, 2\).*\[0, 2\]"),
-        (dict(output_size=0), ValueError, r"`output_size` must be positive; got 0"),
-        (dict(output_size=(2, -1)), ValueError, r"`output_size` must be positive"),
-        (dict(output_size=(2, 2, 2)), ValueError, r"`output_size` must be a positive int or a pair"),
-        (dict(output_size=2.0), ValueError, r"`output_size` must be a positive int"),
-        (dict(spatial_scale=0.0), ValueError, r"`spatial_scale` must be positive and finite; got 0.0"),
-        (dict(spatial_scale=float("nan")), ValueError, r"`spatial_scale` must be positive and finite"),
-        (dict(spatial_scale=jnp.float32(0.5) + jnp.zeros(())), ValueError, r"`spatial_scale` must be a static"),
-        (dict(quantization="ceil"), ValueError, r"`quantization` must be one of \('round', 'floor'\); got 'ceil'"),
-    ],
+  "kwargs, error, match",
+  [
+    (
+      dict(features=np.zeros((4, 4, 1), np.float32)),
+      ValueError,
+      r"`features` must have rank 4.*\(4, 4, 1\)",
+    ),
+    (
+      dict(features=np.zeros((2, 4, 4, 1), np.int32)),
+      TypeError,
+      r"`features` must have a floating dtype; got int32",
+    ),
+    (dict(features=np.zeros((2, 0, 4, 1), np.float32)), ValueError, r"H >= 1 and W >= 1"),
+    (dict(boxes=np.zeros((3, 5), np.float32)), ValueError, r"`boxes` must be \[K, 4\].*\(3, 5\)"),
+    (dict(boxes=np.zeros((3,), np.float32)), ValueError, r"`boxes` must be.*\(3,\)"),
+    (dict(boxes=np.zeros((3, 4), bool)), TypeError, r"`boxes` must have a floating.*bool"),
+    (
+      dict(boxes=np.zeros((3, 2, 4), np.float32), box_indices=None),
+      ValueError,
+      r"N = features.shape\[0\] = 2",
+    ),
+    (dict(box_indices=None), ValueError, r"`box_indices` \[K\] is required.*N = 2"),
+    (
+      dict(box_indices=np.zeros(2, np.int32)),
+      ValueError,
+      r"`box_indices` must have shape \[K\] = \(3,\).*\(2,\)",
+    ),
+    (
+      dict(box_indices=np.zeros(3, np.float32)),
+      TypeError,
+      r"`box_indices` must have an integer dtype; got float32",
+    ),
+    (dict(box_indices=np.array([0, 2, 1], np.int32)), ValueError, r"\[0, 2\).*\[0, 2\]"),
+    (dict(output_size=0), ValueError, r"`output_size` must be positive; got 0"),
+    (dict(output_size=(2, -1)), ValueError, r"`output_size` must be positive"),
+    (dict(output_size=(2, 2, 2)), ValueError, r"`output_size` must be a positive int or a pair"),
+    (dict(output_size=2.0), ValueError, r"`output_size` must be a positive int"),
+    (dict(spatial_scale=0.0), ValueError, r"`spatial_scale` must be positive and finite; got 0.0"),
+    (dict(spatial_scale=float("nan")), ValueError, r"`spatial_scale` must be positive and finite"),
+    (
+      dict(spatial_scale=jnp.float32(0.5) + jnp.zeros(())),
+      ValueError,
+      r"`spatial_scale` must be a static",
+    ),
+    (
+      dict(quantization="ceil"),
+      ValueError,
+      r"`quantization` must be one of \('round', 'floor'\); got 'ceil'",
+    ),
+  ],
 )
 def test_bad_input_raises_clear_error(kwargs, error, match):
   args = dict(_GOOD, output_size=2, box_indices=np.zeros(3, np.int32))

@@ -28,9 +28,9 @@ def _run_roi_pool(features, boxes, indices, output_size, scale, seed):
   cotangent = np.random.default_rng(seed).standard_normal(y.shape).astype(np.float32)
   y.backward(torch.tensor(cotangent))
   return (
-      y.detach().permute(0, 2, 3, 1).numpy(),
-      x.grad.permute(0, 2, 3, 1).numpy(),
-      cotangent.transpose(0, 2, 3, 1),
+    y.detach().permute(0, 2, 3, 1).numpy(),
+    x.grad.permute(0, 2, 3, 1).numpy(),
+    cotangent.transpose(0, 2, 3, 1),
   )
 
 
@@ -43,38 +43,90 @@ def roi_pool_cases():
     indices = np.asarray(indices, np.int32)
     out, grad, cot = _run_roi_pool(features, boxes, indices, output_size, scale, len(cases))
     cases[name] = dict(
-        features=features, boxes=boxes, box_indices=indices, output_size=np.array(output_size),
-        spatial_scale=np.float32(scale), output=out, grad=grad, cotangent=cot,
+      features=features,
+      boxes=boxes,
+      box_indices=indices,
+      output_size=np.array(output_size),
+      spatial_scale=np.float32(scale),
+      output=out,
+      grad=grad,
+      cotangent=cot,
     )
 
   # Random boxes on several images, VGG-like scale.
   feats = rng.standard_normal((2, 12, 15, 3)).astype(np.float32)
   xy = rng.uniform(-20, 240, (24, 2))
   wh = rng.uniform(0, 160, (24, 2))
-  add("random_two_images", feats, np.concatenate([xy, xy + wh], 1), rng.integers(0, 2, 24),
-      (3, 4), 1 / 16)
+  add(
+    "random_two_images",
+    feats,
+    np.concatenate([xy, xy + wh], 1),
+    rng.integers(0, 2, 24),
+    (3, 4),
+    1 / 16,
+  )
   # .5 rounding traps: scaled corners land exactly on halves (C round goes away from 0).
   feats = rng.standard_normal((1, 10, 10, 2)).astype(np.float32)
-  halves = np.array([[0.5, 1.5, 2.5, 3.5], [1.5, 2.5, 6.5, 7.5], [2.5, 0.5, 8.5, 9.5],
-                     [4.5, 4.5, 4.5, 4.5], [-0.5, -1.5, 3.5, 2.5], [0.49999997, 1.4999999, 5.5, 6.5]])
+  halves = np.array(
+    [
+      [0.5, 1.5, 2.5, 3.5],
+      [1.5, 2.5, 6.5, 7.5],
+      [2.5, 0.5, 8.5, 9.5],
+      [4.5, 4.5, 4.5, 4.5],
+      [-0.5, -1.5, 3.5, 2.5],
+      [0.49999997, 1.4999999, 5.5, 6.5],
+    ]
+  )
   add("half_rounding_scale1", feats, halves, np.zeros(6), (2, 3), 1.0)
   add("half_rounding_scale_half", feats, halves * 2, np.zeros(6), 3, 0.5)
   # Ties: ReLU zeros and small integers, so the first-arg-max rule decides the gradient.
   feats = np.maximum(rng.integers(-3, 3, (1, 9, 11, 4)), 0).astype(np.float32)
-  add("ties_relu_integers", feats, [[0, 0, 10, 8], [2, 1, 7, 7], [1, 1, 3, 2], [0, 0, 40, 30]],
-      np.zeros(4), (3, 3), 1.0)
+  add(
+    "ties_relu_integers",
+    feats,
+    [[0, 0, 10, 8], [2, 1, 7, 7], [1, 1, 3, 2], [0, 0, 40, 30]],
+    np.zeros(4),
+    (3, 3),
+    1.0,
+  )
   # Degenerate: tiny, zero-size, inverted, partly and fully outside the map.
   feats = rng.standard_normal((1, 8, 8, 2)).astype(np.float32)
-  add("degenerate", feats,
-      [[3, 3, 3, 3], [3.2, 3.1, 3.3, 3.2], [6, 6, 2, 2], [-10, -10, 2, 3], [20, 20, 30, 30],
-       [-5, 2, 40, 5], [7, 7, 9, 9], [0, 0, 7, 7]], np.zeros(8), (4, 2), 1.0)
+  add(
+    "degenerate",
+    feats,
+    [
+      [3, 3, 3, 3],
+      [3.2, 3.1, 3.3, 3.2],
+      [6, 6, 2, 2],
+      [-10, -10, 2, 3],
+      [20, 20, 30, 30],
+      [-5, 2, 40, 5],
+      [7, 7, 9, 9],
+      [0, 0, 7, 7],
+    ],
+    np.zeros(8),
+    (4, 2),
+    1.0,
+  )
   # A 1x1 map.
-  add("one_by_one_map", rng.standard_normal((2, 1, 1, 3)).astype(np.float32),
-      [[0, 0, 5, 5], [0, 0, 0, 0], [-3, -3, 8, 8]], [0, 1, 1], (2, 2), 0.25)
+  add(
+    "one_by_one_map",
+    rng.standard_normal((2, 1, 1, 3)).astype(np.float32),
+    [[0, 0, 5, 5], [0, 0, 0, 0], [-3, -3, 8, 8]],
+    [0, 1, 1],
+    (2, 2),
+    0.25,
+  )
   # The article's setting, small: 16x16 map, scale 1/32, 3x3 output.
   feats = rng.standard_normal((1, 16, 16, 2)).astype(np.float32)
-  add("article", feats, [[296, 192, 496, 337], [0, 0, 511, 511], [100, 50, 180, 400]],
-      np.zeros(3), 3, 1 / 32)
+  add(
+    "article",
+    feats,
+    [[296, 192, 496, 337], [0, 0, 511, 511], [100, 50, 180, 400]],
+    np.zeros(3),
+    3,
+    1 / 32,
+  )
   # Bin edges where float32 division rounding matters (e.g. 22 / 7).
   feats = rng.standard_normal((1, 40, 40, 1)).astype(np.float32)
   b = np.array([[0, 0, w - 1, w - 1] for w in range(1, 40)], np.float32)

@@ -8,16 +8,17 @@ This is the engine of the max-pooling RoI ops: given, per box, the row ranges
 
 How the work is bounded
 -----------------------
-The cells of a bin are numbered in row-major order. Boxes are processed in
-small sequential chunks (``lax.map``, boxes sorted by their largest bin); within a chunk a ``lax.while_loop``
-makes passes, and pass ``p`` gathers cells ``[p * S, (p + 1) * S)`` of every
-bin at once (``S = SLOTS``; each cell is one contiguous ``C`` vector of the
-NHWC map, a fast gather), masks the slots past the bin's cell count, and
-reduces them. A chunk makes ``ceil(max bin cells in the chunk / S)`` passes,
-so the total work is about ``sum over boxes of oh * ow * C * (largest bin of
-the box)``, the cells a direct loop reads, with no per-box copy of the map and
-no dependence on the other boxes' sizes beyond the chunk. Only bin geometry
-(``[K, oh, ow]`` integers) is materialized besides the output.
+The cells of a bin are numbered in row-major order. Boxes are sorted by their
+largest bin and processed in small sequential chunks (``lax.map``); within a
+chunk a ``lax.while_loop`` makes passes, and pass ``p`` gathers cells ``[p *
+S, (p + 1) * S)`` of every bin at once (``S = SLOTS``; each cell is one
+contiguous ``C`` vector of the NHWC map, a fast gather), masks the slots past
+the bin's cell count, and reduces them. A chunk makes ``ceil(max bin cells in
+the chunk / S)`` passes, so the total work is about ``sum over boxes of oh *
+ow * C * (largest bin of the box)``, the cells a direct loop reads, with no
+per-box copy of the map and no dependence on the other boxes' sizes beyond the
+chunk. Only bin geometry (``[K, oh, ow]`` integers) is materialized besides
+the output.
 
 The backward pass sends each output cotangent to its arg-max cell: a
 scatter-add into ``[N * H * W * C]`` accumulated in float32 (sequential, hence
@@ -67,14 +68,14 @@ def _plan(bins: Bins, height: int, width: int) -> dict[str, jax.Array]:
   rows = jnp.maximum(bins.row_end - bins.row_start, 0)[:, :, None]
   cols = jnp.maximum(bins.col_end - bins.col_start, 0)[:, None, :]
   origin = (
-      bins.image_index[:, None, None] * (height * width)
-      + bins.row_start[:, :, None] * width
-      + bins.col_start[:, None, :]
+    bins.image_index[:, None, None] * (height * width)
+    + bins.row_start[:, :, None] * width
+    + bins.col_start[:, None, :]
   )
   return dict(
-      cells=jnp.broadcast_to(rows * cols, shape),
-      cols=jnp.broadcast_to(jnp.maximum(cols, 1), shape),
-      origin=jnp.broadcast_to(origin, shape),
+    cells=jnp.broadcast_to(rows * cols, shape),
+    cols=jnp.broadcast_to(jnp.maximum(cols, 1), shape),
+    origin=jnp.broadcast_to(origin, shape),
   )
 
 
@@ -139,9 +140,9 @@ def bin_max(features: jax.Array, bins: Bins, with_argmax: bool):
 
     acc_shape = p["cells"].shape[:3] + (channels,)
     init = (
-        jnp.int32(0),
-        jnp.full(acc_shape, -jnp.inf, features.dtype),
-        jnp.full(acc_shape, -1, jnp.int32) if with_argmax else jnp.int32(0),
+      jnp.int32(0),
+      jnp.full(acc_shape, -jnp.inf, features.dtype),
+      jnp.full(acc_shape, -1, jnp.int32) if with_argmax else jnp.int32(0),
     )
     passes = (jnp.max(p["cells"], initial=0) + SLOTS - 1) // SLOTS
     _, best, best_at = lax.while_loop(lambda c: c[0] < passes, body, init)
@@ -157,7 +158,7 @@ def bin_max(features: jax.Array, bins: Bins, with_argmax: bool):
 
 
 def scatter_to_argmax(
-    cotangent: jax.Array, argmax: jax.Array, image_index: jax.Array, features_shape
+  cotangent: jax.Array, argmax: jax.Array, image_index: jax.Array, features_shape
 ) -> jax.Array:
   """Transpose of :func:`bin_max`: adds each cotangent at its arg-max cell.
 

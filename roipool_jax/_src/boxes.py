@@ -47,9 +47,9 @@ class FlatBoxes(NamedTuple):
 
 
 def flatten_boxes(
-    boxes: jax.typing.ArrayLike,
-    box_indices: jax.typing.ArrayLike | None,
-    num_images: int,
+  boxes: jax.typing.ArrayLike,
+  box_indices: jax.typing.ArrayLike | None,
+  num_images: int,
 ) -> FlatBoxes:
   """Validates either box form and returns it flat.
 
@@ -71,20 +71,19 @@ def flatten_boxes(
   shape = np.shape(boxes)
   if len(shape) not in (2, 3) or shape[-1] != 4:
     raise ValueError(
-        "`boxes` must be [K, 4] (with `box_indices`) or [N, R, 4] (per image), as "
-        f"(x1, y1, x2, y2); got shape {shape}."
+      "`boxes` must be [K, 4] (with `box_indices`) or [N, R, 4] (per image), as "
+      f"(x1, y1, x2, y2); got shape {shape}."
     )
   boxes = jnp.asarray(boxes)
   if len(shape) == 3:
     if box_indices is not None:
       raise ValueError(
-          f"`box_indices` must be None when `boxes` is per image [N, R, 4]; got boxes {shape} "
-          f"and box_indices {np.shape(box_indices)}."
+        f"`box_indices` must be None when `boxes` is per image [N, R, 4]; got boxes {shape} "
+        f"and box_indices {np.shape(box_indices)}."
       )
     if shape[0] != num_images:
       raise ValueError(
-          f"Per-image `boxes` [N, R, 4] must have N = features.shape[0] = {num_images}; "
-          f"got {shape}."
+        f"Per-image `boxes` [N, R, 4] must have N = features.shape[0] = {num_images}; got {shape}."
       )
     batch_shape = shape[:2]
     flat = boxes.reshape(-1, 4)
@@ -95,8 +94,8 @@ def flatten_boxes(
     if box_indices is None:
       if num_images != 1:
         raise ValueError(
-            f"`box_indices` [K] is required with flat `boxes` [K, 4] when N > 1; got boxes "
-            f"{shape} and N = {num_images}."
+          f"`box_indices` [K] is required with flat `boxes` [K, 4] when N > 1; got boxes "
+          f"{shape} and N = {num_images}."
         )
       index = jnp.zeros(shape[:1], jnp.int32)
     else:

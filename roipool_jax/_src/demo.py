@@ -23,8 +23,12 @@ X, Y, W, H = 296.0, 192.0, 200.0, 145.0
 def _bins(box, quantization):
   flat = boxes_lib.flatten_boxes(box, None, 1)
   b = pool_bins(flat, (OUT, OUT), SCALE, quantization, (MAP, MAP))
-  rows = list(zip(np.asarray(b.row_start[0]).tolist(), np.asarray(b.row_end[0]).tolist()))
-  cols = list(zip(np.asarray(b.col_start[0]).tolist(), np.asarray(b.col_end[0]).tolist()))
+  rows = list(
+    zip(np.asarray(b.row_start[0]).tolist(), np.asarray(b.row_end[0]).tolist(), strict=True)
+  )
+  cols = list(
+    zip(np.asarray(b.col_start[0]).tolist(), np.asarray(b.col_end[0]).tolist(), strict=True)
+  )
   return rows, cols
 
 
@@ -51,21 +55,29 @@ def _grid(rows, cols, true_box, span):
 def main() -> None:
   print("RoI pooling, worked example (Fast R-CNN, VGG16)")
   print("=" * 60)
-  print(f"image {IMAGE}x{IMAGE}x3 -> VGG16 conv5 feature map {MAP}x{MAP}x{CHANNELS} "
-        f"(scale 1/{round(1 / SCALE)}: {IMAGE}/{round(1 / SCALE)} = {MAP})")
-  print(f"RoI: top-left (x={X:.0f}, y={Y:.0f}), width {W:.0f}, height {H:.0f}"
-        f"  -> box (x1, y1, x2, y2) = ({X:.0f}, {Y:.0f}, {X + W:.0f}, {Y + H:.0f})")
+  print(
+    f"image {IMAGE}x{IMAGE}x3 -> VGG16 conv5 feature map {MAP}x{MAP}x{CHANNELS} "
+    f"(scale 1/{round(1 / SCALE)}: {IMAGE}/{round(1 / SCALE)} = {MAP})"
+  )
+  print(
+    f"RoI: top-left (x={X:.0f}, y={Y:.0f}), width {W:.0f}, height {H:.0f}"
+    f"  -> box (x1, y1, x2, y2) = ({X:.0f}, {Y:.0f}, {X + W:.0f}, {Y + H:.0f})"
+  )
   print("\nOn the feature map (divide by 32):")
   for name, value in (("x", X), ("y", Y), ("width", W), ("height", H)):
-    print(f"  {name:>6}: {value:.0f}/32 = {value * SCALE:.2f}  -> floor {int(np.floor(value * SCALE))}")
+    print(
+      f"  {name:>6}: {value:.0f}/32 = {value * SCALE:.2f}  -> floor {int(np.floor(value * SCALE))}"
+    )
 
   box = jnp.array([[X, Y, X + W, Y + H]])
   true_cells = (X * SCALE, Y * SCALE, (X + W) * SCALE, (Y + H) * SCALE)
   span = ((4, 13), (7, MAP))
   rows, cols = _bins(box, "floor")
   print('\nquantization="floor" (the article): RoI at x=9, y=6, 6 wide, 4 high;')
-  print(f"3x3 bins of {rows[0][1] - rows[0][0]} row x {cols[0][1] - cols[0][0]} columns "
-        f"(4 // 3 = 1, 6 // 3 = 2). Rows {[r for r in rows]}, columns {cols}.")
+  print(
+    f"3x3 bins of {rows[0][1] - rows[0][0]} row x {cols[0][1] - cols[0][0]} columns "
+    f"(4 // 3 = 1, 6 // 3 = 2). Rows {[r for r in rows]}, columns {cols}."
+  )
   print("Cells by bin (1..9); x = covered by the true RoI but never read; . = outside:")
   print(_grid(rows, cols, true_cells, span))
   print("Row 9 is inside the quantized RoI but no bin reads it: the lost bottom row.")
@@ -74,15 +86,19 @@ def main() -> None:
   quantized_area = 6 * 4
   pooled_area = 3 * 3 * (rows[0][1] - rows[0][0]) * (cols[0][1] - cols[0][0])
   overlap = (min(true_cells[2], 15) - true_cells[0]) * (min(true_cells[3], 10) - true_cells[1])
-  print(f"\nArea in cells: true RoI {true_area:.2f}; quantized {quantized_area} "
-        f"(lost {true_area - overlap:.2f}, gained {quantized_area - overlap:.2f}); "
-        f"read by the 3x3 bins {pooled_area}.")
+  print(
+    f"\nArea in cells: true RoI {true_area:.2f}; quantized {quantized_area} "
+    f"(lost {true_area - overlap:.2f}, gained {quantized_area - overlap:.2f}); "
+    f"read by the 3x3 bins {pooled_area}."
+  )
 
   features = jax.random.normal(jax.random.key(0), (1, MAP, MAP, CHANNELS))
   features = jax.nn.relu(features)  # conv5 features are post-ReLU
   pooled = roi_pool(features, box, OUT, spatial_scale=SCALE, quantization="floor")
-  print(f"\nroi_pool(features {features.shape}, box, {OUT}, spatial_scale=1/32, "
-        f'quantization="floor") -> {pooled.shape[1:]} per RoI')
+  print(
+    f"\nroi_pool(features {features.shape}, box, {OUT}, spatial_scale=1/32, "
+    f'quantization="floor") -> {pooled.shape[1:]} per RoI'
+  )
   print("channel 0 of the map around the RoI (rows 6-9, columns 9-14):")
   print(np.array2string(np.asarray(features[0, 6:10, 9:15, 0]), precision=2, suppress_small=True))
   print("channel 0 of the pooled 3x3 output (max of each 1x2 bin; row 9 never read):")
@@ -90,8 +106,16 @@ def main() -> None:
 
   rows_r, cols_r = _bins(box, "round")
   print('\nquantization="round" (default; torchvision / Caffe): corners are rounded, not floored:')
-  print(f"  x1 = round(9.25) = 9, y1 = round(6.00) = 6, x2 = round(15.50) = 16, "
-        f"y2 = round(10.53) = 11 (inclusive)")
+  scaled = np.asarray(boxes_lib.scale_coords(box, SCALE))[0]
+  corners = np.asarray(boxes_lib.round_half_away(scaled)).astype(int)
+  print(
+    "  "
+    + ", ".join(
+      f"{n} = round({v:.2f}) = {c}"
+      for n, v, c in zip(("x1", "y1", "x2", "y2"), scaled, corners, strict=True)
+    )
+    + " (inclusive)"
+  )
   print("  RoI 8 cells wide, 6 high; bins of 8/3 = 2.67 columns and 6/3 = 2 rows, edges floored/")
   print(f"  ceiled so neighbours may share a column. Rows {rows_r}, columns {cols_r}")
   print("  (column 16 lies off the 16-wide map and is clipped; a shared cell shows its first bin):")

@@ -39,11 +39,11 @@ def _floor_mode_edges(lo, hi, size, num_bins, extent):
 
 
 def pool_bins(
-    flat: boxes_lib.FlatBoxes,
-    output_size: tuple[int, int],
-    spatial_scale: float,
-    quantization: str,
-    map_size: tuple[int, int],
+  flat: boxes_lib.FlatBoxes,
+  output_size: tuple[int, int],
+  spatial_scale: float,
+  quantization: str,
+  map_size: tuple[int, int],
 ) -> bin_max_lib.Bins:
   """Integer bin rectangles of ``roi_pool`` (exposed for the demo and tests)."""
   edges = _round_mode_edges if quantization == "round" else _floor_mode_edges
@@ -80,13 +80,13 @@ _max_over_bins.defvjp(_max_over_bins_fwd, _max_over_bins_bwd)
 
 
 def roi_pool(
-    features: jax.typing.ArrayLike,
-    boxes: jax.typing.ArrayLike,
-    output_size: int | Sequence[int],
-    *,
-    spatial_scale: float = 1.0,
-    box_indices: jax.typing.ArrayLike | None = None,
-    quantization: str = "round",
+  features: jax.typing.ArrayLike,
+  boxes: jax.typing.ArrayLike,
+  output_size: int | Sequence[int],
+  *,
+  spatial_scale: float = 1.0,
+  box_indices: jax.typing.ArrayLike | None = None,
+  quantization: str = "round",
 ) -> jax.Array:
   r"""RoI max pooling (Fast R-CNN): max over a quantized ``oh x ow`` grid per box.
 

@@ -22,7 +22,7 @@ def check_features(features: jax.Array, name: str = "features") -> None:
   shape = np.shape(features)
   if len(shape) != 4:
     raise ValueError(
-        f"`{name}` must have rank 4 ([N, H, W, C], NHWC); got shape {shape} (rank {len(shape)})."
+      f"`{name}` must have rank 4 ([N, H, W, C], NHWC); got shape {shape} (rank {len(shape)})."
     )
   dtype = jnp.result_type(features)
   if not jnp.issubdtype(dtype, np.floating):
@@ -35,7 +35,7 @@ def check_boxes_dtype(boxes: jax.Array) -> None:
   dtype = jnp.result_type(boxes)
   if not (jnp.issubdtype(dtype, np.floating) or jnp.issubdtype(dtype, np.integer)):
     raise TypeError(
-        f"`boxes` must have a floating (or integer) dtype; got {dtype} with shape {np.shape(boxes)}."
+      f"`boxes` must have a floating (or integer) dtype; got {dtype} with shape {np.shape(boxes)}."
     )
 
 
@@ -44,15 +44,15 @@ def normalize_output_size(output_size: int | Sequence[int]) -> tuple[int, int]:
   if isinstance(output_size, (int, np.integer)) and not isinstance(output_size, bool):
     size = (int(output_size), int(output_size))
   elif (
-      isinstance(output_size, Sequence)
-      and len(output_size) == 2
-      and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in output_size)
+    isinstance(output_size, Sequence)
+    and len(output_size) == 2
+    and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in output_size)
   ):
     size = (int(output_size[0]), int(output_size[1]))
   else:
     raise ValueError(
-        f"`output_size` must be a positive int or a pair of positive ints (oh, ow); "
-        f"got {output_size!r}."
+      f"`output_size` must be a positive int or a pair of positive ints (oh, ow); "
+      f"got {output_size!r}."
     )
   if size[0] < 1 or size[1] < 1:
     raise ValueError(f"`output_size` must be positive; got {output_size!r}.")
@@ -63,8 +63,8 @@ def check_spatial_scale(spatial_scale: float) -> float:
   """Returns ``spatial_scale`` as a Python float after checking it is positive and finite."""
   if isinstance(spatial_scale, bool) or not isinstance(spatial_scale, (int, float, np.number)):
     raise ValueError(
-        f"`spatial_scale` must be a static positive finite Python float; got {spatial_scale!r} "
-        f"of type {type(spatial_scale).__name__}."
+      f"`spatial_scale` must be a static positive finite Python float; got {spatial_scale!r} "
+      f"of type {type(spatial_scale).__name__}."
     )
   scale = float(spatial_scale)
   if not (math.isfinite(scale) and scale > 0):
@@ -85,13 +85,13 @@ def check_box_indices(box_indices: jax.Array, num_boxes: int, num_images: int) -
     raise TypeError(f"`box_indices` must have an integer dtype; got {dtype} with shape {shape}.")
   if shape != (num_boxes,):
     raise ValueError(
-        f"`box_indices` must have shape [K] = ({num_boxes},) to match `boxes`; got {shape}."
+      f"`box_indices` must have shape [K] = ({num_boxes},) to match `boxes`; got {shape}."
     )
   if isinstance(box_indices, jax.core.Tracer):
     return
   values = np.asarray(box_indices)
   if values.size and (values.min() < 0 or values.max() >= num_images):
     raise ValueError(
-        f"`box_indices` must lie in [0, N) = [0, {num_images}); "
-        f"got values in [{values.min()}, {values.max()}]."
+      f"`box_indices` must lie in [0, N) = [0, {num_images}); "
+      f"got values in [{values.min()}, {values.max()}]."
     )
