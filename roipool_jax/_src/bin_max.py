@@ -120,37 +120,37 @@ def bin_max(features: jax.Array, bins: Bins, with_argmax: bool):
 
   def pool_chunk(p):
     p = {name: x[..., None] for name, x in p.items()}  # [chunk, oh, ow, 1]
+    acc_shape = p["cells"].shape[:3] + (channels,)
+    passes = (jnp.max(p["cells"], initial=0) + SLOTS - 1) // SLOTS
 
-    def body(carry):
-      t, best, best_at = carry
-      s = t * SLOTS + slot  # cell numbers of this pass, [1, 1, 1, S]
+    def cells_of_pass(t):
+      """Cells ``[t * S, (t + 1) * S)`` of every bin: values [..., S, C], flat cells, mask."""
+      s = t * SLOTS + slot  # [1, 1, 1, S]
       valid = s < p["cells"]
       cell = jnp.where(valid, p["origin"] + (s // p["cols"]) * width + s % p["cols"], 0)
       v = rows_of_cells.at[cell].get(mode="promise_in_bounds")  # [chunk, oh, ow, S, C]
-      v = jnp.where(valid[..., None], v, -jnp.inf)
-      pass_max = v.max(axis=3)
-      if not with_argmax:
-        return t + 1, jnp.maximum(best, pass_max), best_at
-      # First slot holding the pass max (slots are in row-major order).
-      hit = (v == pass_max[:, :, :, None]) & valid[..., None]
-      pass_at = jnp.where(hit, cell[..., None], _NO_CELL).min(axis=3)
-      # Strictly greater: an earlier pass (earlier cells) keeps ties.
-      take = (pass_at < _NO_CELL) & ((pass_max > best) | (best_at < 0))
-      return t + 1, jnp.where(take, pass_max, best), jnp.where(take, pass_at, best_at)
+      return v, cell, valid
 
-    acc_shape = p["cells"].shape[:3] + (channels,)
-    init = (
-      jnp.int32(0),
-      jnp.full(acc_shape, -jnp.inf, features.dtype),
-      jnp.full(acc_shape, -1, jnp.int32) if with_argmax else jnp.int32(0),
-    )
-    passes = (jnp.max(p["cells"], initial=0) + SLOTS - 1) // SLOTS
-    _, best, best_at = lax.while_loop(lambda c: c[0] < passes, body, init)
-    best = jnp.where(p["cells"] > 0, best, jnp.zeros((), features.dtype))
+    def max_pass(t, best):
+      v, _, valid = cells_of_pass(t)
+      return jnp.maximum(best, jnp.where(valid[..., None], v, -jnp.inf).max(axis=3))
+
+    best = lax.fori_loop(0, passes, max_pass, jnp.full(acc_shape, -jnp.inf, features.dtype))
+    nonempty = p["cells"] > 0
+    values = jnp.where(nonempty, best, jnp.zeros((), features.dtype))
     if not with_argmax:
-      return best, None
-    # Flat cell -> position within its image.
-    return best, jnp.where(best_at >= 0, best_at % (height * width), -1)
+      return values, None
+
+    # Cells are visited in row-major order, so the first maximal cell is the
+    # smallest flat cell holding the max.
+    def first_pass(t, first):
+      v, cell, valid = cells_of_pass(t)
+      hit = (v == best[:, :, :, None]) & valid[..., None]
+      return jnp.minimum(first, jnp.where(hit, cell[..., None], _NO_CELL).min(axis=3))
+
+    first = lax.fori_loop(0, passes, first_pass, jnp.full(acc_shape, _NO_CELL, jnp.int32))
+    # Flat cell -> position within its image; -1 where no cell (empty bins).
+    return values, jnp.where(first < _NO_CELL, first % (height * width), -1)
 
   oh, ow = bins.row_start.shape[1], bins.col_start.shape[1]
   values, argmax = _by_chunks(pool_chunk, _plan(bins, height, width), oh * ow * channels)
