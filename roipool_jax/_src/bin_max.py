@@ -8,21 +8,22 @@ This is the engine of the max-pooling RoI ops: given, per box, the row ranges
 
 How the work is bounded
 -----------------------
-The cells of a bin are numbered in row-major order. Boxes are sorted by their
-largest bin and processed in small sequential chunks (``lax.map``); within a
-chunk a ``lax.while_loop`` makes passes, and pass ``p`` gathers cells ``[p *
-S, (p + 1) * S)`` of every bin at once (``S = SLOTS``; each cell is one
-contiguous ``C`` vector of the NHWC map, a fast gather), masks the slots past
-the bin's cell count, and reduces them. A chunk makes ``ceil(max bin cells in
-the chunk / S)`` passes, so the total work is about ``sum over boxes of oh *
-ow * C * (largest bin of the box)``, the cells a direct loop reads, with no
-per-box copy of the map and no dependence on the other boxes' sizes beyond the
-chunk. Only bin geometry (``[K, oh, ow]`` integers) is materialized besides
-the output.
+The cells of a bin are numbered in row-major order. Boxes are sorted by
+their largest bin and processed in small sequential chunks (``lax.map``).
+Within a chunk, a loop with a data-dependent trip count makes passes; pass
+``p`` gathers cells ``[p * S, p * S + S)`` of every bin at once
+(``S = SLOTS``; each cell is one contiguous ``C`` vector of the NHWC map, a
+fast gather), masks the slots past the bin's cell count and reduces them. A
+chunk makes ``ceil(largest bin in the chunk / S)`` passes, so the total work
+is about ``sum over boxes of oh * ow * C * (largest bin of the box)``: the
+cells a direct loop reads, with no per-box copy of the map. Only bin geometry
+(``[K, oh, ow]`` integers) is materialized besides the output.
 
-The backward pass sends each output cotangent to its arg-max cell: a
-scatter-add into ``[N * H * W * C]`` accumulated in float32 (sequential, hence
-deterministic, on CPU).
+The arg-max (forward pass of the gradient only) is a second sweep over the
+same cells: the smallest flat cell whose value equals the bin's max, which is
+the first maximal cell in row-major order. The backward pass sends each output
+cotangent to that cell: a scatter-add into ``[N * H * W * C]`` accumulated in
+float32 (sequential, hence deterministic, on CPU).
 """
 
 from __future__ import annotations
