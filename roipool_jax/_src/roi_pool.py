@@ -29,7 +29,7 @@ def _round_mode_edges(lo, hi, _size, num_bins, extent):
   return jnp.clip(first, 0, extent), jnp.clip(last, 0, extent)
 
 
-def _floor_mode_edges(lo, hi, size, num_bins, extent):
+def _floor_mode_edges(lo, _hi, size, num_bins, extent):
   """The article's bin edges along one axis; see :func:`roi_pool`."""
   start = boxes_lib.to_int(jnp.floor(lo))
   length = boxes_lib.to_int(jnp.floor(size))
