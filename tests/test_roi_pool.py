@@ -365,3 +365,15 @@ def test_errors_are_raised_at_trace_time_under_jit():
 def test_public_api():
   assert "roi_pool" in roipool_jax.__all__
   assert roipool_jax.roi_pool is roi_pool
+
+
+def test_nan_feature_gives_nan_bin_without_gradient_and_spares_other_boxes():
+  x = np.ones((1, 4, 4, 1), np.float32)
+  x[0, 0, 0, 0] = np.nan
+  boxes = np.array([[0, 0, 1, 1], [2, 2, 3, 3]], np.float32)
+  out = np.asarray(roi_pool(x, boxes, 1))
+  assert np.isnan(out[0, 0, 0, 0]) and out[1, 0, 0, 0] == 1.0
+  grad = np.asarray(jax.grad(lambda y: jnp.nansum(roi_pool(y, boxes, 1)))(x))[0, :, :, 0]
+  want = np.zeros((4, 4), np.float32)
+  want[2, 2] = 1.0  # first maximal cell of the second box only
+  np.testing.assert_array_equal(grad, want)

@@ -126,7 +126,8 @@ def roi_pool(
   Gradient (hand-written ``custom_vjp``): each output cotangent goes entirely
   to the arg-max of its bin and channel, the *first* maximal cell in row-major
   (row, then column) order, exactly as torchvision (ties are not split);
-  empty bins send nothing; cells read by several bins accumulate. The gradient
+  empty bins send nothing; cells read by several bins accumulate. A bin holding
+  a NaN feature outputs NaN and sends no gradient. The gradient
   with respect to ``boxes`` is zero (the bins are quantized) and ``box_indices``
   has none. The backward accumulates in float32.
 
