@@ -3,8 +3,8 @@
 This is the engine of the max-pooling RoI ops: given, per box, the row ranges
 ``[hs, he)`` of its ``oh`` bin rows and the column ranges ``[ws, we)`` of its
 ``ow`` bin columns, it returns the channel-wise maximum over each
-``[hs, he) x [ws, we)`` rectangle and, for the backward pass, the flat position
-``h * W + w`` of the first maximal cell in row-major order.
+``[hs, he) x [ws, we)`` rectangle and, for the backward pass, the flat cell
+``(n * H + h) * W + w`` of the first maximal cell in row-major order.
 
 How the work is bounded
 -----------------------
@@ -40,7 +40,7 @@ SLOTS = 8
 # stay in cache; boxes are sorted by size first, so each chunk loops only about
 # as long as its own boxes need. Both constants were picked by measurement.
 _CHUNK_ELEMENTS = 1 << 16
-_NO_CELL = 2**30  # larger than any h * W + w
+_NO_CELL = 2**30  # larger than any flat cell (n * H + h) * W + w
 
 
 class Bins(NamedTuple):
@@ -112,8 +112,9 @@ def bin_max(features: jax.Array, bins: Bins, with_argmax: bool):
 
   Returns:
     ``values [K, oh, ow, C]`` in the features' dtype, 0 for empty bins; and when
-    ``with_argmax``, ``argmax [K, oh, ow, C]`` int32 flat ``h * W + w`` of the
-    first maximal cell in row-major order, -1 for empty bins.
+    ``with_argmax``, ``argmax [K, oh, ow, C]`` int32 flat cell
+    ``(n * H + h) * W + w`` (n: the box's image) of the first maximal cell in
+    row-major order, -1 for empty bins.
   """
   _, height, width, channels = features.shape
   rows_of_cells = features.reshape(-1, channels)
@@ -150,23 +151,20 @@ def bin_max(features: jax.Array, bins: Bins, with_argmax: bool):
       return jnp.minimum(first, jnp.where(hit, cell[..., None], _NO_CELL).min(axis=3))
 
     first = lax.fori_loop(0, passes, first_pass, jnp.full(acc_shape, _NO_CELL, jnp.int32))
-    # Flat cell -> position within its image; -1 where no cell (empty bins).
-    return values, jnp.where(first < _NO_CELL, first % (height * width), -1)
+    return values, jnp.where(first < _NO_CELL, first, -1)  # -1: empty bin
 
   oh, ow = bins.row_start.shape[1], bins.col_start.shape[1]
   values, argmax = _by_chunks(pool_chunk, _plan(bins, height, width), oh * ow * channels)
   return (values, argmax) if with_argmax else values
 
 
-def scatter_to_argmax(
-  cotangent: jax.Array, argmax: jax.Array, image_index: jax.Array, features_shape
-) -> jax.Array:
+def scatter_to_argmax(cotangent: jax.Array, argmax: jax.Array, features_shape) -> jax.Array:
   """Transpose of :func:`bin_max`: adds each cotangent at its arg-max cell.
 
   Args:
     cotangent: ``[K, oh, ow, C]`` output cotangent.
-    argmax: ``[K, oh, ow, C]`` from :func:`bin_max` (-1 for empty bins: dropped).
-    image_index: ``[K]`` image of each box.
+    argmax: ``[K, oh, ow, C]`` flat cells from :func:`bin_max` (-1 for empty
+      bins: dropped).
     features_shape: ``(N, H, W, C)``.
 
   Returns:
@@ -174,8 +172,7 @@ def scatter_to_argmax(
   """
   n_img, height, width, channels = features_shape
   channel = jnp.arange(channels, dtype=jnp.int32)[None, None, None]
-  cell = image_index[:, None, None, None] * (height * width) + argmax
-  flat = jnp.where(argmax >= 0, cell * channels + channel, n_img * height * width * channels)
+  flat = jnp.where(argmax >= 0, argmax * channels + channel, n_img * height * width * channels)
   grad = jnp.zeros((n_img * height * width * channels,), jnp.float32)
   grad = grad.at[flat.reshape(-1)].add(cotangent.astype(jnp.float32).reshape(-1), mode="drop")
   return grad.reshape(features_shape)

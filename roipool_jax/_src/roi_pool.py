@@ -66,13 +66,13 @@ def _max_over_bins_fwd(features, bins):
   values, argmax = bin_max_lib.bin_max(features, bins, with_argmax=True)
   # A zero-size [N, H, W, 0] array carries the static shape and dtype to the bwd.
   like = jnp.zeros(features.shape[:3] + (0,), features.dtype)
-  return values, (argmax, bins.image_index, like)
+  return values, (argmax, like)
 
 
 def _max_over_bins_bwd(residuals, cotangent):
-  argmax, image_index, like = residuals
+  argmax, like = residuals
   shape = like.shape[:3] + cotangent.shape[-1:]
-  grad = bin_max_lib.scatter_to_argmax(cotangent, argmax, image_index, shape)
+  grad = bin_max_lib.scatter_to_argmax(cotangent, argmax, shape)
   return grad.astype(like.dtype), None
 
 
