@@ -64,28 +64,31 @@ def main() -> None:
     f"  -> box (x1, y1, x2, y2) = ({X:.0f}, {Y:.0f}, {X + W:.0f}, {Y + H:.0f})"
   )
   print("\nOn the feature map (divide by 32):")
+  floored = {}
   for name, value in (("x", X), ("y", Y), ("width", W), ("height", H)):
-    print(
-      f"  {name:>6}: {value:.0f}/32 = {value * SCALE:.2f}  -> floor {int(np.floor(value * SCALE))}"
-    )
+    floored[name] = int(np.floor(value * SCALE))
+    print(f"  {name:>6}: {value:.0f}/32 = {value * SCALE:.2f}  -> floor {floored[name]}")
+  qx, qy, qw, qh = floored["x"], floored["y"], floored["width"], floored["height"]
 
   box = jnp.array([[X, Y, X + W, Y + H]])
   true_cells = (X * SCALE, Y * SCALE, (X + W) * SCALE, (Y + H) * SCALE)
   span = ((4, 13), (7, MAP))
   rows, cols = _bins(box, "floor")
-  print('\nquantization="floor" (the article): RoI at x=9, y=6, 6 wide, 4 high;')
+  print(f'\nquantization="floor" (the article): RoI at x={qx}, y={qy}, {qw} wide, {qh} high;')
   print(
     f"3x3 bins of {rows[0][1] - rows[0][0]} row x {cols[0][1] - cols[0][0]} columns "
-    f"(4 // 3 = 1, 6 // 3 = 2). Rows {[r for r in rows]}, columns {cols}."
+    f"({qh} // {OUT} = {qh // OUT}, {qw} // {OUT} = {qw // OUT}). Rows {rows}, columns {cols}."
   )
   print("Cells by bin (1..9); x = covered by the true RoI but never read; . = outside:")
   print(_grid(rows, cols, true_cells, span))
   print("Row 9 is inside the quantized RoI but no bin reads it: the lost bottom row.")
 
   true_area = W * H * SCALE**2
-  quantized_area = 6 * 4
-  pooled_area = 3 * 3 * (rows[0][1] - rows[0][0]) * (cols[0][1] - cols[0][0])
-  overlap = (min(true_cells[2], 15) - true_cells[0]) * (min(true_cells[3], 10) - true_cells[1])
+  quantized_area = qw * qh
+  pooled_area = OUT * OUT * (rows[0][1] - rows[0][0]) * (cols[0][1] - cols[0][0])
+  overlap_w = min(true_cells[2], qx + qw) - max(true_cells[0], qx)
+  overlap_h = min(true_cells[3], qy + qh) - max(true_cells[1], qy)
+  overlap = overlap_w * overlap_h
   print(
     f"\nArea in cells: true RoI {true_area:.2f}; quantized {quantized_area} "
     f"(lost {true_area - overlap:.2f}, gained {quantized_area - overlap:.2f}); "
@@ -116,7 +119,11 @@ def main() -> None:
     )
     + " (inclusive)"
   )
-  print("  RoI 8 cells wide, 6 high; bins of 8/3 = 2.67 columns and 6/3 = 2 rows, edges floored/")
+  roi_w, roi_h = corners[2] - corners[0] + 1, corners[3] - corners[1] + 1
+  print(
+    f"  RoI {roi_w} cells wide, {roi_h} high; bins of {roi_w}/{OUT} = {roi_w / OUT:.2f} columns "
+    f"and {roi_h}/{OUT} = {roi_h / OUT:.2f} rows, edges floored/"
+  )
   print(f"  ceiled so neighbours may share a column. Rows {rows_r}, columns {cols_r}")
   print("  (column 16 lies off the 16-wide map and is clipped; a shared cell shows its first bin):")
   print(_grid(rows_r, cols_r, true_cells, span))
