@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from roipool_jax._src import chunking
+
 # Cells gathered per bin and pass (one pass reads [chunk, oh, ow, SLOTS, C]).
 SLOTS = 8
 # Boxes per chunk: about this many output elements, so a chunk's running maxima
@@ -78,28 +80,6 @@ def _plan(bins: Bins, height: int, width: int) -> dict[str, jax.Array]:
     cols=jnp.broadcast_to(jnp.maximum(cols, 1), shape),
     origin=jnp.broadcast_to(origin, shape),
   )
-
-
-def _by_chunks(fn, plan: dict[str, jax.Array], per_box_elements: int):
-  """Runs ``fn`` over chunks of boxes sequentially and concatenates the results.
-
-  Boxes are visited in order of their largest bin, so each chunk holds boxes of
-  similar size and none waits for a much larger neighbour's passes.
-  """
-  k = plan["cells"].shape[0]
-  order = jnp.argsort(jnp.max(plan["cells"], axis=(1, 2)))
-  plan = jax.tree.map(lambda x: x[order], plan)
-  chunk = max(1, min(k, _CHUNK_ELEMENTS // max(1, per_box_elements)))
-  num_chunks = -(-k // chunk)
-  pad = num_chunks * chunk - k
-
-  def split(x):  # padded boxes have 0 cells: empty
-    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-    return x.reshape((num_chunks, chunk) + x.shape[1:])
-
-  out = lax.map(fn, jax.tree.map(split, plan))
-  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(k, dtype=order.dtype))
-  return jax.tree.map(lambda y: y.reshape((num_chunks * chunk,) + y.shape[2:])[inverse], out)
 
 
 def bin_max(features: jax.Array, bins: Bins, with_argmax: bool):
@@ -154,7 +134,10 @@ def bin_max(features: jax.Array, bins: Bins, with_argmax: bool):
     return values, jnp.where(first < _NO_CELL, first, -1)  # -1: empty bin
 
   oh, ow = bins.row_start.shape[1], bins.col_start.shape[1]
-  values, argmax = _by_chunks(pool_chunk, _plan(bins, height, width), oh * ow * channels)
+  plan = _plan(bins, height, width)
+  chunk = chunking.chunk_size(plan["cells"].shape[0], oh * ow * channels, _CHUNK_ELEMENTS)
+  cost = jnp.max(plan["cells"], axis=(1, 2))
+  values, argmax = chunking.map_chunks(pool_chunk, plan, cost, chunk)
   return (values, argmax) if with_argmax else values
 
 

@@ -14,6 +14,7 @@ all-zero output and zero gradients, and never affects other boxes.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -123,6 +124,7 @@ def to_int(x: jax.Array) -> jax.Array:
   return jnp.clip(x, -COORD_LIMIT, COORD_LIMIT).astype(jnp.int32)
 
 
+@partial(jax.custom_jvp, nondiff_argnums=(1,))
 def exact_div(x: jax.Array, divisor: int) -> jax.Array:
   """Correctly rounded IEEE float32 ``x / divisor`` for a static positive int ``divisor``.
 
@@ -138,7 +140,8 @@ def exact_div(x: jax.Array, divisor: int) -> jax.Array:
     divisor: Python int in ``[1, 2**22]``.
 
   Returns:
-    float32 array, ``x / divisor`` rounded as IEEE-754 would.
+    float32 array, ``x / divisor`` rounded as IEEE-754 would. Its derivative
+    is ``1 / divisor`` (a ``custom_jvp``: the bit manipulation has none).
   """
   if not 1 <= divisor <= 2**22:
     raise ValueError(f"divisor must be in [1, 2**22]; got {divisor}.")
@@ -170,3 +173,9 @@ def exact_div(x: jax.Array, divisor: int) -> jax.Array:
   # Zeros, subnormals (never produced by box geometry) and inf/nan pass through x / d.
   regular = (biased > 0) & (biased < 255) & (exponent > 0)
   return jnp.where(regular, out, jnp.where(biased == 255, x, jnp.zeros_like(x)))
+
+
+@exact_div.defjvp
+def _exact_div_jvp(divisor, primals, tangents):
+  (x,), (dx,) = primals, tangents
+  return exact_div(x, divisor), jnp.asarray(dx, jnp.float32) / jnp.float32(divisor)

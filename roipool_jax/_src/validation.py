@@ -95,3 +95,18 @@ def check_box_indices(box_indices: jax.Array, num_boxes: int, num_images: int) -
       f"`box_indices` must lie in [0, N) = [0, {num_images}); "
       f"got values in [{values.min()}, {values.max()}]."
     )
+
+
+def check_sampling_ratio(sampling_ratio: int) -> int:
+  """Returns ``sampling_ratio`` as an int: ``> 0`` fixed samples per bin, ``<= 0`` adaptive."""
+  if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, (int, np.integer)):
+    raise ValueError(
+      f"`sampling_ratio` must be a static Python int (> 0: samples per bin axis, <= 0: "
+      f"adaptive); got {sampling_ratio!r} of type {type(sampling_ratio).__name__}."
+    )
+  return int(sampling_ratio)
+
+
+def check_bool(name: str, value: bool) -> None:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"`{name}` must be a static Python bool; got {value!r}.")

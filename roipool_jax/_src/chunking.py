@@ -1,0 +1,76 @@
+"""Visiting boxes in small sequential chunks, ordered by their cost.
+
+The RoI kernels do per-box work that varies with the box (cells per bin,
+interpolation taps per bin). XLA needs static shapes, so a kernel processes a
+*chunk* of boxes at a time and loops, inside the chunk, as long as its most
+expensive box needs (a data-dependent trip count). Sorting the boxes by cost
+first makes the chunks homogeneous: no small box waits for a much larger
+neighbour. Chunks are visited sequentially, so the temporaries of one chunk
+are all that is alive at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def _sorted_chunks(per_box: Any, cost: jax.Array, chunk: int):
+  """Sorts ``per_box`` leaves by ``cost`` and splits them into ``[chunks, chunk, ...]``.
+
+  Padding boxes (to fill the last chunk) are zeros; callers must make a zero
+  cost/count mean "nothing to do".
+  """
+  k = cost.shape[0]
+  order = jnp.argsort(cost)
+  num_chunks = -(-k // chunk)
+  pad = num_chunks * chunk - k
+
+  def split(x):
+    x = jnp.pad(x[order], [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape((num_chunks, chunk) + x.shape[1:])
+
+  return order, jax.tree.map(split, per_box)
+
+
+def chunk_size(num_boxes: int, per_box_elements: int, budget: int) -> int:
+  """Boxes per chunk so that a chunk holds about ``budget`` elements (at least 1 box)."""
+  return max(1, min(num_boxes, budget // max(1, per_box_elements)))
+
+
+def map_chunks(fn: Callable, per_box: Any, cost: jax.Array, chunk: int) -> Any:
+  """Applies ``fn`` to chunks of boxes in order of ``cost``; returns per-box outputs.
+
+  Args:
+    fn: maps a pytree of ``[chunk, ...]`` arrays to a pytree of ``[chunk, ...]``.
+    per_box: pytree of arrays with leading dim K.
+    cost: ``[K]`` sort key (boxes of similar cost share a chunk).
+    chunk: static boxes per chunk.
+
+  Returns:
+    ``fn``'s outputs with leading dim K, in the original box order.
+  """
+  k = cost.shape[0]
+  order, chunks = _sorted_chunks(per_box, cost, chunk)
+  out = lax.map(fn, chunks)
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(k, dtype=order.dtype))
+  return jax.tree.map(lambda y: y.reshape((-1,) + y.shape[2:])[:k][inverse], out)
+
+
+def fold_chunks(fn: Callable, init: Any, per_box: Any, cost: jax.Array, chunk: int) -> Any:
+  """Folds ``carry = fn(carry, chunk)`` over chunks of boxes in order of ``cost``.
+
+  The order of the chunks, hence of any accumulation into ``carry``, is a
+  function of the inputs only: the result is bitwise reproducible.
+  """
+  _, chunks = _sorted_chunks(per_box, cost, chunk)
+  num_chunks = jax.tree.leaves(chunks)[0].shape[0]
+
+  def body(i, carry):
+    return fn(carry, jax.tree.map(lambda x: x[i], chunks))
+
+  return lax.fori_loop(0, num_chunks, body, init)

@@ -1,0 +1,178 @@
+"""``roi_align``: Mask R-CNN RoIAlign, bilinear sampling without quantization."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from roipool_jax._src import boxes as boxes_lib
+from roipool_jax._src import sample_max
+from roipool_jax._src import sampling
+from roipool_jax._src import tap_sum
+from roipool_jax._src import validation
+
+MODES = ("avg", "max")
+
+
+def align_geometry(flat, output_size, spatial_scale, sampling_ratio, aligned):
+  """``(rows, cols)`` :class:`sampling.Axis` of every box."""
+  b, (oh, ow) = flat.boxes, output_size
+  rows = sampling.axis_geometry(
+    b[:, 1], b[:, 3], flat.valid, oh, spatial_scale, sampling_ratio, aligned
+  )
+  cols = sampling.axis_geometry(
+    b[:, 0], b[:, 2], flat.valid, ow, spatial_scale, sampling_ratio, aligned
+  )
+  return rows, cols
+
+
+def _max_samples(sampling_ratio: int, length: int) -> int:
+  """Static bound on the samples of one bin that can matter along an axis.
+
+  Fixed grids: all of them. Adaptive grids (spacing > 0.5 cell, or a single
+  sample): those in ``[-1, length]`` are at most ``2 * length + 3``, plus two
+  of slack on each side of the window.
+  """
+  return sampling_ratio if sampling_ratio > 0 else 2 * length + 7
+
+
+def align_bins(features, flat, output_size, spatial_scale, sampling_ratio, aligned, mode):
+  """RoIAlign of flat boxes: ``[K, oh, ow, C]`` (shared by ``roi_align`` and ``crop_and_resize``)."""
+  height, width = features.shape[1:3]
+  rows, cols = align_geometry(flat, output_size, spatial_scale, sampling_ratio, aligned)
+  oh, ow = output_size
+  if mode == "max":
+    ty, first_y = sampling.sample_taps(rows, oh, height, _max_samples(sampling_ratio, height))
+    tx, first_x = sampling.sample_taps(cols, ow, width, _max_samples(sampling_ratio, width))
+    return sample_max.sample_max(features, ty.weight, tx.weight, flat.image_index, ty, tx)
+  if sampling_ratio > 0:
+    ty, _ = sampling.sample_taps(rows, oh, height, sampling_ratio)
+    tx, _ = sampling.sample_taps(cols, ow, width, sampling_ratio)
+  else:
+    ty = sampling.row_taps(rows, oh, height)
+    tx = sampling.row_taps(cols, ow, width)
+  plan = tap_sum.Plan(flat.image_index, ty.index, tx.index, ty.count, tx.count)
+  return tap_sum.tap_sum(features, ty.weight, tx.weight, plan)
+
+
+def roi_align(
+  features: jax.typing.ArrayLike,
+  boxes: jax.typing.ArrayLike,
+  output_size: int | Sequence[int],
+  *,
+  spatial_scale: float = 1.0,
+  sampling_ratio: int = -1,
+  aligned: bool = False,
+  box_indices: jax.typing.ArrayLike | None = None,
+  mode: str = "avg",
+) -> jax.Array:
+  r"""RoIAlign (Mask R-CNN): bilinear samples averaged (or maxed) over an ``oh x ow`` grid.
+
+  No coordinate is rounded: each bin's value is computed from bilinearly
+  interpolated samples at regularly spaced points inside it. ``mode="avg"``
+  matches ``torchvision.ops.roi_align`` (and Detectron2's ``ROIAlign``) for
+  every box, including boxes partly or wholly outside the map and adaptive
+  sampling of boxes larger than the map. Per axis (y shown; x is the same with
+  columns, ``W`` and ``ow``), in float32, with ``s = spatial_scale``::
+
+      offset = 0.5 if aligned else 0       # aligned: pixel centres are at +0.5
+      y0 = y1 * s - offset                 y_end = y2 * s - offset
+      roi_h = y_end - y0                   # not aligned: roi_h = max(roi_h, 1)
+      bin_h = roi_h / oh                   # correctly rounded float32
+      g = sampling_ratio if sampling_ratio > 0 else ceil(bin_h)   # per box
+      sample i of bin p:  y = y0 + p * bin_h + (i + 0.5) * bin_h / g,  i = 0 .. g-1
+
+  Bilinear rule for a sample at ``y`` (torchvision's): if ``y < -1`` or
+  ``y > H`` (or the same for ``x``) the sample is 0 (but still counted);
+  otherwise ``y`` is clamped to ``>= 0``, ``y_low = floor(y)``; if
+  ``y_low >= H - 1`` both neighbours are row ``H - 1``; the weights are
+  ``1 - (y - y_low)`` and ``y - y_low``. The bin value is, per channel:
+
+  * ``mode="avg"``: the sum of the ``g_y * g_x`` samples divided by
+    ``max(g_y * g_x, 1)``;
+  * ``mode="max"``: the maximum of the samples (as mmcv's ``pool_mode="max"``);
+    0 if the bin has no sample.
+
+  A bin with ``g = 0`` (a zero-size box with ``aligned=True`` and adaptive
+  sampling) has no sample and outputs 0. Boxes with ``aligned=True`` and a
+  negative width or height output zeros (torchvision samples a mirrored box
+  for ``sampling_ratio > 0`` and crashes for adaptive sampling); with
+  ``aligned=False`` inverted boxes have size 1, as in torchvision. Non-finite
+  coordinates and (under ``jit``) out-of-range ``box_indices`` give zeros.
+
+  Gradients (hand-written ``custom_vjp`` for the sampling kernel):
+
+  * features: each sample sends ``cotangent * weight / count`` (avg) to its
+    four neighbour cells; for ``mode="max"`` only the first maximal sample in
+    ``(iy, ix)`` row-major order, per channel, sends ``cotangent * weight``.
+    Accumulated in float32 by a scatter in a fixed order: bitwise reproducible
+    (CPU, TPU).
+  * boxes: the exact derivative of the formulas above through the sample
+    positions (``d weight / d y = -+1`` inside the map, 0 where a position is
+    clamped or dropped), with the integer grid ``g`` and the neighbour cells
+    held constant; zero for degenerate boxes. ``box_indices`` has none.
+
+  Cost: each output reads about ``4 * g_y * g_x`` cells of ``C`` values for a
+  fixed ``sampling_ratio``. For adaptive sampling, the samples of a bin are
+  first merged per cell, so a bin reads at most ``(bin_h + 2) * (bin_w + 2)``
+  cells clipped to the map: a box larger than the map costs about what the
+  map's cells cost (``H * W`` per channel), never ``g^2`` per bin. For
+  ``mode="max"`` only the samples within one cell of the map are visited.
+  Nothing of size ``K * H * W * C`` is materialized.
+
+  Args:
+    features: ``[N, H, W, C]`` floating feature map.
+    boxes: ``[K, 4]`` (with ``box_indices``) or ``[N, R, 4]`` (per image) boxes
+      ``(x1, y1, x2, y2)`` in input-image pixels.
+    output_size: ``oh`` (square) or ``(oh, ow)``; static.
+    spatial_scale: static feature cells per image pixel (1/4 for FPN P2).
+    sampling_ratio: static samples per bin along each axis; ``<= 0`` means
+      adaptive, ``ceil(roi_size / output_size)`` per box and axis.
+    aligned: static; shift boxes by -0.5 cell (Detectron2's pixel model;
+      recommended) instead of the legacy ``roi_size >= 1`` rule.
+    box_indices: ``[K]`` integer image index of each box for ``[K, 4]`` boxes;
+      may be omitted when ``N == 1``. Must be None for ``[N, R, 4]`` boxes.
+    mode: ``"avg"`` (torchvision) or ``"max"`` (mmcv's max pool mode).
+
+  Returns:
+    ``[K, oh, ow, C]`` (flat boxes) or ``[N, R, oh, ow, C]`` (per-image boxes)
+    in the dtype of ``features`` (accumulated in float32).
+
+  Raises:
+    ValueError: wrong rank or last dim of ``features``/``boxes``, non-positive
+      ``output_size`` or ``spatial_scale``, non-int ``sampling_ratio``,
+      unknown ``mode``, ``box_indices`` of the wrong length or (when concrete)
+      out of ``[0, N)``.
+    TypeError: non-floating ``features``, non-integer ``box_indices`` or a
+      non-bool ``aligned``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from roipool_jax import roi_align
+    >>> x = jnp.arange(16.0).reshape(1, 4, 4, 1)   # x[0, h, w, 0] = 4 h + w
+    >>> roi_align(x, jnp.array([[1.0, 1.0, 3.0, 3.0]]), 2, aligned=True)[0, :, :, 0]
+    Array([[ 2.5,  3.5],
+           [ 6.5,  7.5]], dtype=float32)
+
+  References:
+    He, Gkioxari, Dollar, Girshick, "Mask R-CNN", ICCV 2017.
+    https://arxiv.org/abs/1703.06870
+  """
+  validation.check_features(features)
+  size = validation.normalize_output_size(output_size)
+  scale = validation.check_spatial_scale(spatial_scale)
+  ratio = validation.check_sampling_ratio(sampling_ratio)
+  validation.check_bool("aligned", aligned)
+  validation.check_choice("mode", mode, MODES)
+  features = jnp.asarray(features)
+  flat = boxes_lib.flatten_boxes(boxes, box_indices, features.shape[0])
+  return _roi_align(features, flat, size, scale, ratio, aligned, mode)
+
+
+@partial(jax.named_call, name="roi_align")
+def _roi_align(features, flat, size, scale, ratio, aligned, mode):
+  out = align_bins(features, flat, size, scale, ratio, aligned, mode)
+  return out.reshape(flat.batch_shape + out.shape[1:])

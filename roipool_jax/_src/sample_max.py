@@ -1,0 +1,2 @@
+def sample_max(*a):
+  raise NotImplementedError

@@ -1,0 +1,208 @@
+"""Bilinear sampling geometry shared by ``roi_align``, ``crop_and_resize`` and ``roi_warp``.
+
+Everything here is one axis at a time (rows: ``L = H``, ``P = oh``; columns:
+``L = W``, ``P = ow``), because RoIAlign's sampling grid is separable: the
+bilinear weight of a sample on a cell is ``weight_y(row) * weight_x(col)``,
+and a sample is dropped when either coordinate is out of range. A box's
+geometry along an axis is three numbers (:class:`Axis`); from them this module
+builds *taps*: for each bin, a short list of ``(cell index, weight)`` pairs
+that the kernels gather and combine (:class:`Taps`).
+
+All arithmetic is float32 and follows torchvision's ``roi_align`` kernel
+expression by expression, so sample positions match it to the last bit except
+where XLA's division is not correctly rounded (``((i + 0.5) * bin) / grid``),
+which moves a sample by at most one ulp.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from roipool_jax._src import boxes as boxes_lib
+
+# Candidate samples examined per (bin, row) when merging adaptive samples into
+# row weights: with adaptive grids the sample spacing is > 0.5 cell (or there is
+# a single sample per bin), so at most 4 samples lie within one cell of a row,
+# all within +-3 indices of the nearest one.
+_NEIGHBOURS = 3
+
+
+class Axis(NamedTuple):
+  """RoIAlign geometry of K boxes along one axis, in feature cells.
+
+  Attributes:
+    start: ``[K]`` float32 first edge of the box (``x1 * scale - offset``).
+    bin_size: ``[K]`` float32 bin length (``roi_size / P``, correctly rounded).
+    grid: ``[K]`` int32 samples per bin (``sampling_ratio``, or adaptive
+      ``ceil(bin_size)``); 0 for boxes that produce zeros.
+  """
+
+  start: jax.Array
+  bin_size: jax.Array
+  grid: jax.Array
+
+
+class Taps(NamedTuple):
+  """Interpolation taps of K boxes along one axis.
+
+  Attributes:
+    index: ``[K, P, T]`` int32 cell (row or column) in ``[0, L)``.
+    weight: ``[K, P, T]`` float32 weight (0 for unused taps).
+    count: ``[K]`` int32 number of leading taps in use by any bin of the box;
+      taps at or past it have weight 0 and need not be visited.
+  """
+
+  index: jax.Array
+  weight: jax.Array
+  count: jax.Array
+
+
+def axis_geometry(
+  lo: jax.Array,
+  hi: jax.Array,
+  valid: jax.Array,
+  num_bins: int,
+  spatial_scale: float,
+  sampling_ratio: int,
+  aligned: bool,
+) -> Axis:
+  """torchvision's RoIAlign geometry for one axis (see ``roi_align``'s docstring).
+
+  Args:
+    lo: ``[K]`` float32 first box coordinate (x1 or y1) in image pixels.
+    hi: ``[K]`` float32 second box coordinate (x2 or y2).
+    valid: ``[K]`` bool; invalid boxes get ``grid = 0`` (zero output).
+    num_bins: P, the output size along the axis.
+    spatial_scale: feature cells per image pixel.
+    sampling_ratio: samples per bin when ``> 0``; adaptive when ``<= 0``.
+    aligned: shift by -0.5 cell (pixel-centre model) instead of forcing
+      ``roi_size >= 1``.
+  """
+  offset = jnp.float32(0.5 if aligned else 0.0)
+  start = boxes_lib.scale_coords(lo, spatial_scale) - offset
+  end = boxes_lib.scale_coords(hi, spatial_scale) - offset
+  size = end - start
+  if not aligned:
+    size = jnp.maximum(size, 1.0)
+  size = jnp.clip(size, -boxes_lib.COORD_LIMIT, boxes_lib.COORD_LIMIT)
+  bin_size = boxes_lib.exact_div(size, num_bins)
+  if sampling_ratio > 0:
+    grid = jnp.full(lo.shape, sampling_ratio, jnp.int32)
+  else:
+    grid = boxes_lib.to_int(jnp.ceil(bin_size))
+  # Inverted boxes (possible only when aligned) give zeros, as do invalid ones.
+  grid = jnp.where(valid & (size >= 0), grid, 0)
+  return Axis(start, bin_size, grid)
+
+
+def sample_position(axis: Axis, bin_index: jax.Array, sample: jax.Array) -> jax.Array:
+  """``start + p * bin + ((i + 0.5) * bin) / grid``, broadcasting ``[K]`` against the indices."""
+  start, bin_size = axis.start[:, None, None], axis.bin_size[:, None, None]
+  grid = jnp.maximum(axis.grid, 1).astype(jnp.float32)[:, None, None]
+  base = start + bin_index.astype(jnp.float32) * bin_size
+  return base + ((sample.astype(jnp.float32) + 0.5) * bin_size) / grid
+
+
+def corners(y: jax.Array, length: int):
+  """torchvision's bilinear rule along one axis for positions ``y``.
+
+  Returns ``(low, high, w_low, w_high)``: the two cells and their weights.
+  Positions outside ``[-1, length]`` get zero weights; positions in
+  ``[-1, 0]`` are clamped to 0; from ``length - 1`` on both cells are
+  ``length - 1``, with all the weight on ``low``.
+  """
+  inside = (y >= -1.0) & (y <= length)
+  y = jnp.maximum(y, 0.0)
+  low = boxes_lib.to_int(jnp.floor(y))
+  edge = low >= length - 1
+  low = jnp.minimum(low, length - 1)
+  high = jnp.where(edge, low, low + 1)
+  frac = jnp.where(edge, 0.0, y - low.astype(jnp.float32))
+  w_high = jnp.where(inside, frac, 0.0)
+  w_low = jnp.where(inside, 1.0 - frac, 0.0)
+  return low, high, w_low, w_high
+
+
+def sample_taps(axis: Axis, num_bins: int, length: int, max_samples: int) -> Taps:
+  """Two taps (``low``, ``high``) per sample: tap ``2 j + c`` is corner ``c`` of sample ``j``.
+
+  Weights include the ``1 / grid`` of the average. When the grid may be larger
+  than ``max_samples`` (adaptive grids), only a window of the bin's samples is
+  kept: the ones that can land in ``[-1, length]`` plus at least one before
+  and after (value 0), which is all the max and the average need. Sample ``j``
+  of the window is sample ``first + j`` of the bin.
+
+  Returns:
+    :class:`Taps` with ``T = 2 * max_samples`` and the window's first sample
+    index ``[K, P]`` (to recover the sample order).
+  """
+  p = jnp.arange(num_bins, dtype=jnp.int32)[None, :, None]
+  grid = axis.grid[:, None, None]
+  last_sample = jnp.maximum(grid - 1, 0)
+  # First sample that can reach y >= -1, less a margin: solve the position
+  # formula for the sample index (approximately; the window has slack).
+  base = axis.start[:, None, None] + p.astype(jnp.float32) * axis.bin_size[:, None, None]
+  step = axis.bin_size[:, None, None] / jnp.maximum(grid, 1).astype(jnp.float32)
+  safe_step = jnp.where(step > 0, step, 1.0)
+  first_guess = jnp.where(step > 0, (-1.0 - base) / safe_step - 0.5, 0.0)
+  first = jnp.clip(boxes_lib.to_int(jnp.ceil(first_guess)) - 2, 0, last_sample)
+  sample = first + jnp.arange(max_samples, dtype=jnp.int32)[None, None]
+  in_use = sample < grid
+  y = sample_position(axis, p, sample)
+  low, high, w_low, w_high = corners(y, length)
+  scale = (1.0 / jnp.maximum(grid, 1).astype(jnp.float32)) * in_use
+  index = jnp.stack([low, high], axis=-1).reshape(low.shape[:2] + (-1,))
+  weight = jnp.stack([w_low * scale, w_high * scale], axis=-1).reshape(index.shape)
+  # Samples past y = length contribute nothing: stop the window there (+1).
+  last_guess = jnp.where(step > 0, (length - base) / safe_step - 0.5, 0.0)
+  last = jnp.clip(boxes_lib.to_int(jnp.floor(last_guess)) + 2, first - 1, last_sample)
+  samples_used = jnp.minimum(jnp.where(grid > 0, last - first + 1, 0), max_samples)
+  count = 2 * jnp.max(samples_used, axis=(1, 2))
+  return Taps(index, weight, count), first[:, :, 0]
+
+
+def row_taps(axis: Axis, num_bins: int, length: int) -> Taps:
+  """One tap per cell: the summed weight of all of a bin's samples on that cell.
+
+  For adaptive grids, whose sample count grows with the box, this replaces
+  ``2 * grid`` sample taps by at most ``min(bin_size + 2, length)`` cell taps:
+  bin ``p`` visits the contiguous cells from the one under its first sample
+  to the one past its last, clipped to the map. The weight of cell ``r`` is
+  ``(1 / grid) * sum_i w_i(r)`` over the bin's samples ``i``, where ``w_i(r)``
+  is sample ``i``'s bilinear weight on ``r`` (:func:`corners`); only the
+  ``2 * _NEIGHBOURS + 1`` samples nearest to ``r`` can be non-zero, and only
+  those are evaluated.
+
+  Returns:
+    :class:`Taps` with ``T = length``.
+  """
+  p = jnp.arange(num_bins, dtype=jnp.int32)[None, :, None]
+  grid = axis.grid[:, None, None]
+  last_sample = jnp.maximum(grid - 1, 0)
+  zero = jnp.zeros((1, 1, 1), jnp.int32)
+  y_first = sample_position(axis, p, zero)
+  y_last = sample_position(axis, p, last_sample)
+  lo = jnp.clip(boxes_lib.to_int(jnp.floor(jnp.maximum(y_first, 0.0))), 0, length - 1)
+  hi = jnp.clip(boxes_lib.to_int(jnp.floor(jnp.maximum(y_last, 0.0))) + 1, 0, length - 1)
+  rows_used = jnp.where(grid > 0, hi - lo + 1, 0)  # [K, P, 1]
+  tap = jnp.arange(length, dtype=jnp.int32)[None, None]
+  row = jnp.minimum(lo + tap, length - 1)  # [K, P, L]
+  # Nearest sample to each row, then its neighbours.
+  step = axis.bin_size[:, None, None] / jnp.maximum(grid, 1).astype(jnp.float32)
+  safe_step = jnp.where(step > 0, step, 1.0)
+  nearest = jnp.where(step > 0, (row.astype(jnp.float32) - y_first) / safe_step, 0.0)
+  nearest = jnp.clip(boxes_lib.to_int(jnp.round(nearest)), 0, last_sample)
+  weight = jnp.zeros(row.shape, jnp.float32)
+  for offset in range(-_NEIGHBOURS, _NEIGHBOURS + 1):
+    sample = nearest + offset
+    y = sample_position(axis, p, sample)
+    low, high, w_low, w_high = corners(y, length)
+    use = (sample >= 0) & (sample < grid)
+    weight += jnp.where(use & (low == row), w_low, 0.0) + jnp.where(
+      use & (high == row), w_high, 0.0
+    )
+  weight = jnp.where(tap < rows_used, weight, 0.0) / jnp.maximum(grid, 1).astype(jnp.float32)
+  return Taps(row, weight, jnp.max(rows_used, axis=(1, 2)))

@@ -1,0 +1,252 @@
+"""Separable weighted sums of gathered cells: the engine of RoIAlign's average.
+
+Given, per box, row taps ``(ry, wy)`` ``[K, oh, Ty]`` and column taps
+``(rx, wx)`` ``[K, ow, Tx]`` (see :mod:`roipool_jax._src.sampling`), it
+computes::
+
+    out[k, i, j, :] = sum_a sum_b wy[k, i, a] * wx[k, j, b] * F[n_k, ry[k, i, a], rx[k, j, b], :]
+
+How the work is bounded
+-----------------------
+Each term gathers one contiguous ``C`` vector of the NHWC map (a fast
+gather). Taps are visited in blocks of ``S x S`` (``S = SLOTS``); a box costs
+``ceil(count_y / S) * ceil(count_x / S)`` passes, each ``oh * ow * S * S``
+gathers. When all taps fit one block (fixed ``sampling_ratio <= 2``), every box
+is done in one fused pass; otherwise boxes are sorted by cost and processed in
+small chunks (:mod:`roipool_jax._src.chunking`). Nothing of size
+``K * H * W * C`` is ever built.
+
+Gradients (a ``custom_vjp``)
+----------------------------
+* Features: the transpose, a scatter-add of ``wy * wx * cotangent`` into a
+  float32 ``[N * H * W, C]`` buffer, chunk after chunk in a fixed order. XLA
+  executes it sequentially on CPU and TPU, so the result is bitwise
+  reproducible there.
+* Weights: ``d wy[k, i, a] = sum_j sum_b wx * <F[cell], cotangent[k, i, j]>``
+  (and the same for ``wx``), a second gather sweep. The ops differentiate the
+  weights with respect to the box coordinates by ordinary autodiff; when the
+  boxes need no gradient, XLA drops this sweep.
+
+A tap of weight 0 contributes exactly 0 even when its cell holds inf or NaN.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from roipool_jax._src import chunking
+
+# Taps per axis gathered per pass: a pass reads [chunk, oh, ow] x SLOTS**2 cells.
+SLOTS = 4
+# Elements of the per-chunk accumulators (forward) and scatter updates (backward).
+_CHUNK_ELEMENTS = 1 << 16
+_SCATTER_ELEMENTS = 1 << 20
+
+
+class Plan(NamedTuple):
+  """Integer part of the taps (no gradient): image and cells of every tap."""
+
+  image_index: jax.Array  # [K]
+  row: jax.Array  # [K, oh, Ty]
+  col: jax.Array  # [K, ow, Tx]
+  row_count: jax.Array  # [K]
+  col_count: jax.Array  # [K]
+
+
+def _blocks(length: int) -> tuple[int, int]:
+  """(slots, padded length) for one axis of taps."""
+  slots = min(length, SLOTS)
+  return slots, -(-length // slots) * slots
+
+
+def _pad_taps(x: jax.Array, padded: int) -> jax.Array:
+  return jnp.pad(x, [(0, 0), (0, 0), (0, padded - x.shape[2])])
+
+
+class _Block(NamedTuple):
+  """One pass: ``cells[a][b]`` ``[B, oh, ow]`` flat cell, ``wy [B, oh, S]``, ``wx [B, ow, S]``."""
+
+  cells: list
+  wy: jax.Array
+  wx: jax.Array
+
+
+def _block(c: dict, t, passes_x: int, slots: tuple[int, int], map_size: tuple[int, int]):
+  """Cells and weights of pass ``t`` (tap block ``(t // passes_x, t % passes_x)``)."""
+  sy, sx = slots
+  height, width = map_size
+  by, bx = t // passes_x, t % passes_x
+  iy = lax.dynamic_slice_in_dim(c["row"], by * sy, sy, axis=2)
+  ix = lax.dynamic_slice_in_dim(c["col"], bx * sx, sx, axis=2)
+  wy = lax.dynamic_slice_in_dim(c["wy"], by * sy, sy, axis=2)
+  wx = lax.dynamic_slice_in_dim(c["wx"], bx * sx, sx, axis=2)
+  row_base = (c["image_index"][:, None, None] * height + iy) * width
+  cells = [[row_base[:, :, None, a] + ix[:, None, :, b] for b in range(sx)] for a in range(sy)]
+  return _Block(cells, wy, wx), (by, bx)
+
+
+def _passes(c: dict, slots: tuple[int, int]):
+  """(passes along y, passes along x) needed by the most expensive box of a chunk."""
+  py = (jnp.max(c["row_count"], initial=0) + slots[0] - 1) // slots[0]
+  px = (jnp.max(c["col_count"], initial=0) + slots[1] - 1) // slots[1]
+  return py, px
+
+
+def _per_box(features, wy, wx, plan: Plan):
+  """Pads the taps to whole blocks; returns the per-box dict, slots and a cost."""
+  sy, ty = _blocks(plan.row.shape[2])
+  sx, tx = _blocks(plan.col.shape[2])
+  per_box = dict(
+    image_index=plan.image_index,
+    row=_pad_taps(plan.row, ty),
+    col=_pad_taps(plan.col, tx),
+    wy=_pad_taps(wy.astype(jnp.float32), ty),
+    wx=_pad_taps(wx.astype(jnp.float32), tx),
+    row_count=plan.row_count,
+    col_count=plan.col_count,
+  )
+  single = ty == sy and tx == sx  # every box in one pass: no chunks, no loop
+  cost = -(-plan.row_count // sy) * -(-plan.col_count // sx)
+  return per_box, (sy, sx), single, cost
+
+
+def _term(table, cell, weight):
+  """``weight * table[cell]`` in float32, exactly 0 where ``weight == 0``."""
+  value = table.at[cell].get(mode="promise_in_bounds").astype(jnp.float32)
+  return jnp.where(weight != 0, weight * value, 0.0)
+
+
+def _forward(features: jax.Array, wy, wx, plan: Plan) -> jax.Array:
+  _, height, width, channels = features.shape
+  table = features.reshape(-1, channels)
+  per_box, slots, single, cost = _per_box(features, wy, wx, plan)
+  oh, ow = wy.shape[1], wx.shape[1]
+
+  def accumulate(c, t, passes_x, acc):
+    blk, _ = _block(c, t, passes_x, slots, (height, width))
+    for a in range(slots[0]):
+      wya = blk.wy[:, :, None, a, None]
+      row_sum = sum(
+        _term(table, blk.cells[a][b], blk.wx[:, None, :, b, None]) for b in range(slots[1])
+      )
+      acc = acc + jnp.where(wya != 0, wya * row_sum, 0.0)
+    return acc
+
+  def chunk_fn(c):
+    acc = jnp.zeros((c["row"].shape[0], oh, ow, channels), jnp.float32)
+    if single:
+      return accumulate(c, 0, 1, acc)
+    py, px = _passes(c, slots)
+    return lax.fori_loop(0, py * px, lambda t, a: accumulate(c, t, px, a), acc)
+
+  if single:
+    out = chunk_fn(per_box)
+  else:
+    k = plan.image_index.shape[0]
+    chunk = chunking.chunk_size(k, oh * ow * channels, _CHUNK_ELEMENTS)
+    out = chunking.map_chunks(chunk_fn, per_box, cost, chunk)
+  return out.astype(features.dtype)
+
+
+def _features_grad(cotangent, wy, wx, plan: Plan, features_shape) -> jax.Array:
+  """Scatter-add transpose, float32, in a fixed (chunk, pass, tap) order."""
+  n_img, height, width, channels = features_shape
+  per_box, slots, _, cost = _per_box(None, wy, wx, plan)
+  per_box["cotangent"] = cotangent.astype(jnp.float32)
+  k, oh, ow = cotangent.shape[:3]
+  chunk = chunking.chunk_size(k, oh * ow * channels * slots[0] * slots[1], _SCATTER_ELEMENTS)
+
+  def chunk_fn(grad, c):
+    py, px = _passes(c, slots)
+
+    def scatter_pass(t, grad):
+      blk, _ = _block(c, t, px, slots, (height, width))
+      cells, updates = [], []
+      for a in range(slots[0]):
+        for b in range(slots[1]):
+          w = blk.wy[:, :, None, a] * blk.wx[:, None, :, b]
+          cells.append(blk.cells[a][b])
+          updates.append(w[..., None] * c["cotangent"])
+      cells = jnp.stack(cells).reshape(-1)
+      updates = jnp.stack(updates).reshape(-1, channels)
+      return grad.at[cells].add(updates, mode="promise_in_bounds")
+
+    return lax.fori_loop(0, py * px, scatter_pass, grad)
+
+  grad = jnp.zeros((n_img * height * width, channels), jnp.float32)
+  grad = chunking.fold_chunks(chunk_fn, grad, per_box, cost, chunk)
+  return grad.reshape(features_shape)
+
+
+def _weights_grad(features, cotangent, wy, wx, plan: Plan):
+  """Gradients of the tap weights: one gather sweep reduced over channels."""
+  _, height, width, channels = features.shape
+  table = features.reshape(-1, channels)
+  per_box, slots, _, cost = _per_box(features, wy, wx, plan)
+  per_box["cotangent"] = cotangent.astype(jnp.float32)
+  k, oh, ow = cotangent.shape[:3]
+  chunk = chunking.chunk_size(k, oh * ow * channels, _CHUNK_ELEMENTS)
+
+  def chunk_fn(c):
+    py, px = _passes(c, slots)
+
+    def grad_pass(t, grads):
+      gy, gx = grads
+      blk, (by, bx) = _block(c, t, px, slots, (height, width))
+      gy_blk = [0.0] * slots[0]
+      gx_blk = [0.0] * slots[1]
+      for a in range(slots[0]):
+        for b in range(slots[1]):
+          value = table.at[blk.cells[a][b]].get(mode="promise_in_bounds").astype(jnp.float32)
+          dot = jnp.sum(value * c["cotangent"], axis=-1)  # [B, oh, ow]
+          wyx = blk.wy[:, :, None, a] * blk.wx[:, None, :, b]
+          dot = jnp.where(wyx != 0, dot, 0.0)
+          gy_blk[a] = gy_blk[a] + jnp.sum(dot * blk.wx[:, None, :, b], axis=2)
+          gx_blk[b] = gx_blk[b] + jnp.sum(dot * blk.wy[:, :, None, a], axis=1)
+      gy_blk, gx_blk = jnp.stack(gy_blk, -1), jnp.stack(gx_blk, -1)
+      start_y, start_x = by * slots[0], bx * slots[1]
+      gy_old = lax.dynamic_slice_in_dim(gy, start_y, slots[0], axis=2)
+      gx_old = lax.dynamic_slice_in_dim(gx, start_x, slots[1], axis=2)
+      gy = lax.dynamic_update_slice_in_dim(gy, gy_old + gy_blk, start_y, axis=2)
+      gx = lax.dynamic_update_slice_in_dim(gx, gx_old + gx_blk, start_x, axis=2)
+      return gy, gx
+
+    init = (jnp.zeros_like(c["wy"]), jnp.zeros_like(c["wx"]))
+    return lax.fori_loop(0, py * px, grad_pass, init)
+
+  gy, gx = chunking.map_chunks(chunk_fn, per_box, cost, chunk)
+  return gy[:, :, : wy.shape[2]].astype(wy.dtype), gx[:, :, : wx.shape[2]].astype(wx.dtype)
+
+
+@jax.custom_vjp
+def tap_sum(features: jax.Array, wy: jax.Array, wx: jax.Array, plan: Plan) -> jax.Array:
+  """``[K, oh, ow, C]`` separable tap sums; see the module docstring.
+
+  Args:
+    features: ``[N, H, W, C]`` map.
+    wy: ``[K, oh, Ty]`` float32 row-tap weights.
+    wx: ``[K, ow, Tx]`` float32 column-tap weights.
+    plan: the integer cells and counts (:class:`Plan`).
+
+  Returns:
+    ``[K, oh, ow, C]`` in the features' dtype (accumulated in float32).
+  """
+  return _forward(features, wy, wx, plan)
+
+
+def _tap_sum_fwd(features, wy, wx, plan):
+  return _forward(features, wy, wx, plan), (features, wy, wx, plan)
+
+
+def _tap_sum_bwd(residuals, cotangent):
+  features, wy, wx, plan = residuals
+  grad = _features_grad(cotangent, wy, wx, plan, features.shape).astype(features.dtype)
+  gy, gx = _weights_grad(features, cotangent, wy, wx, plan)
+  return grad, gy, gx, None
+
+
+tap_sum.defvjp(_tap_sum_fwd, _tap_sum_bwd)
