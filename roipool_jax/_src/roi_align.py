@@ -9,10 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from roipool_jax._src import boxes as boxes_lib
-from roipool_jax._src import sample_max
-from roipool_jax._src import sampling
-from roipool_jax._src import tap_sum
-from roipool_jax._src import validation
+from roipool_jax._src import sample_max, sampling, tap_sum, validation
 
 MODES = ("avg", "max")
 
@@ -45,12 +42,15 @@ def align_bins(features, flat, output_size, spatial_scale, sampling_ratio, align
   rows, cols = align_geometry(flat, output_size, spatial_scale, sampling_ratio, aligned)
   oh, ow = output_size
   if mode == "max":
-    ty, first_y = sampling.sample_taps(rows, oh, height, _max_samples(sampling_ratio, height))
-    tx, first_x = sampling.sample_taps(cols, ow, width, _max_samples(sampling_ratio, width))
-    return sample_max.sample_max(features, ty.weight, tx.weight, flat.image_index, ty, tx)
+    ty, limit_y = sampling.sample_taps(
+      rows, oh, height, _max_samples(sampling_ratio, height), False
+    )
+    tx, limit_x = sampling.sample_taps(cols, ow, width, _max_samples(sampling_ratio, width), False)
+    plan = tap_sum.Plan(flat.image_index, ty.index, tx.index, ty.count, tx.count)
+    return sample_max.sample_max(features, ty.weight, tx.weight, plan, (limit_y, limit_x))
   if sampling_ratio > 0:
-    ty, _ = sampling.sample_taps(rows, oh, height, sampling_ratio)
-    tx, _ = sampling.sample_taps(cols, ow, width, sampling_ratio)
+    ty, _ = sampling.sample_taps(rows, oh, height, sampling_ratio, True)
+    tx, _ = sampling.sample_taps(cols, ow, width, sampling_ratio, True)
   else:
     ty = sampling.row_taps(rows, oh, height)
     tx = sampling.row_taps(cols, ow, width)
@@ -153,9 +153,10 @@ def roi_align(
     >>> import jax.numpy as jnp
     >>> from roipool_jax import roi_align
     >>> x = jnp.arange(16.0).reshape(1, 4, 4, 1)   # x[0, h, w, 0] = 4 h + w
+    >>> # aligned: the box covers cells 1..2, one sample at each cell centre
     >>> roi_align(x, jnp.array([[1.0, 1.0, 3.0, 3.0]]), 2, aligned=True)[0, :, :, 0]
-    Array([[ 2.5,  3.5],
-           [ 6.5,  7.5]], dtype=float32)
+    Array([[ 5.,  6.],
+           [ 9., 10.]], dtype=float32)
 
   References:
     He, Gkioxari, Dollar, Girshick, "Mask R-CNN", ICCV 2017.

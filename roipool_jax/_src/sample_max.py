@@ -1,2 +1,145 @@
-def sample_max(*a):
-  raise NotImplementedError
+"""Max over the bilinear samples of each bin: the engine of ``roi_align(mode="max")``.
+
+Row and column taps come in pairs, one pair per sample (see
+:func:`roipool_jax._src.sampling.sample_taps`): sample ``(jy, jx)`` of bin
+``(i, j)`` has the value::
+
+    v = sum_{a, b in {0, 1}} wy[k, i, 2 jy + a] * wx[k, j, 2 jx + b] * F[n, ry[..], rx[..], :]
+
+The output is, per channel, the max of ``v`` over the bin's samples (those
+with ``jy < limit_y`` and ``jx < limit_x``); 0 for a bin without samples. The
+arg-max is the first maximal sample in ``(jy, jx)`` row-major order (a NaN
+sample wins over numbers). The work is visited like :mod:`tap_sum`'s:
+samples in blocks, boxes sorted by cost and chunked.
+
+Gradient (``custom_vjp``): the cotangent goes to the four corners of the
+arg-max sample with its bilinear weights (a float32 scatter-add, sequential
+on CPU and TPU), and to those weights (then, by autodiff, to the box).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from roipool_jax._src import chunking, tap_sum
+
+_NO_SAMPLE = 2**30
+
+
+def _forward(features, wy, wx, plan: tap_sum.Plan, limits):
+  _, height, width, channels = features.shape
+  table = features.reshape(-1, channels)
+  data, slots, single, cost = tap_sum.prepare(wy, wx, plan)
+  data["limit_y"], data["limit_x"] = limits
+  samples_y, samples_x = slots[0] // 2, slots[1] // 2
+  stride = data["wx"].shape[2] // 2  # rank of sample (jy, jx) = jy * stride + jx
+  oh, ow = wy.shape[1], wx.shape[1]
+
+  def visit(c, t, passes_x, state):
+    best, rank = state
+    blk, (by, bx) = tap_sum.block(c, t, passes_x, slots, (height, width))
+    for ja in range(samples_y):
+      jy = by * samples_y + ja
+      use_y = (jy < c["limit_y"])[:, :, None]
+      for jb in range(samples_x):
+        jx = bx * samples_x + jb
+        use = (use_y & (jx < c["limit_x"])[:, None, :])[..., None]
+        value = 0.0
+        for a in range(2):
+          for b in range(2):
+            w = blk.wy[:, :, None, 2 * ja + a] * blk.wx[:, None, :, 2 * jb + b]
+            value = value + tap_sum.term(table, blk.cells[2 * ja + a][2 * jb + b], w[..., None])
+        r = jy * stride + jx
+        better = (value > best) | ((value == best) & (r < rank))
+        better = use & (better | (jnp.isnan(value) & ~jnp.isnan(best)))
+        best = jnp.where(better, value, best)
+        rank = jnp.where(better, r, rank)
+    return best, rank
+
+  def chunk_fn(c):
+    shape = (c["row"].shape[0], oh, ow, channels)
+    state = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.full(shape, _NO_SAMPLE, jnp.int32))
+    if single:
+      return visit(c, 0, 1, state)
+    py, px = tap_sum.passes(c, slots)
+    return lax.fori_loop(0, py * px, lambda t, s: visit(c, t, px, s), state)
+
+  if single:
+    best, rank = chunk_fn(data)
+  else:
+    k = plan.image_index.shape[0]
+    chunk = chunking.chunk_size(k, oh * ow * channels, 1 << 16)
+    best, rank = chunking.map_chunks(chunk_fn, data, cost, chunk)
+  found = rank < _NO_SAMPLE
+  out = jnp.where(found, best, 0.0).astype(features.dtype)
+  return out, jnp.where(found, rank, -1), stride
+
+
+@jax.custom_vjp
+def sample_max(features, wy, wx, plan: tap_sum.Plan, limits) -> jax.Array:
+  """``[K, oh, ow, C]`` max over bilinear samples; see the module docstring.
+
+  Args:
+    features: ``[N, H, W, C]`` map.
+    wy: ``[K, oh, 2 * Gy]`` corner weights of the row coordinate of each sample.
+    wx: ``[K, ow, 2 * Gx]`` the same for columns.
+    plan: integer cells and counts (:class:`tap_sum.Plan`).
+    limits: ``(limit_y [K, oh], limit_x [K, ow])`` int32 samples per bin.
+  """
+  return _forward(features, wy, wx, plan, limits)[0]
+
+
+def _sample_max_fwd(features, wy, wx, plan, limits):
+  out, rank, _ = _forward(features, wy, wx, plan, limits)
+  return out, (features, wy, wx, plan, rank)
+
+
+def _sample_max_bwd(residuals, cotangent):
+  features, wy, wx, plan, rank = residuals
+  n_img, height, width, channels = features.shape
+  k, oh, ty = wy.shape
+  ow, tx = wx.shape[1:]
+  _, padded_x = tap_sum.blocks(tx)
+  stride = padded_x // 2
+  found = rank >= 0
+  jy, jx = jnp.where(found, rank // stride, 0), jnp.where(found, rank % stride, 0)
+  box = jnp.arange(k, dtype=jnp.int32)[:, None, None, None]
+  bin_y = jnp.arange(oh, dtype=jnp.int32)[None, :, None, None]
+  bin_x = jnp.arange(ow, dtype=jnp.int32)[None, None, :, None]
+  channel = jnp.arange(channels, dtype=jnp.int32)
+  cot = jnp.where(found, cotangent.astype(jnp.float32), 0.0)
+  table = features.reshape(-1)
+  # Flat positions of the arg-max sample's two row taps and two column taps.
+  tap_y = [(box * oh + bin_y) * ty + 2 * jy + a for a in range(2)]
+  tap_x = [(box * ow + bin_x) * tx + 2 * jx + b for b in range(2)]
+  ry, rx = plan.row.reshape(-1), plan.col.reshape(-1)
+  wy_flat, wx_flat = wy.reshape(-1).astype(jnp.float32), wx.reshape(-1).astype(jnp.float32)
+  image = plan.image_index[:, None, None, None]
+  grad = jnp.zeros((n_img * height * width * channels,), jnp.float32)
+  gy = jnp.zeros((k * oh * ty,), jnp.float32)
+  gx = jnp.zeros((k * ow * tx,), jnp.float32)
+  drop = n_img * height * width * channels  # out of bounds: dropped
+  for a in range(2):
+    w_a = wy_flat[tap_y[a]]
+    for b in range(2):
+      w_b = wx_flat[tap_x[b]]
+      cell = ((image * height + ry[tap_y[a]]) * width + rx[tap_x[b]]) * channels + channel
+      w = w_a * w_b
+      grad = grad.at[jnp.where(found, cell, drop)].add(w * cot, mode="drop")
+      value = jnp.where(w != 0, table.at[cell].get(mode="promise_in_bounds"), 0.0)
+      value = value.astype(jnp.float32) * cot
+      gy = gy.at[tap_y[a]].add(w_b * value)
+      gx = gx.at[tap_x[b]].add(w_a * value)
+  grad = grad.reshape(features.shape).astype(features.dtype)
+  return (
+    grad,
+    gy.reshape(wy.shape).astype(wy.dtype),
+    gx.reshape(wx.shape).astype(wx.dtype),
+    None,
+    None,
+  )
+
+
+sample_max.defvjp(_sample_max_fwd, _sample_max_bwd)

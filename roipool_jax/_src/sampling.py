@@ -126,18 +126,19 @@ def corners(y: jax.Array, length: int):
   return low, high, w_low, w_high
 
 
-def sample_taps(axis: Axis, num_bins: int, length: int, max_samples: int) -> Taps:
+def sample_taps(axis: Axis, num_bins: int, length: int, max_samples: int, average: bool):
   """Two taps (``low``, ``high``) per sample: tap ``2 j + c`` is corner ``c`` of sample ``j``.
 
-  Weights include the ``1 / grid`` of the average. When the grid may be larger
+  With ``average``, weights include the ``1 / grid`` of the average. When the grid may be larger
   than ``max_samples`` (adaptive grids), only a window of the bin's samples is
   kept: the ones that can land in ``[-1, length]`` plus at least one before
   and after (value 0), which is all the max and the average need. Sample ``j``
   of the window is sample ``first + j`` of the bin.
 
   Returns:
-    :class:`Taps` with ``T = 2 * max_samples`` and the window's first sample
-    index ``[K, P]`` (to recover the sample order).
+    :class:`Taps` with ``T = 2 * max_samples``, and ``limit [K, P]`` int32: window
+    sample ``j`` of bin ``p`` exists (is one of the bin's ``grid`` samples) iff
+    ``j < limit[:, p]``. Window order is the bins' sample order.
   """
   p = jnp.arange(num_bins, dtype=jnp.int32)[None, :, None]
   grid = axis.grid[:, None, None]
@@ -153,7 +154,9 @@ def sample_taps(axis: Axis, num_bins: int, length: int, max_samples: int) -> Tap
   in_use = sample < grid
   y = sample_position(axis, p, sample)
   low, high, w_low, w_high = corners(y, length)
-  scale = (1.0 / jnp.maximum(grid, 1).astype(jnp.float32)) * in_use
+  scale = in_use.astype(jnp.float32)
+  if average:
+    scale = scale / jnp.maximum(grid, 1).astype(jnp.float32)
   index = jnp.stack([low, high], axis=-1).reshape(low.shape[:2] + (-1,))
   weight = jnp.stack([w_low * scale, w_high * scale], axis=-1).reshape(index.shape)
   # Samples past y = length contribute nothing: stop the window there (+1).
@@ -161,7 +164,7 @@ def sample_taps(axis: Axis, num_bins: int, length: int, max_samples: int) -> Tap
   last = jnp.clip(boxes_lib.to_int(jnp.floor(last_guess)) + 2, first - 1, last_sample)
   samples_used = jnp.minimum(jnp.where(grid > 0, last - first + 1, 0), max_samples)
   count = 2 * jnp.max(samples_used, axis=(1, 2))
-  return Taps(index, weight, count), first[:, :, 0]
+  return Taps(index, weight, count), (grid - first)[:, :, 0]
 
 
 def row_taps(axis: Axis, num_bins: int, length: int) -> Taps:

@@ -57,17 +57,17 @@ class Plan(NamedTuple):
   col_count: jax.Array  # [K]
 
 
-def _blocks(length: int) -> tuple[int, int]:
+def blocks(length: int) -> tuple[int, int]:
   """(slots, padded length) for one axis of taps."""
   slots = min(length, SLOTS)
   return slots, -(-length // slots) * slots
 
 
-def _pad_taps(x: jax.Array, padded: int) -> jax.Array:
+def pad_taps(x: jax.Array, padded: int) -> jax.Array:
   return jnp.pad(x, [(0, 0), (0, 0), (0, padded - x.shape[2])])
 
 
-class _Block(NamedTuple):
+class Block(NamedTuple):
   """One pass: ``cells[a][b]`` ``[B, oh, ow]`` flat cell, ``wy [B, oh, S]``, ``wx [B, ow, S]``."""
 
   cells: list
@@ -75,7 +75,7 @@ class _Block(NamedTuple):
   wx: jax.Array
 
 
-def _block(c: dict, t, passes_x: int, slots: tuple[int, int], map_size: tuple[int, int]):
+def block(c: dict, t, passes_x: int, slots: tuple[int, int], map_size: tuple[int, int]):
   """Cells and weights of pass ``t`` (tap block ``(t // passes_x, t % passes_x)``)."""
   sy, sx = slots
   height, width = map_size
@@ -86,35 +86,35 @@ def _block(c: dict, t, passes_x: int, slots: tuple[int, int], map_size: tuple[in
   wx = lax.dynamic_slice_in_dim(c["wx"], bx * sx, sx, axis=2)
   row_base = (c["image_index"][:, None, None] * height + iy) * width
   cells = [[row_base[:, :, None, a] + ix[:, None, :, b] for b in range(sx)] for a in range(sy)]
-  return _Block(cells, wy, wx), (by, bx)
+  return Block(cells, wy, wx), (by, bx)
 
 
-def _passes(c: dict, slots: tuple[int, int]):
+def passes(c: dict, slots: tuple[int, int]):
   """(passes along y, passes along x) needed by the most expensive box of a chunk."""
   py = (jnp.max(c["row_count"], initial=0) + slots[0] - 1) // slots[0]
   px = (jnp.max(c["col_count"], initial=0) + slots[1] - 1) // slots[1]
   return py, px
 
 
-def _per_box(features, wy, wx, plan: Plan):
+def prepare(wy, wx, plan: Plan):
   """Pads the taps to whole blocks; returns the per-box dict, slots and a cost."""
-  sy, ty = _blocks(plan.row.shape[2])
-  sx, tx = _blocks(plan.col.shape[2])
-  per_box = dict(
+  sy, ty = blocks(plan.row.shape[2])
+  sx, tx = blocks(plan.col.shape[2])
+  data = dict(
     image_index=plan.image_index,
-    row=_pad_taps(plan.row, ty),
-    col=_pad_taps(plan.col, tx),
-    wy=_pad_taps(wy.astype(jnp.float32), ty),
-    wx=_pad_taps(wx.astype(jnp.float32), tx),
+    row=pad_taps(plan.row, ty),
+    col=pad_taps(plan.col, tx),
+    wy=pad_taps(wy.astype(jnp.float32), ty),
+    wx=pad_taps(wx.astype(jnp.float32), tx),
     row_count=plan.row_count,
     col_count=plan.col_count,
   )
   single = ty == sy and tx == sx  # every box in one pass: no chunks, no loop
   cost = -(-plan.row_count // sy) * -(-plan.col_count // sx)
-  return per_box, (sy, sx), single, cost
+  return data, (sy, sx), single, cost
 
 
-def _term(table, cell, weight):
+def term(table, cell, weight):
   """``weight * table[cell]`` in float32, exactly 0 where ``weight == 0``."""
   value = table.at[cell].get(mode="promise_in_bounds").astype(jnp.float32)
   return jnp.where(weight != 0, weight * value, 0.0)
@@ -123,15 +123,15 @@ def _term(table, cell, weight):
 def _forward(features: jax.Array, wy, wx, plan: Plan) -> jax.Array:
   _, height, width, channels = features.shape
   table = features.reshape(-1, channels)
-  per_box, slots, single, cost = _per_box(features, wy, wx, plan)
+  per_box, slots, single, cost = prepare(wy, wx, plan)
   oh, ow = wy.shape[1], wx.shape[1]
 
   def accumulate(c, t, passes_x, acc):
-    blk, _ = _block(c, t, passes_x, slots, (height, width))
+    blk, _ = block(c, t, passes_x, slots, (height, width))
     for a in range(slots[0]):
       wya = blk.wy[:, :, None, a, None]
       row_sum = sum(
-        _term(table, blk.cells[a][b], blk.wx[:, None, :, b, None]) for b in range(slots[1])
+        term(table, blk.cells[a][b], blk.wx[:, None, :, b, None]) for b in range(slots[1])
       )
       acc = acc + jnp.where(wya != 0, wya * row_sum, 0.0)
     return acc
@@ -140,7 +140,7 @@ def _forward(features: jax.Array, wy, wx, plan: Plan) -> jax.Array:
     acc = jnp.zeros((c["row"].shape[0], oh, ow, channels), jnp.float32)
     if single:
       return accumulate(c, 0, 1, acc)
-    py, px = _passes(c, slots)
+    py, px = passes(c, slots)
     return lax.fori_loop(0, py * px, lambda t, a: accumulate(c, t, px, a), acc)
 
   if single:
@@ -155,16 +155,16 @@ def _forward(features: jax.Array, wy, wx, plan: Plan) -> jax.Array:
 def _features_grad(cotangent, wy, wx, plan: Plan, features_shape) -> jax.Array:
   """Scatter-add transpose, float32, in a fixed (chunk, pass, tap) order."""
   n_img, height, width, channels = features_shape
-  per_box, slots, _, cost = _per_box(None, wy, wx, plan)
+  per_box, slots, _, cost = prepare(wy, wx, plan)
   per_box["cotangent"] = cotangent.astype(jnp.float32)
   k, oh, ow = cotangent.shape[:3]
   chunk = chunking.chunk_size(k, oh * ow * channels * slots[0] * slots[1], _SCATTER_ELEMENTS)
 
   def chunk_fn(grad, c):
-    py, px = _passes(c, slots)
+    py, px = passes(c, slots)
 
     def scatter_pass(t, grad):
-      blk, _ = _block(c, t, px, slots, (height, width))
+      blk, _ = block(c, t, px, slots, (height, width))
       cells, updates = [], []
       for a in range(slots[0]):
         for b in range(slots[1]):
@@ -186,17 +186,17 @@ def _weights_grad(features, cotangent, wy, wx, plan: Plan):
   """Gradients of the tap weights: one gather sweep reduced over channels."""
   _, height, width, channels = features.shape
   table = features.reshape(-1, channels)
-  per_box, slots, _, cost = _per_box(features, wy, wx, plan)
+  per_box, slots, _, cost = prepare(wy, wx, plan)
   per_box["cotangent"] = cotangent.astype(jnp.float32)
   k, oh, ow = cotangent.shape[:3]
   chunk = chunking.chunk_size(k, oh * ow * channels, _CHUNK_ELEMENTS)
 
   def chunk_fn(c):
-    py, px = _passes(c, slots)
+    py, px = passes(c, slots)
 
     def grad_pass(t, grads):
       gy, gx = grads
-      blk, (by, bx) = _block(c, t, px, slots, (height, width))
+      blk, (by, bx) = block(c, t, px, slots, (height, width))
       gy_blk = [0.0] * slots[0]
       gx_blk = [0.0] * slots[1]
       for a in range(slots[0]):
