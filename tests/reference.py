@@ -87,3 +87,76 @@ def roi_pool_grad(features_shape, box_indices, argmax, cotangent):
           if argmax[b, i, j, c] >= 0:
             grad[box_indices[b], argmax[b, i, j, c], c] += cotangent[b, i, j, c]
   return grad.reshape(features_shape)
+
+
+# ------------------------------------------------------------------ RoIAlign
+
+
+def bilinear(image, y, x):
+  """torchvision's bilinear sample of ``image [H, W, C]`` at float32 ``(y, x)``."""
+  height, width = image.shape[:2]
+  if y < -1 or y > height or x < -1 or x > width:
+    return np.zeros(image.shape[2], np.float32)
+  y, x = max(y, F32(0)), max(x, F32(0))
+  y_low, x_low = int(y), int(x)
+  if y_low >= height - 1:
+    y_low = y_high = height - 1
+    y = F32(y_low)
+  else:
+    y_high = y_low + 1
+  if x_low >= width - 1:
+    x_low = x_high = width - 1
+    x = F32(x_low)
+  else:
+    x_high = x_low + 1
+  ly, lx = y - F32(y_low), x - F32(x_low)
+  hy, hx = F32(1) - ly, F32(1) - lx
+  return (
+    hy * hx * image[y_low, x_low]
+    + hy * lx * image[y_low, x_high]
+    + ly * hx * image[y_high, x_low]
+    + ly * lx * image[y_high, x_high]
+  )
+
+
+def roi_align(features, boxes, box_indices, output_size, scale, sampling_ratio, aligned, mode):
+  """Loops over boxes, bins and samples, in float32 as torchvision's kernel writes them.
+
+  Documented deviation from torchvision: with ``aligned`` a box of negative
+  width or height gives zeros. Non-finite boxes give zeros.
+  """
+  features = np.asarray(features, np.float32)
+  oh, ow = output_size
+  out = np.zeros((len(boxes), oh, ow, features.shape[3]), np.float32)
+  s, offset = F32(scale), F32(0.5 if aligned else 0.0)
+  for b, box in enumerate(np.asarray(boxes, np.float32)):
+    if not np.all(np.isfinite(box)):
+      continue
+    x0, y0 = box[0] * s - offset, box[1] * s - offset
+    roi_w, roi_h = box[2] * s - offset - x0, box[3] * s - offset - y0
+    if aligned and (roi_w < 0 or roi_h < 0):
+      continue
+    if not aligned:
+      roi_w, roi_h = max(roi_w, F32(1)), max(roi_h, F32(1))
+    bin_h, bin_w = roi_h / F32(oh), roi_w / F32(ow)
+    gh = sampling_ratio if sampling_ratio > 0 else math.ceil(bin_h)
+    gw = sampling_ratio if sampling_ratio > 0 else math.ceil(bin_w)
+    image = features[box_indices[b]]
+    for i in range(oh):
+      for j in range(ow):
+        samples = [
+          bilinear(
+            image,
+            y0 + F32(i) * bin_h + (F32(iy) + F32(0.5)) * bin_h / F32(gh),
+            x0 + F32(j) * bin_w + (F32(ix) + F32(0.5)) * bin_w / F32(gw),
+          )
+          for iy in range(gh)
+          for ix in range(gw)
+        ]
+        if not samples:
+          continue
+        if mode == "avg":
+          out[b, i, j] = np.sum(samples, axis=0) / F32(max(gh * gw, 1))
+        else:
+          out[b, i, j] = np.max(samples, axis=0)
+  return out

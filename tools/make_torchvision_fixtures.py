@@ -21,10 +21,11 @@ import torchvision
 OUT = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 
 
-def _run_roi_pool(features, boxes, indices, output_size, scale, seed):
+def _run(op, features, boxes, indices, seed):
+  """Runs ``op(x_nchw, rois)``; returns NHWC output, NHWC feature gradient, cotangent."""
   x = torch.tensor(features).permute(0, 3, 1, 2).contiguous().requires_grad_(True)
   rois = torch.cat([torch.tensor(indices, dtype=torch.float32)[:, None], torch.tensor(boxes)], 1)
-  y = torchvision.ops.roi_pool(x, rois, output_size, scale)
+  y = op(x, rois)
   cotangent = np.random.default_rng(seed).standard_normal(y.shape).astype(np.float32)
   y.backward(torch.tensor(cotangent))
   return (
@@ -41,7 +42,8 @@ def roi_pool_cases():
   def add(name, features, boxes, indices, output_size, scale):
     boxes = np.asarray(boxes, np.float32)
     indices = np.asarray(indices, np.int32)
-    out, grad, cot = _run_roi_pool(features, boxes, indices, output_size, scale, len(cases))
+    op = lambda x, r: torchvision.ops.roi_pool(x, r, output_size, scale)  # noqa: E731
+    out, grad, cot = _run(op, features, boxes, indices, len(cases))
     cases[name] = dict(
       features=features,
       boxes=boxes,
@@ -134,13 +136,89 @@ def roi_pool_cases():
   return cases
 
 
-def main():
-  OUT.mkdir(parents=True, exist_ok=True)
-  cases = roi_pool_cases()
+def roi_align_cases():
+  """aligned x sampling_ratio in {-1, 1, 2, 3}, each over a mixed box set."""
+  rng = np.random.default_rng(4321)
+  feats = rng.standard_normal((2, 9, 12, 3)).astype(np.float32)
+  k = 20
+  xy = rng.uniform(-40, 200, (k, 2))
+  wh = rng.uniform(1, 120, (k, 2))
+  random_boxes = np.concatenate([xy, xy + wh], 1)
+  special = np.array(
+    [
+      [50, 40, 50, 40],  # zero size
+      [50.2, 40.1, 50.9, 40.3],  # tiny
+      [-300, -250, 500, 420],  # much larger than the map (adaptive grid ~ 10+)
+      [-60, -60, 5, 5],  # mostly outside, top-left
+      [170, 130, 260, 190],  # partly outside, bottom-right
+      [300, 300, 400, 400],  # fully outside
+      [0, 0, 192, 144],  # the whole map exactly
+      [7.99, 15.99, 100.01, 72.5],  # edges near cell borders
+    ]
+  )
+  inverted = np.array([[90, 80, 30, 20], [60, 10, 61, 9]])
+  cases = {}
+  for aligned in (False, True):
+    for ratio in (-1, 1, 2, 3):
+      parts = [random_boxes, special] + ([] if aligned else [inverted])
+      boxes = np.concatenate(parts).astype(np.float32)
+      indices = rng.integers(0, 2, len(boxes)).astype(np.int32)
+      size, scale = (3, 4), 1 / 16
+
+      def op(x, r, size=size, scale=scale, ratio=ratio, aligned=aligned):
+        return torchvision.ops.roi_align(x, r, size, scale, ratio, aligned)
+
+      out, grad, cot = _run(op, feats, boxes, indices, len(cases))
+      cases[f"aligned{int(aligned)}_ratio{ratio}"] = dict(
+        features=feats,
+        boxes=boxes,
+        box_indices=indices,
+        output_size=np.array(size),
+        spatial_scale=np.float32(scale),
+        sampling_ratio=np.int32(ratio),
+        aligned=np.bool_(aligned),
+        output=out,
+        grad=grad,
+        cotangent=cot,
+      )
+  # FPN P2-like scale, 7x7, and a single-row map.
+  for name, shape, scale in (("p2_scale", (1, 20, 24, 2), 0.25), ("one_row", (1, 1, 6, 2), 1.0)):
+    f = rng.standard_normal(shape).astype(np.float32)
+    boxes = np.concatenate([rng.uniform(-8, 60, (6, 2)), rng.uniform(60, 110, (6, 2))], 1)
+    boxes = boxes.astype(np.float32)
+    indices = np.zeros(6, np.int32)
+    for aligned in (False, True):
+
+      def op(x, r, scale=scale, aligned=aligned):
+        return torchvision.ops.roi_align(x, r, 7, scale, -1, aligned)
+
+      out, grad, cot = _run(op, f, boxes, indices, len(cases))
+      cases[f"{name}_aligned{int(aligned)}"] = dict(
+        features=f,
+        boxes=boxes,
+        box_indices=indices,
+        output_size=np.array((7, 7)),
+        spatial_scale=np.float32(scale),
+        sampling_ratio=np.int32(-1),
+        aligned=np.bool_(aligned),
+        output=out,
+        grad=grad,
+        cotangent=cot,
+      )
+  return cases
+
+
+def _save(cases, name):
   flat = {f"{case}/{key}": value for case, d in cases.items() for key, value in d.items()}
-  path = OUT / "torchvision_roi_pool.npz"
+  path = OUT / name
   np.savez_compressed(path, **flat)
   print(f"wrote {len(cases)} cases to {path} (torchvision {torchvision.__version__})")
+
+
+def main():
+  OUT.mkdir(parents=True, exist_ok=True)
+  _save(roi_pool_cases(), "torchvision_roi_pool.npz")
+  _save(roi_align_cases(), "torchvision_roi_align.npz")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def _max_samples(sampling_ratio: int, length: int) -> int:
 
 
 def align_bins(features, flat, output_size, spatial_scale, sampling_ratio, aligned, mode):
-  """RoIAlign of flat boxes: ``[K, oh, ow, C]`` (shared by ``roi_align`` and ``crop_and_resize``)."""
+  """RoIAlign of flat boxes, ``[K, oh, ow, C]``; shared by ``roi_align`` and the warps."""
   height, width = features.shape[1:3]
   rows, cols = align_geometry(flat, output_size, spatial_scale, sampling_ratio, aligned)
   oh, ow = output_size

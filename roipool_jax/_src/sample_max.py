@@ -108,7 +108,7 @@ def _sample_max_bwd(residuals, cotangent):
   box = jnp.arange(k, dtype=jnp.int32)[:, None, None, None]
   bin_y = jnp.arange(oh, dtype=jnp.int32)[None, :, None, None]
   bin_x = jnp.arange(ow, dtype=jnp.int32)[None, None, :, None]
-  channel = jnp.arange(channels, dtype=jnp.int32)
+  channel = jnp.arange(channels, dtype=jnp.int32)[None, None, None]
   cot = jnp.where(found, cotangent.astype(jnp.float32), 0.0)
   table = features.reshape(-1)
   # Flat positions of the arg-max sample's two row taps and two column taps.
