@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import machine, median_ms, ms, proposals, ratio
 
 from roipool_jax import roi_pool
 
@@ -29,24 +27,6 @@ CONFIGS = [
   ("Fast R-CNN VGG16", (2, 38, 63, 512), 128, 7, 1 / 16),
   ("article (Fast R-CNN 512x512)", (1, 16, 16, 512), 2000, 3, 1 / 32),
 ]
-
-
-def proposals(rng, k, n, image_h, image_w):
-  centers = rng.uniform(0, 1, (k, 2)) * [image_w, image_h]
-  sizes = np.exp(rng.uniform(np.log(16), np.log([image_w, image_h]), (k, 2)))
-  lo = np.clip(centers - sizes / 2, 0, [image_w, image_h])
-  hi = np.clip(centers + sizes / 2, 0, [image_w, image_h])
-  boxes = np.concatenate([lo, hi], 1).astype(np.float32)
-  return boxes, rng.integers(0, n, k).astype(np.int32)
-
-
-def median_ms(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
 
 
 def bench_jax(features, boxes, indices, size, scale, repeats):
@@ -116,21 +96,14 @@ def main():
       )
     )
 
-  device = jax.devices()[0].platform.upper()
-  cpu = platform.processor() or platform.machine()
-  print(f"roi_pool on {device} ({cpu}, jax {jax.__version__}), median of {args.repeats}")
+  print(f"roi_pool on {machine()}, median of {args.repeats}")
   print(
     "| config | features NHWC | RoIs | out | jax fwd ms | torchvision fwd ms | speed-up "
     "| jax fwd+bwd ms | torchvision fwd+bwd ms | speed-up |"
   )
   print("|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
-
-    def ratio(a, b):
-      return f"{b / a:.1f}x" if b else "n/a"
-
-    tf = f"{r['torch_fwd_ms']:.1f}" if r["torch_fwd_ms"] else "n/a"
-    tb = f"{r['torch_fwd_bwd_ms']:.1f}" if r["torch_fwd_bwd_ms"] else "n/a"
+    tf, tb = ms(r["torch_fwd_ms"]), ms(r["torch_fwd_bwd_ms"])
     print(
       f"| {r['config']} | {'x'.join(map(str, r['shape']))} | {r['rois']} | "
       f"{r['output']}x{r['output']} | {r['jax_fwd_ms']:.1f} | {tf} | "

@@ -1,15 +1,20 @@
 """Independent NumPy references, written for reading, not for speed.
 
 Plain loops over boxes, bins and cells, following the formulas in the op
-docstrings (and torchvision's C++ kernels for the "round" scheme). Scalar
-float32 arithmetic goes through NumPy float32 scalars, which round exactly as C
-``float`` does.
+docstrings (and torchvision's C++ kernels). Scalar float32 arithmetic goes
+through NumPy float32 scalars, which round exactly as C ``float`` does.
+
+One exception, :func:`dense_roi_align`, is written in ``jax.numpy`` so that
+autodiff of a straightforward formulation (every sample gathered from a
+per-box copy of the map) can be compared with the library's hand-written
+gradients.
 """
 
 from __future__ import annotations
 
 import math
 
+import jax.numpy as jnp
 import numpy as np
 
 F32 = np.float32
@@ -160,3 +165,48 @@ def roi_align(features, boxes, box_indices, output_size, scale, sampling_ratio, 
         else:
           out[b, i, j] = np.max(samples, axis=0)
   return out
+
+
+def dense_roi_align(features, boxes, indices, size, scale, grid, aligned, mode):
+  """A straightforward jnp RoIAlign with a fixed grid, for autodiff gradients to compare with.
+
+  Gathers every sample's four corners from a per-box copy of the map: fine for
+  tiny test maps, never for the library.
+  """
+  oh, ow = size
+  _, height, width, _ = features.shape
+  offset = 0.5 if aligned else 0.0
+  start = boxes[:, :2] * scale - offset
+  roi = boxes[:, 2:] * scale - offset - start
+  if not aligned:
+    roi = jnp.maximum(roi, 1.0)
+
+  def positions(lo, extent, bins):
+    b = extent / bins
+    p = jnp.arange(bins)[None, :, None]
+    i = jnp.arange(grid)[None, None, :]
+    return lo[:, None, None] + p * b[:, None, None] + (i + 0.5) * b[:, None, None] / grid
+
+  def corner_weights(y, length):
+    inside = (y >= -1) & (y <= length)
+    y = jnp.maximum(y, 0.0)
+    low = jnp.floor(y).astype(jnp.int32)
+    edge = low >= length - 1
+    low = jnp.minimum(low, length - 1)
+    high = jnp.where(edge, low, low + 1)
+    frac = jnp.where(edge, 0.0, y - low)
+    return (low, high), ((1 - frac) * inside, frac * inside)
+
+  (ry, wy) = corner_weights(positions(start[:, 1], roi[:, 1], oh), height)  # [K, oh, g]
+  (rx, wx) = corner_weights(positions(start[:, 0], roi[:, 0], ow), width)
+  maps = features[indices]  # [K, H, W, C]
+  k = jnp.arange(boxes.shape[0])[:, None, None, None, None]
+  value = 0.0
+  for a in range(2):
+    for b in range(2):
+      rows = ry[a][:, :, :, None, None]
+      cols = rx[b][:, None, None, :, :]
+      w = wy[a][:, :, :, None, None] * wx[b][:, None, None, :, :]
+      value = value + w[..., None] * maps[k, rows, cols]  # [K, oh, g, ow, g, C]
+  reduce = jnp.mean if mode == "avg" else jnp.max
+  return reduce(value, axis=(2, 4))

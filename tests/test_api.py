@@ -16,5 +16,6 @@ def test_options_are_keyword_only():
   for name in roipool_jax.__all__:
     params = list(inspect.signature(getattr(roipool_jax, name)).parameters.values())
     positional = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
-    assert positional == ["features", "boxes", "output_size"], (name, positional)
+    size = "crop_size" if name == "crop_and_resize" else "output_size"
+    assert positional == ["features", "boxes", size], (name, positional)
     assert all(p.kind is p.KEYWORD_ONLY for p in params[3:]), name

@@ -1,13 +1,14 @@
 """Tests of roipool_jax.roi_align: torchvision fixtures, NumPy reference, gradients."""
 
 import pathlib
+from functools import partial
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from roipool_jax import roi_align
@@ -79,6 +80,7 @@ def _problems(draw):
   return features, boxes.astype(np.float32), indices, size, scale
 
 
+@settings(max_examples=15)  # each example compiles the op anew
 @given(
   _problems(),
   st.sampled_from([-1, 1, 2, 3]),
@@ -108,7 +110,7 @@ def test_huge_boxes_adaptive_match_reference_and_stay_bounded():
   boxes = np.array([[-40, -35, 60, 45], [-50, 2, 55, 6], [3, -70, 5, 80]], np.float32)
   for mode in ("avg", "max"):
     for aligned in (False, True):
-      out = roi_align(features, boxes, 7, aligned=aligned, mode=mode)
+      out = jax.jit(partial(roi_align, output_size=7, aligned=aligned, mode=mode))(features, boxes)
       expected = reference.roi_align(features, boxes, [0, 0, 0], (7, 7), 1.0, -1, aligned, mode)
       np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=2e-6)
   # The work per bin is bounded by the map, not by the grid (documented cost).
@@ -120,51 +122,6 @@ def test_huge_boxes_adaptive_match_reference_and_stay_bounded():
 
 
 # ------------------------------------------------------------------ gradients
-
-
-def _dense_align(features, boxes, indices, size, scale, grid, aligned, mode):
-  """A straightforward jnp RoIAlign with a fixed grid (autodiff gives the gradients).
-
-  Gathers every sample's four corners from a per-box copy of the map: fine for
-  tiny test maps, never for the library.
-  """
-  oh, ow = size
-  _, height, width, _ = features.shape
-  offset = 0.5 if aligned else 0.0
-  start = boxes[:, :2] * scale - offset
-  roi = boxes[:, 2:] * scale - offset - start
-  if not aligned:
-    roi = jnp.maximum(roi, 1.0)
-
-  def positions(lo, extent, bins):
-    b = extent / bins
-    p = jnp.arange(bins)[None, :, None]
-    i = jnp.arange(grid)[None, None, :]
-    return lo[:, None, None] + p * b[:, None, None] + (i + 0.5) * b[:, None, None] / grid
-
-  def corner_weights(y, length):
-    inside = (y >= -1) & (y <= length)
-    y = jnp.maximum(y, 0.0)
-    low = jnp.floor(y).astype(jnp.int32)
-    edge = low >= length - 1
-    low = jnp.minimum(low, length - 1)
-    high = jnp.where(edge, low, low + 1)
-    frac = jnp.where(edge, 0.0, y - low)
-    return (low, high), ((1 - frac) * inside, frac * inside)
-
-  (ry, wy) = corner_weights(positions(start[:, 1], roi[:, 1], oh), height)  # [K, oh, g]
-  (rx, wx) = corner_weights(positions(start[:, 0], roi[:, 0], ow), width)
-  maps = features[indices]  # [K, H, W, C]
-  k = jnp.arange(boxes.shape[0])[:, None, None, None, None]
-  value = 0.0
-  for a in range(2):
-    for b in range(2):
-      rows = ry[a][:, :, :, None, None]
-      cols = rx[b][:, None, None, :, :]
-      w = wy[a][:, :, :, None, None] * wx[b][:, None, None, :, :]
-      value = value + w[..., None] * maps[k, rows, cols]  # [K, oh, g, ow, g, C]
-  reduce = jnp.mean if mode == "avg" else jnp.max
-  return reduce(value, axis=(2, 4))
 
 
 def _grad_problem(seed, k=5, shape=(2, 7, 9, 3)):
@@ -189,10 +146,10 @@ def test_gradients_match_autodiff_of_dense_formulation(mode, aligned, ratio):
     )
 
   def dense(f, b):
-    return _dense_align(f, b, indices, size, 1.0, ratio, aligned, mode)
+    return reference.dense_roi_align(f, b, indices, size, 1.0, ratio, aligned, mode)
 
-  out, vjp = jax.vjp(ours, features, boxes)
-  expected, vjp_dense = jax.vjp(dense, features, boxes)
+  out, vjp = jax.vjp(jax.jit(ours), features, boxes)
+  expected, vjp_dense = jax.vjp(jax.jit(dense), features, boxes)
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
   cot = jnp.asarray(np.random.default_rng(7).standard_normal(out.shape), jnp.float32)
   for got, want in zip(vjp(cot), vjp_dense(cot), strict=True):
@@ -212,10 +169,10 @@ def test_adaptive_gradients_match_dense_formulation_with_the_same_grid(aligned):
     return roi_align(f, b, 2, sampling_ratio=-1, aligned=aligned)
 
   def dense(f, b):
-    return _dense_align(f, b, indices, (2, 2), 1.0, 3, aligned, "avg")
+    return reference.dense_roi_align(f, b, indices, (2, 2), 1.0, 3, aligned, "avg")
 
-  out, vjp = jax.vjp(ours, features, boxes)
-  expected, vjp_dense = jax.vjp(dense, features, boxes)
+  out, vjp = jax.vjp(jax.jit(ours), features, boxes)
+  expected, vjp_dense = jax.vjp(jax.jit(dense), features, boxes)
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
   cot = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
   for got, want in zip(vjp(cot), vjp_dense(cot), strict=True):
@@ -252,13 +209,11 @@ def test_gradients_are_bitwise_deterministic():
   def loss(f, b):
     return jnp.sum(roi_align(f, b, 7, sampling_ratio=-1, box_indices=indices) ** 2)
 
-  # Two separate compilations, and two eager runs: each pair must agree bit for bit.
-  runs = [
-    [jax.jit(jax.grad(lambda f, b: loss(f, b), argnums=(0, 1)))(features, boxes) for _ in range(2)],
-    [jax.grad(loss, argnums=(0, 1))(features, boxes) for _ in range(2)],
-  ]
-  for first, second in runs:
-    for a, b in zip(first, second, strict=True):
+  # Two separate compilations, each run twice: all four must agree bit for bit.
+  compiled = [jax.jit(jax.grad(lambda f, b: loss(f, b), argnums=(0, 1))) for _ in range(2)]
+  runs = [fn(features, boxes) for fn in compiled for _ in range(2)]
+  for run in runs[1:]:
+    for a, b in zip(runs[0], run, strict=True):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -282,10 +237,11 @@ def test_vmap_over_maps_equals_loop():
   features, boxes, _ = _grad_problem(2, k=4, shape=(3, 6, 7, 2))
   per_map = jnp.stack([boxes, boxes + 1.0, boxes * 0.5])
 
+  @jax.jit
   def one(f, b):
     return roi_align(f[None], b, 2, sampling_ratio=2)
 
-  out = jax.vmap(one)(features, per_map)
+  out = jax.jit(jax.vmap(one))(features, per_map)
   for n in range(3):
     np.testing.assert_allclose(out[n], one(features[n], per_map[n]), rtol=1e-6, atol=1e-7)
 
@@ -318,6 +274,7 @@ def test_inverted_aligned_boxes_give_zeros_and_no_gradient(ratio):
   features, _, _ = _grad_problem(6, shape=(1, 6, 6, 2))
   boxes = jnp.asarray([[5.0, 5.0, 1.0, 1.0], [1.0, 1.0, 4.0, 4.0]])
 
+  @jax.jit
   def f(x, b):
     return roi_align(x, b, 2, sampling_ratio=ratio, aligned=True)
 
@@ -338,8 +295,8 @@ def test_bad_boxes_never_affect_other_boxes():
   out = roi_align(features, mixed, 2)
   np.testing.assert_array_equal(out[:3], roi_align(features, boxes, 2))
   assert np.all(np.asarray(out[3:5]) == 0) and np.all(np.isfinite(np.asarray(out)))
-  g_mixed = jax.grad(loss, argnums=(0, 1))(features, mixed, 3)
-  g_clean = jax.grad(loss, argnums=(0, 1))(features, boxes, 3)
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+  g_mixed, g_clean = grad(features, mixed, 3), grad(features, boxes, 3)
   np.testing.assert_array_equal(g_mixed[0], g_clean[0])
   np.testing.assert_array_equal(g_mixed[1][:3], g_clean[1])
   assert np.all(np.isfinite(np.asarray(g_mixed[1])))

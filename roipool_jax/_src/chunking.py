@@ -58,7 +58,11 @@ def map_chunks(fn: Callable, per_box: Any, cost: jax.Array, chunk: int) -> Any:
   order, chunks = _sorted_chunks(per_box, cost, chunk)
   out = lax.map(fn, chunks)
   inverse = jnp.zeros_like(order).at[order].set(jnp.arange(k, dtype=order.dtype))
-  return jax.tree.map(lambda y: y.reshape((-1,) + y.shape[2:])[:k][inverse], out)
+
+  def unsort(y):
+    return y.reshape((y.shape[0] * y.shape[1],) + y.shape[2:])[:k][inverse]
+
+  return jax.tree.map(unsort, out)
 
 
 def fold_chunks(fn: Callable, init: Any, per_box: Any, cost: jax.Array, chunk: int) -> Any:

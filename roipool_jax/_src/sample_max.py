@@ -31,7 +31,7 @@ _NO_SAMPLE = 2**30
 def _forward(features, wy, wx, plan: tap_sum.Plan, limits):
   _, height, width, channels = features.shape
   table = features.reshape(-1, channels)
-  data, slots, single, cost = tap_sum.prepare(wy, wx, plan)
+  data, slots, _, cost = tap_sum.prepare(wy, wx, plan)
   data["limit_y"], data["limit_x"] = limits
   samples_y, samples_x = slots[0] // 2, slots[1] // 2
   stride = data["wx"].shape[2] // 2  # rank of sample (jy, jx) = jy * stride + jx
@@ -50,7 +50,9 @@ def _forward(features, wy, wx, plan: tap_sum.Plan, limits):
         for a in range(2):
           for b in range(2):
             w = blk.wy[:, :, None, 2 * ja + a] * blk.wx[:, None, :, 2 * jb + b]
-            value = value + tap_sum.term(table, blk.cells[2 * ja + a][2 * jb + b], w[..., None])
+            ty_, tx_ = 2 * ja + a, 2 * jb + b
+            cell, used = blk.cells[ty_][tx_], blk.used[ty_][tx_]
+            value = value + tap_sum.term(table, cell, used, w[..., None])
         r = jy * stride + jx
         better = (value > best) | ((value == best) & (r < rank))
         better = use & (better | (jnp.isnan(value) & ~jnp.isnan(best)))
@@ -61,17 +63,13 @@ def _forward(features, wy, wx, plan: tap_sum.Plan, limits):
   def chunk_fn(c):
     shape = (c["row"].shape[0], oh, ow, channels)
     state = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.full(shape, _NO_SAMPLE, jnp.int32))
-    if single:
-      return visit(c, 0, 1, state)
     py, px = tap_sum.passes(c, slots)
     return lax.fori_loop(0, py * px, lambda t, s: visit(c, t, px, s), state)
 
-  if single:
-    best, rank = chunk_fn(data)
-  else:
-    k = plan.image_index.shape[0]
-    chunk = chunking.chunk_size(k, oh * ow * channels, 1 << 16)
-    best, rank = chunking.map_chunks(chunk_fn, data, cost, chunk)
+  # A loop even for one pass: see tap_sum._forward (no duplicated recomputation).
+  k = plan.image_index.shape[0]
+  chunk = chunking.chunk_size(k, oh * ow * channels, 1 << 16)
+  best, rank = chunking.map_chunks(chunk_fn, data, cost, chunk)
   found = rank < _NO_SAMPLE
   out = jnp.where(found, best, 0.0).astype(features.dtype)
   return out, jnp.where(found, rank, -1), stride
@@ -125,10 +123,13 @@ def _sample_max_bwd(residuals, cotangent):
     w_a = wy_flat[tap_y[a]]
     for b in range(2):
       w_b = wx_flat[tap_x[b]]
-      cell = ((image * height + ry[tap_y[a]]) * width + rx[tap_x[b]]) * channels + channel
+      row, col = ry[tap_y[a]], rx[tap_x[b]]
+      used = found & (row >= 0) & (col >= 0)
+      cell = ((image * height + jnp.maximum(row, 0)) * width + jnp.maximum(col, 0)) * channels
+      cell = cell + channel
       w = w_a * w_b
-      grad = grad.at[jnp.where(found, cell, drop)].add(w * cot, mode="drop")
-      value = jnp.where(w != 0, table.at[cell].get(mode="promise_in_bounds"), 0.0)
+      grad = grad.at[jnp.where(used, cell, drop)].add(w * cot, mode="drop")
+      value = jnp.where(used, table.at[cell].get(mode="promise_in_bounds"), 0.0)
       value = value.astype(jnp.float32) * cot
       gy = gy.at[tap_y[a]].add(w_b * value)
       gx = gx.at[tap_x[b]].add(w_a * value)

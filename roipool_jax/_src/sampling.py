@@ -49,8 +49,11 @@ class Taps(NamedTuple):
   """Interpolation taps of K boxes along one axis.
 
   Attributes:
-    index: ``[K, P, T]`` int32 cell (row or column) in ``[0, L)``.
-    weight: ``[K, P, T]`` float32 weight (0 for unused taps).
+    index: ``[K, P, T]`` int32 cell (row or column) in ``[0, L)``, or -1 for an
+      unused tap (padding, or a sample that does not count).
+    weight: ``[K, P, T]`` float32 weight (0 for unused taps). A used tap may
+      have weight 0 (a sample exactly on a cell): its weight still has a
+      gradient, so the kernels tell used taps by ``index``, not by weight.
     count: ``[K]`` int32 number of leading taps in use by any bin of the box;
       taps at or past it have weight 0 and need not be visited.
   """
@@ -109,7 +112,8 @@ def sample_position(axis: Axis, bin_index: jax.Array, sample: jax.Array) -> jax.
 def corners(y: jax.Array, length: int):
   """torchvision's bilinear rule along one axis for positions ``y``.
 
-  Returns ``(low, high, w_low, w_high)``: the two cells and their weights.
+  Returns ``(low, high, w_low, w_high, inside)``: the two cells, their weights
+  and whether the sample counts at all.
   Positions outside ``[-1, length]`` get zero weights; positions in
   ``[-1, 0]`` are clamped to 0; from ``length - 1`` on both cells are
   ``length - 1``, with all the weight on ``low``.
@@ -123,7 +127,7 @@ def corners(y: jax.Array, length: int):
   frac = jnp.where(edge, 0.0, y - low.astype(jnp.float32))
   w_high = jnp.where(inside, frac, 0.0)
   w_low = jnp.where(inside, 1.0 - frac, 0.0)
-  return low, high, w_low, w_high
+  return low, high, w_low, w_high, inside
 
 
 def sample_taps(axis: Axis, num_bins: int, length: int, max_samples: int, average: bool):
@@ -153,11 +157,12 @@ def sample_taps(axis: Axis, num_bins: int, length: int, max_samples: int, averag
   sample = first + jnp.arange(max_samples, dtype=jnp.int32)[None, None]
   in_use = sample < grid
   y = sample_position(axis, p, sample)
-  low, high, w_low, w_high = corners(y, length)
+  low, high, w_low, w_high, inside = corners(y, length)
+  low, high = jnp.where(in_use & inside, low, -1), jnp.where(in_use & inside, high, -1)
   scale = in_use.astype(jnp.float32)
   if average:
     scale = scale / jnp.maximum(grid, 1).astype(jnp.float32)
-  index = jnp.stack([low, high], axis=-1).reshape(low.shape[:2] + (-1,))
+  index = jnp.stack([low, high], axis=-1).reshape(low.shape[:2] + (2 * low.shape[2],))
   weight = jnp.stack([w_low * scale, w_high * scale], axis=-1).reshape(index.shape)
   # Samples past y = length contribute nothing: stop the window there (+1).
   last_guess = jnp.where(step > 0, (length - base) / safe_step - 0.5, 0.0)
@@ -198,14 +203,20 @@ def row_taps(axis: Axis, num_bins: int, length: int) -> Taps:
   safe_step = jnp.where(step > 0, step, 1.0)
   nearest = jnp.where(step > 0, (row.astype(jnp.float32) - y_first) / safe_step, 0.0)
   nearest = jnp.clip(boxes_lib.to_int(jnp.round(nearest)), 0, last_sample)
-  weight = jnp.zeros(row.shape, jnp.float32)
-  for offset in range(-_NEIGHBOURS, _NEIGHBOURS + 1):
-    sample = nearest + offset
-    y = sample_position(axis, p, sample)
-    low, high, w_low, w_high = corners(y, length)
-    use = (sample >= 0) & (sample < grid)
-    weight += jnp.where(use & (low == row), w_low, 0.0) + jnp.where(
-      use & (high == row), w_high, 0.0
-    )
+  sample = (
+    nearest[..., None]
+    + jnp.arange(-_NEIGHBOURS, _NEIGHBOURS + 1, dtype=jnp.int32)[None, None, None]
+  )
+  y = sample_position(
+    axis, p, sample.reshape(sample.shape[:2] + (sample.shape[2] * sample.shape[3],))
+  )
+  low, high, w_low, w_high, _ = corners(y.reshape(sample.shape), length)
+  use = (sample >= 0) & (sample < grid[..., None])
+  on_row = row[..., None]
+  weight = jnp.where(use & (low == on_row), w_low, 0.0) + jnp.where(
+    use & (high == on_row), w_high, 0.0
+  )
+  weight = jnp.sum(weight, axis=-1)
   weight = jnp.where(tap < rows_used, weight, 0.0) / jnp.maximum(grid, 1).astype(jnp.float32)
+  row = jnp.where(tap < rows_used, row, -1)
   return Taps(row, weight, jnp.max(rows_used, axis=(1, 2)))

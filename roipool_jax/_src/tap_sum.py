@@ -27,7 +27,7 @@ Gradients (a ``custom_vjp``)
   weights with respect to the box coordinates by ordinary autodiff; when the
   boxes need no gradient, XLA drops this sweep.
 
-A tap of weight 0 contributes exactly 0 even when its cell holds inf or NaN.
+Unused taps (index -1) contribute exactly 0 even when their cell holds inf or NaN.
 """
 
 from __future__ import annotations
@@ -63,14 +63,16 @@ def blocks(length: int) -> tuple[int, int]:
   return slots, -(-length // slots) * slots
 
 
-def pad_taps(x: jax.Array, padded: int) -> jax.Array:
-  return jnp.pad(x, [(0, 0), (0, 0), (0, padded - x.shape[2])])
+def pad_taps(x: jax.Array, padded: int, value=0) -> jax.Array:
+  return jnp.pad(x, [(0, 0), (0, 0), (0, padded - x.shape[2])], constant_values=value)
 
 
 class Block(NamedTuple):
-  """One pass: ``cells[a][b]`` ``[B, oh, ow]`` flat cell, ``wy [B, oh, S]``, ``wx [B, ow, S]``."""
+  """One pass: ``cells[a][b]`` ``[B, oh, ow]`` flat cell (valid even for unused
+  taps), ``used[a][b]`` ``[B, oh, ow]`` bool, ``wy [B, oh, S]``, ``wx [B, ow, S]``."""
 
   cells: list
+  used: list
   wy: jax.Array
   wx: jax.Array
 
@@ -84,9 +86,13 @@ def block(c: dict, t, passes_x: int, slots: tuple[int, int], map_size: tuple[int
   ix = lax.dynamic_slice_in_dim(c["col"], bx * sx, sx, axis=2)
   wy = lax.dynamic_slice_in_dim(c["wy"], by * sy, sy, axis=2)
   wx = lax.dynamic_slice_in_dim(c["wx"], bx * sx, sx, axis=2)
-  row_base = (c["image_index"][:, None, None] * height + iy) * width
-  cells = [[row_base[:, :, None, a] + ix[:, None, :, b] for b in range(sx)] for a in range(sy)]
-  return Block(cells, wy, wx), (by, bx)
+  row_base = (c["image_index"][:, None, None] * height + jnp.maximum(iy, 0)) * width
+  col = jnp.maximum(ix, 0)
+  cells = [[row_base[:, :, None, a] + col[:, None, :, b] for b in range(sx)] for a in range(sy)]
+  used = [
+    [(iy[:, :, None, a] >= 0) & (ix[:, None, :, b] >= 0) for b in range(sx)] for a in range(sy)
+  ]
+  return Block(cells, used, wy, wx), (by, bx)
 
 
 def passes(c: dict, slots: tuple[int, int]):
@@ -102,8 +108,8 @@ def prepare(wy, wx, plan: Plan):
   sx, tx = blocks(plan.col.shape[2])
   data = dict(
     image_index=plan.image_index,
-    row=pad_taps(plan.row, ty),
-    col=pad_taps(plan.col, tx),
+    row=pad_taps(plan.row, ty, -1),
+    col=pad_taps(plan.col, tx, -1),
     wy=pad_taps(wy.astype(jnp.float32), ty),
     wx=pad_taps(wx.astype(jnp.float32), tx),
     row_count=plan.row_count,
@@ -114,10 +120,24 @@ def prepare(wy, wx, plan: Plan):
   return data, (sy, sx), single, cost
 
 
-def term(table, cell, weight):
-  """``weight * table[cell]`` in float32, exactly 0 where ``weight == 0``."""
+def materialized(compute, data):
+  """``compute()``, evaluated once into its own buffer.
+
+  XLA may fuse (duplicate) a cheap-looking computation into each of its
+  consumers, and two copies can round differently (FMA contraction). That
+  breaks consumers that compare values, such as the gradient of a later
+  ``jnp.max`` (it tests ``x == max(x)``). A conditional on a data-dependent
+  (always true) predicate is a fusion boundary XLA keeps, at no cost.
+  """
+  result = jax.eval_shape(compute)
+  zeros = lambda: jnp.zeros(result.shape, result.dtype)  # noqa: E731
+  return lax.cond(jnp.min(data, initial=0) >= 0, compute, zeros)
+
+
+def term(table, cell, used, weight):
+  """``weight * table[cell]`` in float32 ``[B, oh, ow, C]``, exactly 0 for unused taps."""
   value = table.at[cell].get(mode="promise_in_bounds").astype(jnp.float32)
-  return jnp.where(weight != 0, weight * value, 0.0)
+  return jnp.where(used[..., None], weight * value, 0.0)
 
 
 def _forward(features: jax.Array, wy, wx, plan: Plan) -> jax.Array:
@@ -131,20 +151,19 @@ def _forward(features: jax.Array, wy, wx, plan: Plan) -> jax.Array:
     for a in range(slots[0]):
       wya = blk.wy[:, :, None, a, None]
       row_sum = sum(
-        term(table, blk.cells[a][b], blk.wx[:, None, :, b, None]) for b in range(slots[1])
+        term(table, blk.cells[a][b], blk.used[a][b], blk.wx[:, None, :, b, None])
+        for b in range(slots[1])
       )
-      acc = acc + jnp.where(wya != 0, wya * row_sum, 0.0)
+      acc = acc + wya * row_sum
     return acc
 
   def chunk_fn(c):
     acc = jnp.zeros((c["row"].shape[0], oh, ow, channels), jnp.float32)
-    if single:
-      return accumulate(c, 0, 1, acc)
     py, px = passes(c, slots)
     return lax.fori_loop(0, py * px, lambda t, a: accumulate(c, t, px, a), acc)
 
-  if single:
-    out = chunk_fn(per_box)
+  if single:  # one fused pass over all boxes
+    out = materialized(lambda: accumulate(per_box, 0, 1, jnp.float32(0)), plan.row_count)
   else:
     k = plan.image_index.shape[0]
     chunk = chunking.chunk_size(k, oh * ow * channels, _CHUNK_ELEMENTS)
@@ -203,8 +222,7 @@ def _weights_grad(features, cotangent, wy, wx, plan: Plan):
         for b in range(slots[1]):
           value = table.at[blk.cells[a][b]].get(mode="promise_in_bounds").astype(jnp.float32)
           dot = jnp.sum(value * c["cotangent"], axis=-1)  # [B, oh, ow]
-          wyx = blk.wy[:, :, None, a] * blk.wx[:, None, :, b]
-          dot = jnp.where(wyx != 0, dot, 0.0)
+          dot = jnp.where(blk.used[a][b], dot, 0.0)
           gy_blk[a] = gy_blk[a] + jnp.sum(dot * blk.wx[:, None, :, b], axis=2)
           gx_blk[b] = gx_blk[b] + jnp.sum(dot * blk.wy[:, :, None, a], axis=1)
       gy_blk, gx_blk = jnp.stack(gy_blk, -1), jnp.stack(gx_blk, -1)

@@ -1,0 +1,50 @@
+"""Shared pieces of the benchmark scripts: boxes, timing, compiled memory, tables."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import jax
+import numpy as np
+
+
+def proposals(rng, k, n, image_h, image_w, min_size=16.0):
+  """Region-proposal-like boxes: centers uniform over the image, sides log-uniform
+  between ``min_size`` px and the image size, clipped to the image."""
+  centers = rng.uniform(0, 1, (k, 2)) * [image_w, image_h]
+  sizes = np.exp(rng.uniform(np.log(min_size), np.log([image_w, image_h]), (k, 2)))
+  lo = np.clip(centers - sizes / 2, 0, [image_w, image_h])
+  hi = np.clip(centers + sizes / 2, 0, [image_w, image_h])
+  boxes = np.concatenate([lo, hi], 1).astype(np.float32)
+  return boxes, rng.integers(0, n, k).astype(np.int32)
+
+
+def median_ms(fn, repeats):
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
+
+
+def temp_bytes(jitted, *args):
+  """Scratch memory XLA allocates for a compiled function (its memory analysis)."""
+  analysis = jitted.lower(*args).compile().memory_analysis()
+  return getattr(analysis, "temp_size_in_bytes", None) if analysis else None
+
+
+def machine():
+  device = jax.devices()[0].platform.upper()
+  cpu = platform.processor() or platform.machine()
+  return f"{device} ({cpu}, jax {jax.__version__})"
+
+
+def ratio(ours, theirs):
+  return f"{theirs / ours:.1f}x" if theirs else "n/a"
+
+
+def ms(value):
+  return f"{value:.1f}" if value else "n/a"
