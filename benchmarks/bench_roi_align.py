@@ -25,10 +25,12 @@ from common import machine, median_ms, ms, proposals, ratio, temp_bytes
 from roipool_jax import roi_align
 
 CONFIGS = [
-  # name, (N, H, W, C), K, output size, spatial scale, sampling ratio, aligned, min box px
-  ("Mask R-CNN FPN P2, box head", (1, 200, 304, 256), 512, 7, 1 / 4, 2, True, 16),
-  ("Mask R-CNN FPN P2, mask head", (1, 200, 304, 256), 512, 14, 1 / 4, 2, True, 16),
-  ("adaptive sampling, large boxes (P4-like)", (2, 50, 84, 256), 512, 7, 1 / 16, -1, True, 200),
+  # name, (N, H, W, C), K, output size, spatial scale, sampling ratio, aligned,
+  # (min box px, max box / image)
+  ("Mask R-CNN FPN P2, box head", (1, 200, 304, 256), 512, 7, 1 / 4, 2, True, (16, 1)),
+  ("Mask R-CNN FPN P2, mask head", (1, 200, 304, 256), 512, 14, 1 / 4, 2, True, (16, 1)),
+  ("adaptive, large boxes (P4-like)", (2, 50, 84, 256), 512, 7, 1 / 16, -1, True, (200, 1)),
+  ("adaptive, boxes up to 3x the map", (2, 50, 84, 256), 512, 7, 1 / 16, -1, True, (400, 3)),
 ]
 
 
@@ -80,10 +82,10 @@ def main():
 
   rng = np.random.default_rng(0)
   rows = []
-  for name, shape, k, size, scale, ratio_, aligned, min_px in CONFIGS:
+  for name, shape, k, size, scale, ratio_, aligned, (min_px, factor) in CONFIGS:
     n, h, w, c = shape
     features = jax.nn.relu(jax.random.normal(jax.random.key(0), shape))
-    boxes, indices = proposals(rng, k, n, h / scale, w / scale, min_px)
+    boxes, indices = proposals(rng, k, n, h / scale, w / scale, min_px, factor)
     setting = (size, scale, ratio_, aligned, args.repeats)
     j_fwd, j_both, scratch = bench_jax(features, boxes, indices, *setting)
     t = bench_torch(features, boxes, indices, *setting)

@@ -10,13 +10,18 @@ import jax
 import numpy as np
 
 
-def proposals(rng, k, n, image_h, image_w, min_size=16.0):
+def proposals(rng, k, n, image_h, image_w, min_size=16.0, max_factor=1.0):
   """Region-proposal-like boxes: centers uniform over the image, sides log-uniform
-  between ``min_size`` px and the image size, clipped to the image."""
+  between ``min_size`` px and the image size, clipped to the image.
+
+  With ``max_factor > 1`` sides reach ``max_factor`` times the image and boxes
+  are not clipped (boxes larger than the map)."""
   centers = rng.uniform(0, 1, (k, 2)) * [image_w, image_h]
-  sizes = np.exp(rng.uniform(np.log(min_size), np.log([image_w, image_h]), (k, 2)))
-  lo = np.clip(centers - sizes / 2, 0, [image_w, image_h])
-  hi = np.clip(centers + sizes / 2, 0, [image_w, image_h])
+  top = np.log(np.array([image_w, image_h]) * max_factor)
+  sizes = np.exp(rng.uniform(np.log(min_size), top, (k, 2)))
+  lo, hi = centers - sizes / 2, centers + sizes / 2
+  if max_factor <= 1:
+    lo, hi = np.clip(lo, 0, [image_w, image_h]), np.clip(hi, 0, [image_w, image_h])
   boxes = np.concatenate([lo, hi], 1).astype(np.float32)
   return boxes, rng.integers(0, n, k).astype(np.int32)
 
