@@ -170,10 +170,13 @@ def roi_align(
   validation.check_choice("mode", mode, MODES)
   features = jnp.asarray(features)
   flat = boxes_lib.flatten_boxes(boxes, box_indices, features.shape[0])
-  return _roi_align(features, flat, size, scale, ratio, aligned, mode)
-
-
-@partial(jax.named_call, name="roi_align")
-def _roi_align(features, flat, size, scale, ratio, aligned, mode):
-  out = align_bins(features, flat, size, scale, ratio, aligned, mode)
+  config = (size, scale, ratio, bool(aligned), mode)
+  out = _roi_align(features, flat.boxes, flat.image_index, flat.valid, *config)
   return out.reshape(flat.batch_shape + out.shape[1:])
+
+
+# Compiled once per shape and configuration, also when called outside `jit`.
+@partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
+def _roi_align(features, boxes, image_index, valid, size, scale, ratio, aligned, mode):
+  flat = boxes_lib.FlatBoxes(boxes, image_index, valid, boxes.shape[:1])
+  return align_bins(features, flat, size, scale, ratio, aligned, mode)

@@ -173,11 +173,13 @@ def roi_pool(
   validation.check_choice("quantization", quantization, QUANTIZATIONS)
   features = jnp.asarray(features)
   flat = boxes_lib.flatten_boxes(boxes, box_indices, features.shape[0])
-  return _roi_pool(features, flat, size, scale, quantization)
-
-
-@partial(jax.named_call, name="roi_pool")
-def _roi_pool(features, flat, size, scale, quantization):
-  bins = pool_bins(flat, size, scale, quantization, features.shape[1:3])
-  out = _max_over_bins(features, bins)
+  out = _roi_pool(features, flat.boxes, flat.image_index, flat.valid, size, scale, quantization)
   return out.reshape(flat.batch_shape + out.shape[1:])
+
+
+# Compiled once per shape and configuration, also when called outside `jit`.
+@partial(jax.jit, static_argnums=(4, 5, 6))
+def _roi_pool(features, boxes, image_index, valid, size, scale, quantization):
+  flat = boxes_lib.FlatBoxes(boxes, image_index, valid, boxes.shape[:1])
+  bins = pool_bins(flat, size, scale, quantization, features.shape[1:3])
+  return _max_over_bins(features, bins)
