@@ -19,9 +19,9 @@ small chunks (:mod:`roipool_jax._src.chunking`). Nothing of size
 Gradients (a ``custom_vjp``)
 ----------------------------
 * Features: the transpose, a scatter-add of ``wy * wx * cotangent`` into a
-  float32 ``[N * H * W, C]`` buffer, chunk after chunk in a fixed order. XLA
-  executes it sequentially on CPU and TPU, so the result is bitwise
-  reproducible there.
+  float32 ``[N * H * W, C]`` buffer, chunk after chunk in a fixed order.
+  XLA:CPU executes it sequentially, so the result is bitwise reproducible
+  there; XLA:GPU uses atomics (order-dependent last bits).
 * Weights: ``d wy[k, i, a] = sum_j sum_b wx * <F[cell], cotangent[k, i, j]>``
   (and the same for ``wx``), a second gather sweep. The ops differentiate the
   weights with respect to the box coordinates by ordinary autodiff; when the
