@@ -20,7 +20,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import machine, median_ms, ms, proposals, ratio, temp_bytes
+from common import machine, median_ms, ms, proposals, ratio, temp_bytes, torch_timings
 
 from roipool_jax import roi_align
 
@@ -53,25 +53,16 @@ def bench_jax(features, boxes, indices, size, scale, ratio_, aligned, repeats):
 
 def bench_torch(features, boxes, indices, size, scale, ratio_, aligned, repeats):
   try:
-    import torch
     import torchvision
   except ImportError:
     return None
-  x = torch.tensor(np.asarray(features)).permute(0, 3, 1, 2).contiguous()
-  rois = torch.cat([torch.tensor(indices, dtype=torch.float32)[:, None], torch.tensor(boxes)], 1)
-
-  def fwd():
-    with torch.no_grad():
-      torchvision.ops.roi_align(x, rois, size, scale, ratio_, aligned)
-
-  def fwd_bwd():
-    xg = x.detach().requires_grad_(True)
-    y = torchvision.ops.roi_align(xg, rois, size, scale, ratio_, aligned)
-    y.backward(torch.ones_like(y))
-
-  fwd()
-  fwd_bwd()
-  return median_ms(fwd, repeats), median_ms(fwd_bwd, repeats)
+  return torch_timings(
+    lambda x, rois: torchvision.ops.roi_align(x, rois, size, scale, ratio_, aligned),
+    features,
+    boxes,
+    indices,
+    repeats,
+  )
 
 
 def main():

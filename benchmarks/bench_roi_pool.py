@@ -18,7 +18,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import machine, median_ms, ms, proposals, ratio
+from common import machine, median_ms, ms, proposals, ratio, torch_timings
 
 from roipool_jax import roi_pool
 
@@ -47,25 +47,16 @@ def bench_jax(features, boxes, indices, size, scale, repeats):
 
 def bench_torch(features, boxes, indices, size, scale, repeats):
   try:
-    import torch
     import torchvision
   except ImportError:
     return None
-  x = torch.tensor(np.asarray(features)).permute(0, 3, 1, 2).contiguous()
-  rois = torch.cat([torch.tensor(indices, dtype=torch.float32)[:, None], torch.tensor(boxes)], 1)
-
-  def fwd():
-    with torch.no_grad():
-      torchvision.ops.roi_pool(x, rois, size, scale)
-
-  def fwd_bwd():
-    xg = x.detach().requires_grad_(True)
-    y = torchvision.ops.roi_pool(xg, rois, size, scale)
-    y.backward(torch.ones_like(y))
-
-  fwd()
-  fwd_bwd()
-  return median_ms(fwd, repeats), median_ms(fwd_bwd, repeats)
+  return torch_timings(
+    lambda x, rois: torchvision.ops.roi_pool(x, rois, size, scale),
+    features,
+    boxes,
+    indices,
+    repeats,
+  )
 
 
 def main():

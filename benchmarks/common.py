@@ -53,3 +53,27 @@ def ratio(ours, theirs):
 
 def ms(value):
   return f"{value:.1f}" if value else "n/a"
+
+
+def torch_timings(op, features, boxes, indices, repeats):
+  """Median ms of ``op(x_nchw, rois)`` forward and forward+backward (feature
+  gradient), or None when torch is not installed."""
+  try:
+    import torch
+  except ImportError:
+    return None
+  x = torch.tensor(np.asarray(features)).permute(0, 3, 1, 2).contiguous()
+  rois = torch.cat([torch.tensor(indices, dtype=torch.float32)[:, None], torch.tensor(boxes)], 1)
+
+  def fwd():
+    with torch.no_grad():
+      op(x, rois)
+
+  def fwd_bwd():
+    xg = x.detach().requires_grad_(True)
+    y = op(xg, rois)
+    y.backward(torch.ones_like(y))
+
+  fwd()
+  fwd_bwd()
+  return median_ms(fwd, repeats), median_ms(fwd_bwd, repeats)

@@ -1,6 +1,5 @@
 """Tests of roipool_jax.roi_align: torchvision fixtures, NumPy reference, gradients."""
 
-import pathlib
 from functools import partial
 
 import chex
@@ -15,21 +14,9 @@ from roipool_jax import roi_align
 from roipool_jax._src import boxes as boxes_lib
 from roipool_jax._src import roi_align as roi_align_lib
 from roipool_jax._src import sampling
-from tests import reference
+from tests import fixtures_io, reference
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "torchvision_roi_align.npz"
-
-
-def _load_cases():
-  data = np.load(FIXTURES)
-  cases = {}
-  for key in data.files:
-    case, field = key.split("/")
-    cases.setdefault(case, {})[field] = data[key]
-  return cases
-
-
-CASES = _load_cases()
+CASES = fixtures_io.load_cases("torchvision_roi_align.npz")
 
 
 # ------------------------------------------------------------------ torchvision parity

@@ -1,7 +1,5 @@
 """Tests of roipool_jax.roi_pool against torchvision fixtures and the NumPy reference."""
 
-import pathlib
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -12,21 +10,9 @@ from hypothesis import strategies as st
 
 import roipool_jax
 from roipool_jax import roi_pool
-from tests import reference
+from tests import fixtures_io, reference
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "torchvision_roi_pool.npz"
-
-
-def _load_cases():
-  data = np.load(FIXTURES)
-  cases = {}
-  for key in data.files:
-    case, field = key.split("/")
-    cases.setdefault(case, {})[field] = data[key]
-  return cases
-
-
-CASES = _load_cases()
+CASES = fixtures_io.load_cases("torchvision_roi_pool.npz")
 
 
 # ------------------------------------------------------------------ torchvision parity
