@@ -127,8 +127,8 @@ def bilinear(image, y, x):
 def roi_align(features, boxes, box_indices, output_size, scale, sampling_ratio, aligned, mode):
   """Loops over boxes, bins and samples, in float32 as torchvision's kernel writes them.
 
-  Documented deviation from torchvision: with ``aligned`` a box of negative
-  width or height gives zeros. Non-finite boxes give zeros.
+  Documented deviation from torchvision: a box of negative width or height
+  (inverted) gives zeros. Non-finite boxes give zeros.
   """
   features = np.asarray(features, np.float32)
   oh, ow = output_size
@@ -139,7 +139,7 @@ def roi_align(features, boxes, box_indices, output_size, scale, sampling_ratio, 
       continue
     x0, y0 = box[0] * s - offset, box[1] * s - offset
     roi_w, roi_h = box[2] * s - offset - x0, box[3] * s - offset - y0
-    if aligned and (roi_w < 0 or roi_h < 0):
+    if roi_w < 0 or roi_h < 0:
       continue
     if not aligned:
       roi_w, roi_h = max(roi_w, F32(1)), max(roi_h, F32(1))

@@ -97,10 +97,11 @@ def roi_align(
     0 if the bin has no sample.
 
   A bin with ``g = 0`` (a zero-size box with ``aligned=True`` and adaptive
-  sampling) has no sample and outputs 0. Boxes with ``aligned=True`` and a
-  negative width or height output zeros (torchvision samples a mirrored box
-  for ``sampling_ratio > 0`` and crashes for adaptive sampling); with
-  ``aligned=False`` inverted boxes have size 1, as in torchvision. Non-finite
+  sampling) has no sample and outputs 0. Inverted boxes (``x2 < x1`` or
+  ``y2 < y1``) output zeros and get zero gradients. This is the one
+  deliberate difference from torchvision, which gives them size 1
+  (``aligned=False``), samples a mirrored box (``aligned=True``,
+  ``sampling_ratio > 0``) or crashes (``aligned=True``, adaptive). Non-finite
   coordinates and (under ``jit``) out-of-range ``box_indices`` give zeros.
 
   Gradients (hand-written ``custom_vjp`` for the sampling kernel):

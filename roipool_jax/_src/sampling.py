@@ -37,7 +37,8 @@ class Axis(NamedTuple):
     start: ``[K]`` float32 first edge of the box (``x1 * scale - offset``).
     bin_size: ``[K]`` float32 bin length (``roi_size / P``, correctly rounded).
     grid: ``[K]`` int32 samples per bin (``sampling_ratio``, or adaptive
-      ``ceil(bin_size)``); 0 for boxes that produce zeros.
+      ``ceil(bin_size)``); 0 for boxes that produce zeros (invalid, or
+      inverted: ``hi < lo``).
   """
 
   start: jax.Array
@@ -88,6 +89,7 @@ def axis_geometry(
   start = boxes_lib.scale_coords(lo, spatial_scale) - offset
   end = boxes_lib.scale_coords(hi, spatial_scale) - offset
   size = end - start
+  inverted = size < 0
   if not aligned:
     size = jnp.maximum(size, 1.0)
   size = jnp.clip(size, -boxes_lib.COORD_LIMIT, boxes_lib.COORD_LIMIT)
@@ -96,8 +98,8 @@ def axis_geometry(
     grid = jnp.full(lo.shape, sampling_ratio, jnp.int32)
   else:
     grid = boxes_lib.to_int(jnp.ceil(bin_size))
-  # Inverted boxes (possible only when aligned) give zeros, as do invalid ones.
-  grid = jnp.where(valid & (size >= 0), grid, 0)
+  # Inverted boxes give zeros, as do invalid ones.
+  grid = jnp.where(valid & ~inverted, grid, 0)
   return Axis(start, bin_size, grid)
 
 
