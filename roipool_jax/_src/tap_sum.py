@@ -42,9 +42,13 @@ from roipool_jax._src import chunking
 
 # Taps per axis gathered per pass: a pass reads [chunk, oh, ow] x SLOTS**2 cells.
 SLOTS = 4
-# Elements of the per-chunk accumulators (forward) and scatter updates (backward).
+# Boxes per chunk, as elements of: the forward's accumulators (kept small so
+# they stay in cache), the backward's scatter updates, and the gathered cells
+# of one pass of the weight gradient (reduced on the fly; only [chunk, oh, T]
+# accumulators are kept, so chunks can be large). Picked by measurement.
 _CHUNK_ELEMENTS = 1 << 16
 _SCATTER_ELEMENTS = 1 << 20
+_WEIGHT_GRAD_ELEMENTS = 1 << 18
 
 
 class Plan(NamedTuple):
@@ -208,7 +212,7 @@ def _weights_grad(features, cotangent, wy, wx, plan: Plan):
   per_box, slots, _, cost = prepare(wy, wx, plan)
   per_box["cotangent"] = cotangent.astype(jnp.float32)
   k, oh, ow = cotangent.shape[:3]
-  chunk = chunking.chunk_size(k, oh * ow * channels, _CHUNK_ELEMENTS)
+  chunk = chunking.chunk_size(k, oh * ow * channels, _WEIGHT_GRAD_ELEMENTS)
 
   def chunk_fn(c):
     py, px = passes(c, slots)
