@@ -1,9 +1,16 @@
 """roipool_jax: RoI pooling ops for JAX (NHWC features, (x1, y1, x2, y2) boxes)."""
 
+from roipool_jax._src.multiscale import multi_scale_roi_align
 from roipool_jax._src.roi_align import roi_align
 from roipool_jax._src.roi_pool import roi_pool
 from roipool_jax._src.roi_warp import crop_and_resize, roi_warp
 
 __version__ = "0.1.0"
 
-__all__ = ("crop_and_resize", "roi_align", "roi_pool", "roi_warp")
+__all__ = (
+  "crop_and_resize",
+  "multi_scale_roi_align",
+  "roi_align",
+  "roi_pool",
+  "roi_warp",
+)

@@ -207,6 +207,46 @@ def roi_align_cases():
   return cases
 
 
+def multiscale_cases():
+  """torchvision.ops.MultiScaleRoIAlign over P2..P5 of a 256x320 batch (and P3..P5)."""
+  rng = np.random.default_rng(99)
+  image_shapes = [(256, 320), (240, 300)]
+  sizes = [(64, 80), (32, 40), (16, 20), (8, 10)]
+  pyramid = [rng.standard_normal((2, h, w, 3)).astype(np.float32) for h, w in sizes]
+  k = 24
+  centers = rng.uniform(0, 1, (k, 2)) * [320, 256]
+  sides = np.exp(rng.uniform(np.log(8), np.log(700), (k, 2)))  # every level, and clamping
+  boxes = np.concatenate([centers - sides / 2, centers + sides / 2], 1)
+  # Exactly canonical (224 px -> level 4), a zero-area box and a tiny one.
+  boxes = np.concatenate([boxes, [[10, 10, 234, 234], [5, 5, 5, 40], [3, 3, 4, 4]]])
+  boxes = boxes.astype(np.float32)
+  indices = rng.integers(0, 2, len(boxes)).astype(np.int32)
+  cases = {}
+  for name, first, ratio in (("p2_p5_ratio2", 0, 2), ("p3_p5_adaptive", 1, -1)):
+    levels = pyramid[first:]
+    names = [f"p{first + 2 + i}" for i in range(len(levels))]
+    pooler = torchvision.ops.MultiScaleRoIAlign(names, 7, ratio)
+    xs = [torch.tensor(f).permute(0, 3, 1, 2).contiguous().requires_grad_(True) for f in levels]
+    per_image = [torch.tensor(boxes[indices == n]) for n in range(2)]
+    y = pooler(dict(zip(names, xs, strict=True)), per_image, image_shapes)
+    cotangent = np.random.default_rng(len(cases)).standard_normal(y.shape).astype(np.float32)
+    y.backward(torch.tensor(cotangent))
+    order = np.concatenate([np.flatnonzero(indices == n) for n in range(2)])  # rows of y
+    case = dict(
+      boxes=boxes[order],
+      box_indices=indices[order],
+      image_size=np.array([256, 320]),
+      sampling_ratio=np.int32(ratio),
+      output=y.detach().permute(0, 2, 3, 1).numpy(),
+      cotangent=cotangent.transpose(0, 2, 3, 1),
+    )
+    for i, (f, x) in enumerate(zip(levels, xs, strict=True)):
+      case[f"features{i}"] = f
+      case[f"grad{i}"] = x.grad.permute(0, 2, 3, 1).numpy()
+    cases[name] = case
+  return cases
+
+
 def _save(cases, name):
   flat = {f"{case}/{key}": value for case, d in cases.items() for key, value in d.items()}
   path = OUT / name
@@ -218,6 +258,7 @@ def main():
   OUT.mkdir(parents=True, exist_ok=True)
   _save(roi_pool_cases(), "torchvision_roi_pool.npz")
   _save(roi_align_cases(), "torchvision_roi_align.npz")
+  _save(multiscale_cases(), "torchvision_multiscale.npz")
 
 
 if __name__ == "__main__":

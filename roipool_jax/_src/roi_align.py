@@ -36,7 +36,9 @@ def _max_samples(sampling_ratio: int, length: int) -> int:
   return sampling_ratio if sampling_ratio > 0 else 2 * length + 7
 
 
-def align_bins(features, flat, output_size, spatial_scale, sampling_ratio, aligned, mode):
+def align_bins(
+  features, flat, output_size, spatial_scale, sampling_ratio, aligned, mode, sparse=False
+):
   """RoIAlign of flat boxes, ``[K, oh, ow, C]``; shared by ``roi_align`` and the warps."""
   height, width = features.shape[1:3]
   rows, cols = align_geometry(flat, output_size, spatial_scale, sampling_ratio, aligned)
@@ -55,7 +57,7 @@ def align_bins(features, flat, output_size, spatial_scale, sampling_ratio, align
     ty = sampling.row_taps(rows, oh, height)
     tx = sampling.row_taps(cols, ow, width)
   plan = tap_sum.Plan(flat.image_index, ty.index, tx.index, ty.count, tx.count)
-  return tap_sum.tap_sum(features, ty.weight, tx.weight, plan)
+  return tap_sum.tap_sum(features, ty.weight, tx.weight, plan, sparse)
 
 
 def roi_align(

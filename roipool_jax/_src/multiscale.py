@@ -1,0 +1,162 @@
+"""``multi_scale_roi_align``: RoIAlign over an FPN pyramid, one level per box."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from roipool_jax._src import boxes as boxes_lib
+from roipool_jax._src import roi_align as roi_align_lib
+from roipool_jax._src import validation
+
+
+def infer_levels(
+  map_sizes: Sequence[tuple[int, int]], image_size: tuple[int, int]
+) -> tuple[list[float], int]:
+  """Spatial scales of the levels and the pyramid level ``k_min`` of the first.
+
+  As torchvision: each level's scale is ``2 ** round(log2(H_l / image_h))``
+  (float32 arithmetic, rounding half to even), the first level is
+  ``k_min = -log2(scale_0)``, and the levels must be consecutive
+  (``scale_l = scale_0 / 2 ** l``).
+  """
+  scales = []
+  for h, _ in map_sizes:
+    exponent = np.round(np.log2(np.float32(h) / np.float32(image_size[0])))
+    scales.append(float(2.0**exponent))
+  k_min = int(-math.log2(scales[0]))
+  expected = [scales[0] / 2**level for level in range(len(scales))]
+  if scales != expected:
+    raise ValueError(
+      "`features` must be consecutive pyramid levels, finest first (each half the size of the "
+      f"previous); inferred scales {scales} from map sizes {list(map_sizes)} and image_size "
+      f"{tuple(image_size)}."
+    )
+  return scales, k_min
+
+
+def fpn_levels(
+  boxes: jax.Array,
+  k_min: int,
+  k_max: int,
+  canonical_scale: int = 224,
+  canonical_level: int = 4,
+  eps: float = 1e-6,
+) -> jax.Array:
+  """FPN level index (``0`` is ``k_min``) of each ``[K, 4]`` box, in float32 as torchvision.
+
+  ``k = floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps)``
+  clamped to ``[k_min, k_max]``; boxes with zero or non-finite area go to
+  ``k_min``.
+  """
+  area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+  ratio = boxes_lib.exact_div(jnp.sqrt(area), canonical_scale)
+  level = jnp.floor(jnp.float32(canonical_level) + jnp.log2(ratio) + jnp.float32(eps))
+  level = jnp.where(jnp.isnan(level), k_min, jnp.clip(level, k_min, k_max))
+  return level.astype(jnp.int32) - k_min
+
+
+def multi_scale_roi_align(
+  features: Sequence[jax.typing.ArrayLike],
+  boxes: jax.typing.ArrayLike,
+  output_size: int | Sequence[int],
+  *,
+  image_size: Sequence[int],
+  sampling_ratio: int = 2,
+  aligned: bool = False,
+  box_indices: jax.typing.ArrayLike | None = None,
+  canonical_scale: int = 224,
+  canonical_level: int = 4,
+) -> jax.Array:
+  r"""RoIAlign on a feature pyramid: each box is pooled from the level its size selects.
+
+  Matches ``torchvision.ops.MultiScaleRoIAlign`` (Feature Pyramid Networks,
+  Eqn. 1). From the static map sizes and ``image_size``, level ``l`` of
+  ``features`` has scale ``2 ** round(log2(H_l / image_h))`` and the first
+  level is pyramid level ``k_min = -log2(scale_0)``. A box of area ``A`` (image
+  pixels) is assigned, in float32::
+
+      k = floor(canonical_level + log2(sqrt(A) / canonical_scale) + 1e-6)
+      k = clip(k, k_min, k_min + L - 1)      # zero-area or inverted boxes: k_min
+
+  and pooled with :func:`roi_align` (``mode="avg"``) on level ``k - k_min``
+  at that level's scale. ``aligned`` is configurable (torchvision hard-codes
+  ``False``, the default here). Gradients flow to every level and to the
+  boxes (the level choice itself is piecewise constant).
+
+  Cost: each level runs the RoIAlign kernel in its chunked form, where boxes
+  of other levels have no taps and are skipped, so the total work is about one
+  RoIAlign of every box at its own level (plus per-level bookkeeping), not
+  ``L`` times the work.
+
+  Args:
+    features: ``L`` maps ``[N, H_l, W_l, C]``, finest first, each level half
+      the size of the previous one (e.g. FPN P2..P5).
+    boxes: ``[K, 4]`` (with ``box_indices``) or ``[N, R, 4]`` (per image) boxes
+      ``(x1, y1, x2, y2)`` in input-image pixels.
+    output_size: ``oh`` (square) or ``(oh, ow)``; static.
+    image_size: static ``(H, W)`` of the (padded) input images; torchvision
+      uses the largest height and width over the batch.
+    sampling_ratio: static samples per bin axis (``<= 0``: adaptive).
+    aligned: static; see :func:`roi_align`.
+    box_indices: ``[K]`` image index per box for ``[K, 4]`` boxes.
+    canonical_scale: static ``224``: the box size that maps to
+      ``canonical_level``.
+    canonical_level: static ``4`` (ResNet C4/P4 for a 224 px box).
+
+  Returns:
+    ``[K, oh, ow, C]`` or ``[N, R, oh, ow, C]`` in the features' dtype.
+
+  Raises:
+    ValueError: an empty or non-consecutive pyramid, levels that disagree in
+      N or C, a bad ``image_size``, or the errors of :func:`roi_align`.
+    TypeError: as :func:`roi_align`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from roipool_jax import multi_scale_roi_align
+    >>> p2, p3 = jnp.ones((1, 64, 64, 8)), jnp.ones((1, 32, 32, 8))
+    >>> boxes = jnp.array([[0.0, 0.0, 32.0, 32.0], [0.0, 0.0, 250.0, 250.0]])
+    >>> multi_scale_roi_align([p2, p3], boxes, 7, image_size=(256, 256)).shape
+    (2, 7, 7, 8)
+
+  References:
+    Lin, Dollar, Girshick, He, Hariharan, Belongie, "Feature Pyramid Networks
+    for Object Detection", CVPR 2017. https://arxiv.org/abs/1612.03144
+  """
+  if isinstance(features, (jax.Array, np.ndarray)) or not len(features):
+    raise ValueError(
+      "`features` must be a non-empty sequence of [N, H_l, W_l, C] maps (one per pyramid "
+      f"level); got {type(features).__name__}."
+    )
+  for level, f in enumerate(features):
+    validation.check_features(f, name=f"features[{level}]")
+  shapes = [np.shape(f) for f in features]
+  if len({(s[0], s[3]) for s in shapes}) != 1:
+    raise ValueError(f"All `features` levels must share N and C; got shapes {shapes}.")
+  image = validation.normalize_output_size(tuple(image_size))  # two positive ints
+  size = validation.normalize_output_size(output_size)
+  ratio = validation.check_sampling_ratio(sampling_ratio)
+  validation.check_bool("aligned", aligned)
+  scales, k_min = infer_levels([s[1:3] for s in shapes], image)
+  features = [jnp.asarray(f) for f in features]
+  flat = boxes_lib.flatten_boxes(boxes, box_indices, shapes[0][0])
+  config = (size, tuple(scales), k_min, ratio, bool(aligned), canonical_scale, canonical_level)
+  out = _multi_scale(features, flat.boxes, flat.image_index, flat.valid, *config)
+  return out.reshape(flat.batch_shape + out.shape[1:])
+
+
+@partial(jax.jit, static_argnums=tuple(range(4, 11)))
+def _multi_scale(features, boxes, image_index, valid, size, scales, k_min, ratio, aligned, s0, k0):
+  level = fpn_levels(boxes, k_min, k_min + len(features) - 1, s0, k0)
+  out = None
+  for index, (f, scale) in enumerate(zip(features, scales, strict=True)):
+    flat = boxes_lib.FlatBoxes(boxes, image_index, valid & (level == index), boxes.shape[:1])
+    pooled = roi_align_lib.align_bins(f, flat, size, scale, ratio, aligned, "avg", sparse=True)
+    out = pooled if out is None else jnp.where((level == index)[:, None, None, None], pooled, out)
+  return out

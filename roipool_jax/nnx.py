@@ -1,0 +1,42 @@
+"""Flax NNX modules (``flax.nnx``) for the RoI ops; parameter-free dataclass modules.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from roipool_jax import nnx as roi_nnx
+  >>> layer = roi_nnx.RoIAlign(7, spatial_scale=1 / 16, sampling_ratio=2)
+  >>> features, boxes = jnp.ones((1, 32, 32, 4)), jnp.array([[0.0, 0.0, 256.0, 256.0]])
+  >>> layer(features, boxes).shape
+  (1, 7, 7, 4)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flax import nnx
+
+from roipool_jax._src import layers
+
+
+@dataclasses.dataclass
+class RoIPool(layers.RoIPoolConfig, nnx.Module):
+  """:func:`roipool_jax.roi_pool` as an NNX module (fields: its options)."""
+
+
+@dataclasses.dataclass
+class RoIAlign(layers.RoIAlignConfig, nnx.Module):
+  """:func:`roipool_jax.roi_align` as an NNX module (fields: its options)."""
+
+
+@dataclasses.dataclass
+class RoIWarp(layers.RoIWarpConfig, nnx.Module):
+  """:func:`roipool_jax.roi_warp` as an NNX module (fields: its options)."""
+
+
+@dataclasses.dataclass
+class MultiScaleRoIAlign(layers.MultiScaleRoIAlignConfig, nnx.Module):
+  """:func:`roipool_jax.multi_scale_roi_align` as an NNX module; ``features`` is the list
+  of pyramid levels, finest first."""
+
+
+__all__ = ("MultiScaleRoIAlign", "RoIAlign", "RoIPool", "RoIWarp")
