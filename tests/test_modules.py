@@ -82,3 +82,19 @@ def test_multi_scale_modules():
   np.testing.assert_array_equal(linen_layer.apply({}, pyramid, BOXES, INDICES), want)
   nnx_layer = roi_nnx.MultiScaleRoIAlign(2, (64, 64))
   np.testing.assert_array_equal(nnx_layer(pyramid, BOXES, INDICES), want)
+
+
+def test_linen_module_inside_nn_scan():
+  class Step(nn.Module):
+    @nn.compact
+    def __call__(self, total, xs):
+      features, boxes = xs
+      pooled = roi_linen.RoIAlign(output_size=2, sampling_ratio=2)(features[None], boxes)
+      return total + pooled.sum(), pooled
+
+  scan = nn.scan(Step, variable_broadcast=False, split_rngs={}, in_axes=0, out_axes=0, length=2)
+  boxes = jnp.asarray([[[1.0, 1.0, 6.0, 6.0]], [[2.0, 0.0, 9.0, 5.0]]])
+  _, pooled = scan().apply({}, 0.0, (FEATURES, boxes))
+  for n in range(2):
+    want = roipool_jax.roi_align(FEATURES[n : n + 1], boxes[n], 2, sampling_ratio=2)
+    np.testing.assert_allclose(pooled[n], want, rtol=1e-6, atol=1e-6)
