@@ -139,7 +139,7 @@ def multi_scale_roi_align(
   shapes = [np.shape(f) for f in features]
   if len({(s[0], s[3]) for s in shapes}) != 1:
     raise ValueError(f"All `features` levels must share N and C; got shapes {shapes}.")
-  image = validation.normalize_output_size(tuple(image_size))  # two positive ints
+  image = validation.normalize_output_size(tuple(image_size), "image_size")
   size = validation.normalize_output_size(output_size)
   ratio = validation.check_sampling_ratio(sampling_ratio)
   validation.check_bool("aligned", aligned)

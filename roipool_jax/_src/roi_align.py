@@ -48,15 +48,15 @@ def align_bins(
       rows, oh, height, _max_samples(sampling_ratio, height), False
     )
     tx, limit_x = sampling.sample_taps(cols, ow, width, _max_samples(sampling_ratio, width), False)
-    plan = tap_sum.Plan(flat.image_index, ty.index, tx.index, ty.count, tx.count)
-    return sample_max.sample_max(features, ty.weight, tx.weight, plan, (limit_y, limit_x))
-  if sampling_ratio > 0:
+  elif sampling_ratio > 0:
     ty, _ = sampling.sample_taps(rows, oh, height, sampling_ratio, True)
     tx, _ = sampling.sample_taps(cols, ow, width, sampling_ratio, True)
   else:
     ty = sampling.row_taps(rows, oh, height)
     tx = sampling.row_taps(cols, ow, width)
   plan = tap_sum.Plan(flat.image_index, ty.index, tx.index, ty.count, tx.count)
+  if mode == "max":
+    return sample_max.sample_max(features, ty.weight, tx.weight, plan, (limit_y, limit_x))
   return tap_sum.tap_sum(features, ty.weight, tx.weight, plan, sparse)
 
 

@@ -67,6 +67,7 @@ def crop_and_resize(
     Array([[ 2.5,  4.5],
            [10.5, 12.5]], dtype=float32)
   """
+  crop_size = validation.normalize_output_size(crop_size, "crop_size")
   return roi_align_lib.roi_align(
     features,
     boxes,
@@ -139,7 +140,7 @@ def roi_warp(
   if warp_size is None:
     wh, ww = 2 * oh, 2 * ow
   else:
-    wh, ww = validation.normalize_output_size(warp_size)
+    wh, ww = validation.normalize_output_size(warp_size, "warp_size")
   if wh % oh or ww % ow:
     raise ValueError(
       f"`warp_size` must be a multiple of `output_size` per axis; got warp_size "

@@ -28,13 +28,18 @@ from roipool_jax._src import chunking, tap_sum
 _NO_SAMPLE = 2**30
 
 
+def _rank_stride(num_col_taps: int) -> int:
+  """Sample ``(jy, jx)`` has rank ``jy * stride + jx`` (stride: padded samples along x)."""
+  return tap_sum.blocks(num_col_taps)[1] // 2
+
+
 def _forward(features, wy, wx, plan: tap_sum.Plan, limits):
   _, height, width, channels = features.shape
   table = features.reshape(-1, channels)
   data, slots, _, cost = tap_sum.prepare(wy, wx, plan)
   data["limit_y"], data["limit_x"] = limits
   samples_y, samples_x = slots[0] // 2, slots[1] // 2
-  stride = data["wx"].shape[2] // 2  # rank of sample (jy, jx) = jy * stride + jx
+  stride = _rank_stride(wx.shape[2])
   oh, ow = wy.shape[1], wx.shape[1]
 
   def visit(c, t, passes_x, state):
@@ -72,7 +77,7 @@ def _forward(features, wy, wx, plan: tap_sum.Plan, limits):
   best, rank = chunking.map_chunks(chunk_fn, data, cost, chunk)
   found = rank < _NO_SAMPLE
   out = jnp.where(found, best, 0.0).astype(features.dtype)
-  return out, jnp.where(found, rank, -1), stride
+  return out, jnp.where(found, rank, -1)
 
 
 @jax.custom_vjp
@@ -90,7 +95,7 @@ def sample_max(features, wy, wx, plan: tap_sum.Plan, limits) -> jax.Array:
 
 
 def _sample_max_fwd(features, wy, wx, plan, limits):
-  out, rank, _ = _forward(features, wy, wx, plan, limits)
+  out, rank = _forward(features, wy, wx, plan, limits)
   return out, (features, wy, wx, plan, rank)
 
 
@@ -99,8 +104,7 @@ def _sample_max_bwd(residuals, cotangent):
   n_img, height, width, channels = features.shape
   k, oh, ty = wy.shape
   ow, tx = wx.shape[1:]
-  _, padded_x = tap_sum.blocks(tx)
-  stride = padded_x // 2
+  stride = _rank_stride(tx)
   found = rank >= 0
   jy, jx = jnp.where(found, rank // stride, 0), jnp.where(found, rank % stride, 0)
   box = jnp.arange(k, dtype=jnp.int32)[:, None, None, None]

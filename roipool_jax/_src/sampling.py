@@ -111,6 +111,18 @@ def sample_position(axis: Axis, bin_index: jax.Array, sample: jax.Array) -> jax.
   return base + ((sample.astype(jnp.float32) + 0.5) * bin_size) / grid
 
 
+def sample_index_at(axis: Axis, bin_index: jax.Array, y) -> jax.Array:
+  """The fractional sample index at which bin ``p``'s samples reach position ``y``.
+
+  The inverse of :func:`sample_position` up to rounding (callers keep a
+  margin); 0 for bins of size 0 or with no samples.
+  """
+  base = axis.start[:, None, None] + bin_index.astype(jnp.float32) * axis.bin_size[:, None, None]
+  step = axis.bin_size[:, None, None] / jnp.maximum(axis.grid, 1).astype(jnp.float32)[:, None, None]
+  safe_step = jnp.where(step > 0, step, 1.0)
+  return jnp.where(step > 0, (y - base) / safe_step - 0.5, 0.0)
+
+
 def corners(y: jax.Array, length: int):
   """torchvision's bilinear rule along one axis for positions ``y``.
 
@@ -149,12 +161,8 @@ def sample_taps(axis: Axis, num_bins: int, length: int, max_samples: int, averag
   p = jnp.arange(num_bins, dtype=jnp.int32)[None, :, None]
   grid = axis.grid[:, None, None]
   last_sample = jnp.maximum(grid - 1, 0)
-  # First sample that can reach y >= -1, less a margin: solve the position
-  # formula for the sample index (approximately; the window has slack).
-  base = axis.start[:, None, None] + p.astype(jnp.float32) * axis.bin_size[:, None, None]
-  step = axis.bin_size[:, None, None] / jnp.maximum(grid, 1).astype(jnp.float32)
-  safe_step = jnp.where(step > 0, step, 1.0)
-  first_guess = jnp.where(step > 0, (-1.0 - base) / safe_step - 0.5, 0.0)
+  # First sample that can reach y >= -1, less a margin (the window has slack).
+  first_guess = sample_index_at(axis, p, -1.0)
   first = jnp.clip(boxes_lib.to_int(jnp.ceil(first_guess)) - 2, 0, last_sample)
   sample = first + jnp.arange(max_samples, dtype=jnp.int32)[None, None]
   in_use = sample < grid
@@ -167,7 +175,7 @@ def sample_taps(axis: Axis, num_bins: int, length: int, max_samples: int, averag
   index = jnp.stack([low, high], axis=-1).reshape(low.shape[:2] + (2 * low.shape[2],))
   weight = jnp.stack([w_low * scale, w_high * scale], axis=-1).reshape(index.shape)
   # Samples past y = length contribute nothing: stop the window there (+1).
-  last_guess = jnp.where(step > 0, (length - base) / safe_step - 0.5, 0.0)
+  last_guess = sample_index_at(axis, p, float(length))
   last = jnp.clip(boxes_lib.to_int(jnp.floor(last_guess)) + 2, first - 1, last_sample)
   samples_used = jnp.minimum(jnp.where(grid > 0, last - first + 1, 0), max_samples)
   count = 2 * jnp.max(samples_used, axis=(1, 2))
@@ -201,9 +209,7 @@ def row_taps(axis: Axis, num_bins: int, length: int) -> Taps:
   tap = jnp.arange(length, dtype=jnp.int32)[None, None]
   row = jnp.minimum(lo + tap, length - 1)  # [K, P, L]
   # Nearest sample to each row, then its neighbours.
-  step = axis.bin_size[:, None, None] / jnp.maximum(grid, 1).astype(jnp.float32)
-  safe_step = jnp.where(step > 0, step, 1.0)
-  nearest = jnp.where(step > 0, (row.astype(jnp.float32) - y_first) / safe_step, 0.0)
+  nearest = sample_index_at(axis, p, row.astype(jnp.float32))
   nearest = jnp.clip(boxes_lib.to_int(jnp.round(nearest)), 0, last_sample)
   sample = (
     nearest[..., None]

@@ -39,8 +39,13 @@ def check_boxes_dtype(boxes: jax.Array) -> None:
     )
 
 
-def normalize_output_size(output_size: int | Sequence[int]) -> tuple[int, int]:
-  """Returns ``(oh, ow)`` from an int or a pair, both positive Python ints."""
+def normalize_output_size(
+  output_size: int | Sequence[int], name: str = "output_size"
+) -> tuple[int, int]:
+  """Returns ``(h, w)`` from an int or a pair, both positive Python ints.
+
+  ``name`` is the argument named in errors (``output_size``, ``warp_size``, ...).
+  """
   if isinstance(output_size, (int, np.integer)) and not isinstance(output_size, bool):
     size = (int(output_size), int(output_size))
   elif (
@@ -51,11 +56,10 @@ def normalize_output_size(output_size: int | Sequence[int]) -> tuple[int, int]:
     size = (int(output_size[0]), int(output_size[1]))
   else:
     raise ValueError(
-      f"`output_size` must be a positive int or a pair of positive ints (oh, ow); "
-      f"got {output_size!r}."
+      f"`{name}` must be a positive int or a pair of positive ints (h, w); got {output_size!r}."
     )
   if size[0] < 1 or size[1] < 1:
-    raise ValueError(f"`output_size` must be positive; got {output_size!r}.")
+    raise ValueError(f"`{name}` must be positive; got {output_size!r}.")
   return size
 
 
