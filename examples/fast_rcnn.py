@@ -36,6 +36,7 @@ from roipool_jax import linen as roi_nn
 
 IMAGE = 64
 CLASSES = 4  # background + 3 shapes
+CLASS_NAMES = ("background", "square", "disc", "cross")
 PROPOSALS = 16  # per image
 STRIDE = 8
 
@@ -94,12 +95,24 @@ def make_batch(rng, batch):
     best = overlap.argmax(1)
     positive = overlap.max(1) >= 0.5
     labels[b] = np.where(positive, np.asarray(kinds)[best], 0)
-    gt, wh = gts[best], boxes[:, 2:] - boxes[:, :2]
-    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
-    gt_centre, gt_wh = (gt[:, :2] + gt[:, 2:]) / 2, gt[:, 2:] - gt[:, :2]
-    targets[b] = np.concatenate([(gt_centre - centre) / wh, np.log(gt_wh / wh)], 1)
+    targets[b] = encode(boxes, gts[best])
     proposals[b] = boxes
   return images, proposals, labels, targets
+
+
+def encode(boxes, gt):
+  """Box regression targets [..., 4]: (dx, dy) centre shift / size, (dw, dh) log size ratio."""
+  wh, gt_wh = boxes[..., 2:] - boxes[..., :2], gt[..., 2:] - gt[..., :2]
+  shift = ((gt[..., :2] + gt[..., 2:]) - (boxes[..., :2] + boxes[..., 2:])) / 2 / wh
+  return np.concatenate([shift, np.log(gt_wh / wh)], -1)
+
+
+def decode(boxes, deltas):
+  """Inverse of ``encode``: applies ``deltas`` [..., 4] to ``boxes`` [..., 4]."""
+  wh = boxes[..., 2:] - boxes[..., :2]
+  centre = (boxes[..., :2] + boxes[..., 2:]) / 2 + deltas[..., :2] * wh
+  half = wh * np.exp(deltas[..., 2:]) / 2
+  return np.concatenate([centre - half, centre + half], -1)
 
 
 # ------------------------------------------------------------------ model
@@ -133,6 +146,33 @@ def loss_fn(params, model, images, proposals, labels, targets):
   box = jnp.sum(optax.huber_loss(picked, targets) * positive) / jnp.maximum(positive.sum(), 1)
   accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
   return cls + box, accuracy
+
+
+def detect(model, params, images, proposals, min_score=0.5, max_overlap=0.3):
+  """Detections per image: a list of (boxes [D, 4], classes [D], scores [D]).
+
+  Each proposal is refined with the regression of its top non-background
+  class; boxes scoring below ``min_score`` are dropped, and greedy
+  non-maximum suppression (per class) removes boxes that overlap a better one
+  by more than ``max_overlap`` IoU.
+  """
+  logits, deltas = model.apply(params, images, proposals)
+  probs, deltas = np.asarray(jax.nn.softmax(logits)), np.asarray(deltas)
+  classes = probs[..., 1:].argmax(-1) + 1
+  scores = np.take_along_axis(probs, classes[..., None], -1)[..., 0]
+  picked = np.take_along_axis(deltas, classes[..., None, None], -2)[..., 0, :]
+  refined = np.clip(decode(np.asarray(proposals), picked), 0, IMAGE)
+  detections = []
+  for boxes, cls, score in zip(refined, classes, scores, strict=True):
+    keep = []
+    for i in np.argsort(-score):
+      if score[i] < min_score:
+        break
+      same = [j for j in keep if cls[j] == cls[i]]
+      if not same or _iou(boxes[i : i + 1], boxes[same]).max() <= max_overlap:
+        keep.append(i)
+    detections.append((boxes[keep], cls[keep], score[keep]))
+  return detections
 
 
 def make_train_step(model, optimizer, mesh=None):

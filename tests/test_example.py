@@ -30,6 +30,34 @@ def test_loss_falls_on_a_tiny_run(pool):
   assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8]), losses
 
 
+def test_decode_inverts_encode():
+  example = _load_example()
+  rng = np.random.default_rng(0)
+  lo = rng.uniform(0, 40, (2, 5, 2))
+  boxes = np.concatenate([lo, lo + rng.uniform(2, 20, (2, 5, 2))], -1)
+  lo = rng.uniform(0, 40, (2, 5, 2))
+  gt = np.concatenate([lo, lo + rng.uniform(2, 20, (2, 5, 2))], -1)
+  np.testing.assert_allclose(example.decode(boxes, example.encode(boxes, gt)), gt, atol=1e-9)
+  np.testing.assert_allclose(example.decode(boxes, np.zeros_like(boxes)), boxes)
+
+
+def test_detect_finds_the_shapes_after_training():
+  example = _load_example()
+  params, _ = example.train(steps=150, batch=8, log_every=50, out=io.StringIO())
+  rng = np.random.default_rng(123)
+  images, proposals, labels, _ = example.make_batch(rng, 8)
+  model = example.FastRCNN()
+  detections = example.detect(model, params, images, proposals, min_score=0.5)
+  assert len(detections) == 8
+  found = 0
+  for b, (boxes, classes, scores) in enumerate(detections):
+    assert boxes.shape == (len(classes), 4) and scores.shape == classes.shape
+    assert np.all(scores >= 0.5) and np.all((classes >= 1) & (classes < example.CLASSES))
+    assert np.all(boxes >= 0) and np.all(boxes <= example.IMAGE)
+    found += len(set(classes.tolist()) & set(labels[b][labels[b] > 0].tolist()))
+  assert found >= 8  # of about 13 (image, class) pairs: most shapes found with the right class
+
+
 SHARDED = """
 import importlib.util, io, sys
 import jax, numpy as np
