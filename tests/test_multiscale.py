@@ -12,8 +12,9 @@ from tests import fixtures_io
 CASES = fixtures_io.load_cases("torchvision_multiscale.npz")
 
 
+@pytest.mark.parametrize("impl", ["gather", "einsum"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_matches_torchvision_multiscale_roi_align(name):
+def test_matches_torchvision_multiscale_roi_align(name, impl):
   c = CASES[name]
   levels = sorted(k for k in c if k.startswith("features"))
   features = [jnp.asarray(c[k]) for k in levels]
@@ -26,6 +27,7 @@ def test_matches_torchvision_multiscale_roi_align(name):
       image_size=tuple(int(s) for s in c["image_size"]),
       sampling_ratio=int(c["sampling_ratio"]),
       box_indices=c["box_indices"],
+      impl=impl,
     )
 
   out, vjp = jax.vjp(f, *features)

@@ -22,14 +22,16 @@ CASES = fixtures_io.load_cases("torchvision_roi_align.npz")
 # ------------------------------------------------------------------ torchvision parity
 
 
+@pytest.mark.parametrize("impl", ["gather", "einsum"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_matches_torchvision_forward_and_gradient(name):
+def test_matches_torchvision_forward_and_gradient(name, impl):
   c = CASES[name]
   kwargs = dict(
     spatial_scale=float(c["spatial_scale"]),
     sampling_ratio=int(c["sampling_ratio"]),
     aligned=bool(c["aligned"]),
     box_indices=c["box_indices"],
+    impl=impl,
   )
   size = tuple(int(s) for s in c["output_size"])
   out, vjp = jax.vjp(lambda x: roi_align(x, c["boxes"], size, **kwargs), jnp.asarray(c["features"]))

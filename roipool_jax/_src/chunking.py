@@ -78,3 +78,21 @@ def fold_chunks(fn: Callable, init: Any, per_box: Any, cost: jax.Array, chunk: i
     return fn(carry, jax.tree.map(lambda x: x[i], chunks))
 
   return lax.fori_loop(0, num_chunks, body, init)
+
+
+def map_in_order(fn: Callable, per_box: Any, chunk: int) -> Any:
+  """Applies ``fn`` to consecutive chunks of boxes (no sorting, no gathers).
+
+  The boxes are padded with zeros to a whole number of chunks, reshaped and
+  visited with ``lax.map``, which slices with ``dynamic-slice`` only. This is
+  the chunking of the gather-free backend (:mod:`roipool_jax._src.dense`).
+  """
+  k = jax.tree.leaves(per_box)[0].shape[0]
+  num_chunks = -(-k // chunk)
+
+  def split(x):
+    x = jnp.pad(x, [(0, num_chunks * chunk - k)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape((num_chunks, chunk) + x.shape[1:])
+
+  out = lax.map(fn, jax.tree.map(split, per_box))
+  return jax.tree.map(lambda y: y.reshape((num_chunks * chunk,) + y.shape[2:])[:k], out)

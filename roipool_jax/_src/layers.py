@@ -48,6 +48,7 @@ class RoIAlignConfig:
   sampling_ratio: int = -1
   aligned: bool = False
   mode: str = "avg"
+  impl: str = "auto"
 
   def __call__(self, features, boxes, box_indices=None):
     return roi_align(
@@ -59,6 +60,7 @@ class RoIAlignConfig:
       aligned=self.aligned,
       box_indices=box_indices,
       mode=self.mode,
+      impl=self.impl,
     )
 
 
@@ -70,6 +72,7 @@ class RoIWarpConfig:
   spatial_scale: float = 1.0
   warp_size: Size | None = None
   aligned: bool = True
+  impl: str = "auto"
 
   def __call__(self, features, boxes, box_indices=None):
     return roi_warp(
@@ -80,6 +83,7 @@ class RoIWarpConfig:
       warp_size=self.warp_size,
       aligned=self.aligned,
       box_indices=box_indices,
+      impl=self.impl,
     )
 
 
@@ -93,6 +97,7 @@ class MultiScaleRoIAlignConfig:
   aligned: bool = False
   canonical_scale: int = 224
   canonical_level: int = 4
+  impl: str = "auto"
 
   def __call__(self, features: Sequence, boxes, box_indices=None):
     return multi_scale_roi_align(
@@ -105,4 +110,5 @@ class MultiScaleRoIAlignConfig:
       box_indices=box_indices,
       canonical_scale=self.canonical_scale,
       canonical_level=self.canonical_level,
+      impl=self.impl,
     )

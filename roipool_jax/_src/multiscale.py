@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from roipool_jax._src import backends, validation
 from roipool_jax._src import boxes as boxes_lib
 from roipool_jax._src import roi_align as roi_align_lib
-from roipool_jax._src import validation
 
 
 def infer_levels(
@@ -72,6 +72,7 @@ def multi_scale_roi_align(
   box_indices: jax.typing.ArrayLike | None = None,
   canonical_scale: int = 224,
   canonical_level: int = 4,
+  impl: str = "auto",
 ) -> jax.Array:
   r"""RoIAlign on a feature pyramid: each box is pooled from the level its size selects.
 
@@ -108,6 +109,9 @@ def multi_scale_roi_align(
     canonical_scale: static ``224``: the box size that maps to
       ``canonical_level``.
     canonical_level: static ``4`` (ResNet C4/P4 for a 224 px box).
+    impl: ``"auto"``, ``"gather"`` or ``"einsum"``; static (see
+      :func:`roi_align`). With ``"einsum"`` every level is a dense pass over
+      all boxes (the other levels' boxes have zero weights).
 
   Returns:
     ``[K, oh, ow, C]`` or ``[N, R, oh, ow, C]`` in the features' dtype.
@@ -143,20 +147,34 @@ def multi_scale_roi_align(
   size = validation.normalize_output_size(output_size)
   ratio = validation.check_sampling_ratio(sampling_ratio)
   validation.check_bool("aligned", aligned)
+  impl = backends.resolve(impl)
   scales, k_min = infer_levels([s[1:3] for s in shapes], image)
   features = [jnp.asarray(f) for f in features]
   flat = boxes_lib.flatten_boxes(boxes, box_indices, shapes[0][0])
-  config = (size, tuple(scales), k_min, ratio, bool(aligned), canonical_scale, canonical_level)
+  config = (
+    size,
+    tuple(scales),
+    k_min,
+    ratio,
+    bool(aligned),
+    canonical_scale,
+    canonical_level,
+    impl,
+  )
   out = _multi_scale(features, flat.boxes, flat.image_index, flat.valid, *config)
   return out.reshape(flat.batch_shape + out.shape[1:])
 
 
-@partial(jax.jit, static_argnums=tuple(range(4, 11)))
-def _multi_scale(features, boxes, image_index, valid, size, scales, k_min, ratio, aligned, s0, k0):
+@partial(jax.jit, static_argnums=tuple(range(4, 12)))
+def _multi_scale(
+  features, boxes, image_index, valid, size, scales, k_min, ratio, aligned, s0, k0, impl
+):
   level = fpn_levels(boxes, k_min, k_min + len(features) - 1, s0, k0)
   out = None
   for index, (f, scale) in enumerate(zip(features, scales, strict=True)):
     flat = boxes_lib.FlatBoxes(boxes, image_index, valid & (level == index), boxes.shape[:1])
-    pooled = roi_align_lib.align_bins(f, flat, size, scale, ratio, aligned, "avg", sparse=True)
+    pooled = roi_align_lib.align_bins(
+      f, flat, size, scale, ratio, aligned, "avg", sparse=True, impl=impl
+    )
     out = pooled if out is None else jnp.where((level == index)[:, None, None, None], pooled, out)
   return out

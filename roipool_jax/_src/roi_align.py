@@ -8,8 +8,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from roipool_jax._src import backends, dense, sample_max, sampling, tap_sum, validation
 from roipool_jax._src import boxes as boxes_lib
-from roipool_jax._src import sample_max, sampling, tap_sum, validation
 
 MODES = ("avg", "max")
 
@@ -37,12 +37,26 @@ def _max_samples(sampling_ratio: int, length: int) -> int:
 
 
 def align_bins(
-  features, flat, output_size, spatial_scale, sampling_ratio, aligned, mode, sparse=False
+  features,
+  flat,
+  output_size,
+  spatial_scale,
+  sampling_ratio,
+  aligned,
+  mode,
+  sparse=False,
+  impl="gather",
 ):
-  """RoIAlign of flat boxes, ``[K, oh, ow, C]``; shared by ``roi_align`` and the warps."""
+  """RoIAlign of flat boxes, ``[K, oh, ow, C]``; shared by ``roi_align`` and the warps.
+
+  ``impl`` is a resolved backend (``"gather"`` or ``"einsum"``, see
+  :func:`backends.resolve`).
+  """
   height, width = features.shape[1:3]
   rows, cols = align_geometry(flat, output_size, spatial_scale, sampling_ratio, aligned)
   oh, ow = output_size
+  if impl == "einsum":
+    return _dense_bins(features, flat, rows, cols, output_size, sampling_ratio)
   if mode == "max":
     ty, limit_y = sampling.sample_taps(
       rows, oh, height, _max_samples(sampling_ratio, height), False
@@ -60,6 +74,19 @@ def align_bins(
   return tap_sum.tap_sum(features, ty.weight, tx.weight, plan, sparse)
 
 
+def _dense_bins(features, flat, rows, cols, output_size, sampling_ratio):
+  """The average through dense interpolation matrices (:mod:`roipool_jax._src.dense`)."""
+  (height, width), (oh, ow) = features.shape[1:3], output_size
+  if sampling_ratio > 0:
+    ty, _ = sampling.sample_taps(rows, oh, height, sampling_ratio, True)
+    tx, _ = sampling.sample_taps(cols, ow, width, sampling_ratio, True)
+    wy, wx = dense.interpolation_matrix(ty, height), dense.interpolation_matrix(tx, width)
+  else:  # merged per-cell taps, already dense
+    wy = sampling.row_taps(rows, oh, height, dense=True).weight
+    wx = sampling.row_taps(cols, ow, width, dense=True).weight
+  return dense.separable_sum(features, wy, wx, flat.image_index)
+
+
 def roi_align(
   features: jax.typing.ArrayLike,
   boxes: jax.typing.ArrayLike,
@@ -70,6 +97,7 @@ def roi_align(
   aligned: bool = False,
   box_indices: jax.typing.ArrayLike | None = None,
   mode: str = "avg",
+  impl: str = "auto",
 ) -> jax.Array:
   r"""RoIAlign (Mask R-CNN): bilinear samples averaged (or maxed) over an ``oh x ow`` grid.
 
@@ -128,6 +156,16 @@ def roi_align(
   ``mode="max"`` only the samples within one cell of the map are visited.
   Nothing of size ``K * H * W * C`` is materialized.
 
+  Implementations (``impl``): the above describes ``"gather"``.
+  ``"einsum"`` (``mode="avg"`` only) computes the same formula with dense
+  per-axis interpolation matrices ``Wy [K, oh, H]`` and ``Wx [K, ow, W]``
+  and two matmuls, ``out = Wy @ F @ Wx^T`` per box. Its HLO has no gather
+  and no scatter, and its gradients (autodiff: the transposed matmuls) are
+  deterministic on every backend. It costs ``2 * K * oh * N * H * W * C``
+  flops, and a non-finite value anywhere in the map reaches every box (``0 *
+  inf`` is NaN). ``"auto"`` (default) picks ``"einsum"`` on TPU and GPU and
+  ``"gather"`` on CPU; ``mode="max"`` always uses ``"gather"``.
+
   Args:
     features: ``[N, H, W, C]`` floating feature map.
     boxes: ``[K, 4]`` (with ``box_indices``) or ``[N, R, 4]`` (per image) boxes
@@ -141,6 +179,7 @@ def roi_align(
     box_indices: ``[K]`` integer image index of each box for ``[K, 4]`` boxes;
       may be omitted when ``N == 1``. Must be None for ``[N, R, 4]`` boxes.
     mode: ``"avg"`` (torchvision) or ``"max"`` (mmcv's max pool mode).
+    impl: ``"auto"``, ``"gather"`` or ``"einsum"`` (see above); static.
 
   Returns:
     ``[K, oh, ow, C]`` (flat boxes) or ``[N, R, oh, ow, C]`` (per-image boxes)
@@ -149,8 +188,8 @@ def roi_align(
   Raises:
     ValueError: wrong rank or last dim of ``features``/``boxes``, non-positive
       ``output_size`` or ``spatial_scale``, non-int ``sampling_ratio``,
-      unknown ``mode``, ``box_indices`` of the wrong length or (when concrete)
-      out of ``[0, N)``.
+      unknown ``mode`` or ``impl`` (or ``"einsum"`` with ``mode="max"``),
+      ``box_indices`` of the wrong length or (when concrete) out of ``[0, N)``.
     TypeError: non-floating ``features``, non-integer ``box_indices`` or a
       non-bool ``aligned``.
 
@@ -173,15 +212,16 @@ def roi_align(
   ratio = validation.check_sampling_ratio(sampling_ratio)
   validation.check_bool("aligned", aligned)
   validation.check_choice("mode", mode, MODES)
+  impl = backends.resolve(impl, mode == "avg", 'for mode="max"')
   features = jnp.asarray(features)
   flat = boxes_lib.flatten_boxes(boxes, box_indices, features.shape[0])
-  config = (size, scale, ratio, bool(aligned), mode)
+  config = (size, scale, ratio, bool(aligned), mode, impl)
   out = _roi_align(features, flat.boxes, flat.image_index, flat.valid, *config)
   return out.reshape(flat.batch_shape + out.shape[1:])
 
 
 # Compiled once per shape and configuration, also when called outside `jit`.
-@partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
-def _roi_align(features, boxes, image_index, valid, size, scale, ratio, aligned, mode):
+@partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9))
+def _roi_align(features, boxes, image_index, valid, size, scale, ratio, aligned, mode, impl):
   flat = boxes_lib.FlatBoxes(boxes, image_index, valid, boxes.shape[:1])
-  return align_bins(features, flat, size, scale, ratio, aligned, mode)
+  return align_bins(features, flat, size, scale, ratio, aligned, mode, impl=impl)

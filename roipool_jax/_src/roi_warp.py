@@ -20,6 +20,7 @@ def crop_and_resize(
   spatial_scale: float = 1.0,
   aligned: bool = True,
   box_indices: jax.typing.ArrayLike | None = None,
+  impl: str = "auto",
 ) -> jax.Array:
   r"""Warps every box to a fixed ``ch x cw`` grid by bilinear interpolation.
 
@@ -51,6 +52,7 @@ def crop_and_resize(
     spatial_scale: static feature cells per image pixel.
     aligned: static; pixel-centre model (-0.5 shift), the default here.
     box_indices: ``[K]`` image index per box for ``[K, 4]`` boxes.
+    impl: ``"auto"``, ``"gather"`` or ``"einsum"``; static (see :func:`roi_align`).
 
   Returns:
     ``[K, ch, cw, C]`` or ``[N, R, ch, cw, C]`` in the features' dtype.
@@ -76,6 +78,7 @@ def crop_and_resize(
     sampling_ratio=1,
     aligned=aligned,
     box_indices=box_indices,
+    impl=impl,
   )
 
 
@@ -88,6 +91,7 @@ def roi_warp(
   warp_size: int | Sequence[int] | None = None,
   aligned: bool = True,
   box_indices: jax.typing.ArrayLike | None = None,
+  impl: str = "auto",
 ) -> jax.Array:
   r"""RoI warping (MNC): bilinear warp of each box, then max pooling to ``oh x ow``.
 
@@ -116,6 +120,7 @@ def roi_warp(
       default ``2 * output_size``.
     aligned: static; pixel-centre model (see :func:`crop_and_resize`).
     box_indices: ``[K]`` image index per box for ``[K, 4]`` boxes.
+    impl: ``"auto"``, ``"gather"`` or ``"einsum"``; static (see :func:`roi_align`).
 
   Returns:
     ``[K, oh, ow, C]`` or ``[N, R, oh, ow, C]`` in the features' dtype.
@@ -153,6 +158,7 @@ def roi_warp(
     spatial_scale=spatial_scale,
     aligned=aligned,
     box_indices=box_indices,
+    impl=impl,
   )
   return _max_pool(warped, (oh, ow))
 

@@ -182,7 +182,7 @@ def sample_taps(axis: Axis, num_bins: int, length: int, max_samples: int, averag
   return Taps(index, weight, count), (grid - first)[:, :, 0]
 
 
-def row_taps(axis: Axis, num_bins: int, length: int) -> Taps:
+def row_taps(axis: Axis, num_bins: int, length: int, dense: bool = False) -> Taps:
   """One tap per cell: the summed weight of all of a bin's samples on that cell.
 
   For adaptive grids, whose sample count grows with the box, this replaces
@@ -193,6 +193,10 @@ def row_taps(axis: Axis, num_bins: int, length: int) -> Taps:
   is sample ``i``'s bilinear weight on ``r`` (:func:`corners`); only the
   ``2 * _NEIGHBOURS + 1`` samples nearest to ``r`` can be non-zero, and only
   those are evaluated.
+
+  With ``dense``, tap ``t`` is cell ``t`` itself (unused outside the bin's
+  cells), so ``weight`` is the dense ``[K, P, length]`` interpolation matrix
+  of the gather-free backend.
 
   Returns:
     :class:`Taps` with ``T = length``.
@@ -207,7 +211,12 @@ def row_taps(axis: Axis, num_bins: int, length: int) -> Taps:
   hi = jnp.clip(boxes_lib.to_int(jnp.floor(jnp.maximum(y_last, 0.0))) + 1, 0, length - 1)
   rows_used = jnp.where(grid > 0, hi - lo + 1, 0)  # [K, P, 1]
   tap = jnp.arange(length, dtype=jnp.int32)[None, None]
-  row = jnp.minimum(lo + tap, length - 1)  # [K, P, L]
+  if dense:
+    row = jnp.broadcast_to(tap, lo.shape[:2] + (length,))
+    in_bin = (tap >= lo) & (tap <= hi) & (grid > 0)
+  else:
+    row = jnp.minimum(lo + tap, length - 1)  # [K, P, L]
+    in_bin = tap < rows_used
   # Nearest sample to each row, then its neighbours.
   nearest = sample_index_at(axis, p, row.astype(jnp.float32))
   nearest = jnp.clip(boxes_lib.to_int(jnp.round(nearest)), 0, last_sample)
@@ -225,6 +234,6 @@ def row_taps(axis: Axis, num_bins: int, length: int) -> Taps:
     use & (high == on_row), w_high, 0.0
   )
   weight = jnp.sum(weight, axis=-1)
-  weight = jnp.where(tap < rows_used, weight, 0.0) / jnp.maximum(grid, 1).astype(jnp.float32)
-  row = jnp.where(tap < rows_used, row, -1)
+  weight = jnp.where(in_bin, weight, 0.0) / jnp.maximum(grid, 1).astype(jnp.float32)
+  row = jnp.where(in_bin, row, -1)
   return Taps(row, weight, jnp.max(rows_used, axis=(1, 2)))

@@ -1,0 +1,45 @@
+"""Choosing an implementation: ``impl="auto" | "gather" | "einsum"``.
+
+* ``"gather"``: per-box gathers of contiguous ``C`` vectors, visiting only
+  the cells each bin samples. Its backward pass is a scatter-add. It is the
+  fastest on CPU, deterministic there, and works everywhere.
+* ``"einsum"``: dense separable interpolation matrices applied with matmuls
+  (:mod:`roipool_jax._src.dense`). It has no gather and no scatter in the
+  forward or backward HLO, and its gradients are deterministic on every
+  backend. It is the formulation TPUs run well. Its cost is dense in the map.
+  Supported by the averaging ops (``roi_align`` with ``mode="avg"``,
+  ``crop_and_resize``, ``roi_warp``, ``multi_scale_roi_align``).
+* ``"auto"``: ``"einsum"`` on TPU and GPU (where a gather/scatter backward
+  is slow or non-deterministic) when the op supports it, else ``"gather"``.
+
+The choice is made at trace time from ``jax.default_backend()``.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from roipool_jax._src import validation
+
+IMPLS = ("auto", "gather", "einsum")
+_DENSE_BACKENDS = ("tpu", "gpu", "cuda", "rocm")
+
+
+def resolve(impl: str, einsum_supported: bool = True, why: str = "") -> str:
+  """The concrete implementation for ``impl`` on the default backend.
+
+  Args:
+    impl: ``"auto"``, ``"gather"`` or ``"einsum"``.
+    einsum_supported: whether the calling op and options have an einsum path.
+    why: what rules the einsum path out, for the error message.
+
+  Raises:
+    ValueError: an unknown ``impl``, or ``"einsum"`` where it is not supported.
+  """
+  validation.check_choice("impl", impl, IMPLS)
+  if impl == "einsum" and not einsum_supported:
+    raise ValueError(f'`impl="einsum"` is not available {why}; use impl="gather" or "auto".')
+  if impl == "auto":
+    dense = jax.default_backend() in _DENSE_BACKENDS and einsum_supported
+    return "einsum" if dense else "gather"
+  return impl
