@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark scripts: boxes, timing, compiled memory, tables."""
+"""Shared pieces of the benchmark suite: boxes, timing, memory, bandwidth."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -27,6 +28,8 @@ def proposals(rng, k, n, image_h, image_w, min_size=16.0, max_factor=1.0):
 
 
 def median_ms(fn, repeats):
+  """Median wall time of ``fn()`` in ms over ``repeats`` runs (after one warm-up run)."""
+  fn()
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -35,45 +38,41 @@ def median_ms(fn, repeats):
   return 1e3 * statistics.median(times)
 
 
-def temp_bytes(jitted, *args):
-  """Scratch memory XLA allocates for a compiled function (its memory analysis)."""
-  analysis = jitted.lower(*args).compile().memory_analysis()
-  return getattr(analysis, "temp_size_in_bytes", None) if analysis else None
+def peak_bytes(jitted, *args):
+  """Peak memory of a compiled function by XLA's memory analysis: its
+  arguments, outputs and temporaries (``peak_memory_in_bytes`` where the
+  backend reports it)."""
+  stats = jitted.lower(*args).compile().memory_analysis()
+  if stats is None:
+    return None
+  peak = getattr(stats, "peak_memory_in_bytes", 0)
+  if peak:
+    return peak
+  return (
+    stats.argument_size_in_bytes
+    + stats.output_size_in_bytes
+    + stats.temp_size_in_bytes
+    - stats.alias_size_in_bytes
+  )
+
+
+def copy_bandwidth(megabytes=256, repeats=10):
+  """Memory bandwidth in bytes/s measured by ``y = x + 1`` over a large array
+  (every byte read once and written once), on the default device."""
+  x = jnp.zeros(megabytes * 2**20 // 4, jnp.float32)
+  add = jax.jit(lambda x: x + 1)
+  ms = median_ms(lambda: jax.block_until_ready(add(x)), repeats)
+  return 2 * x.nbytes / (ms / 1e3)
 
 
 def machine():
-  device = jax.devices()[0].platform.upper()
+  device = jax.devices()[0]
   cpu = platform.processor() or platform.machine()
-  return f"{device} ({cpu}, jax {jax.__version__})"
-
-
-def ratio(ours, theirs):
-  return f"{theirs / ours:.1f}x" if theirs else "n/a"
-
-
-def ms(value):
-  return f"{value:.1f}" if value else "n/a"
-
-
-def torch_timings(op, features, boxes, indices, repeats):
-  """Median ms of ``op(x_nchw, rois)`` forward and forward+backward (feature
-  gradient), or None when torch is not installed."""
   try:
-    import torch
-  except ImportError:
-    return None
-  x = torch.tensor(np.asarray(features)).permute(0, 3, 1, 2).contiguous()
-  rois = torch.cat([torch.tensor(indices, dtype=torch.float32)[:, None], torch.tensor(boxes)], 1)
-
-  def fwd():
-    with torch.no_grad():
-      op(x, rois)
-
-  def fwd_bwd():
-    xg = x.detach().requires_grad_(True)
-    y = op(xg, rois)
-    y.backward(torch.ones_like(y))
-
-  fwd()
-  fwd_bwd()
-  return median_ms(fwd, repeats), median_ms(fwd_bwd, repeats)
+    with open("/proc/cpuinfo") as f:
+      names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    cpu = f"{names[0]}, {len(names)} cores" if names else cpu
+  except OSError:
+    pass
+  kind = device.device_kind if device.platform != "cpu" else cpu
+  return f"{device.platform.upper()}: {kind}; jax {jax.__version__}"

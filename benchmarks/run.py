@@ -1,0 +1,362 @@
+"""The benchmark suite: every op on standard detector configs, side by side
+with torchvision and with the memory-bandwidth floor.
+
+    python benchmarks/run.py                  # all configs, float32 and bfloat16
+    python benchmarks/run.py --only P2 --dtypes float32 --repeats 10
+    python benchmarks/run.py --quick          # tiny shapes: checks the suite runs
+
+For each config and dtype it times, after compilation and a warm-up run, the
+median of ``--repeats`` runs of the jitted forward and of forward+backward
+(the gradient with respect to the features, as torchvision has no box
+gradient). When torch/torchvision are importable, the same op runs on the same
+data in the same process (NCHW; CUDA when JAX runs on a GPU and torch sees
+one). It also reports:
+
+* ``floor``: the bytes that must move (features read once and the output
+  written once; for forward+backward also the cotangent read and the feature
+  gradient written) divided by the memory bandwidth measured in the same run
+  (``y = x + 1`` over 256 MB), and how many times the floor each
+  implementation takes;
+* ``peak MB``: the peak memory of the compiled JAX forward+backward (XLA's
+  memory analysis: arguments, outputs and temporaries), next to the
+  ``K * H * W * C`` elements a per-box copy of the map would take.
+
+Results go to ``--out`` (default ``benchmarks/results``) as ``<backend>.md``,
+``<backend>.json`` and ``<backend>.png``; the markdown is also printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import copy_bandwidth, machine, median_ms, peak_bytes, proposals  # noqa: E402
+
+import roipool_jax  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  name: str
+  op: str  # "roi_pool" | "roi_align" | "roi_warp" | "multi_scale"
+  shape: tuple[int, int, int, int]  # (N, H, W, C) of the (finest) map
+  rois: int
+  output: int
+  scale: float  # of the finest map
+  sampling_ratio: int = 2
+  aligned: bool = True
+  box_px: tuple[float, float] = (16.0, 1.0)  # min side in px, max side / image
+  levels: int = 1  # pyramid levels (multi_scale), each half the previous
+
+  def quick(self):
+    n, h, w, c = self.shape
+    return dataclasses.replace(
+      self,
+      shape=(n, max(h // 4, 4), max(w // 4, 4), max(c // 16, 4)),
+      rois=max(self.rois // 16, 4),
+      box_px=(min(self.box_px[0], 16.0), self.box_px[1]),
+    )
+
+
+CONFIGS = [
+  Config("Fast R-CNN VGG16, roi_pool", "roi_pool", (2, 38, 63, 512), 128, 7, 1 / 16),
+  Config("article 512x512, roi_pool 3x3", "roi_pool", (1, 16, 16, 512), 2000, 3, 1 / 32),
+  Config("FPN P2 box head, roi_align", "roi_align", (1, 200, 304, 256), 512, 7, 1 / 4),
+  Config("FPN P2 mask head 14x14, roi_align", "roi_align", (1, 200, 304, 256), 512, 14, 1 / 4),
+  Config(
+    "adaptive, large boxes, roi_align",
+    "roi_align",
+    (2, 50, 84, 256),
+    512,
+    7,
+    1 / 16,
+    sampling_ratio=-1,
+    box_px=(200.0, 1.0),
+  ),
+  Config("FPN P2, roi_warp (14x14 warp)", "roi_warp", (1, 200, 304, 256), 512, 7, 1 / 4),
+  Config(
+    "MultiScaleRoIAlign P2-P5, 1000 RoIs",
+    "multi_scale",
+    (1, 200, 304, 256),
+    1000,
+    7,
+    1 / 4,
+    aligned=False,
+    levels=4,
+  ),
+]
+
+
+# ------------------------------------------------------------------ inputs and ops
+
+
+def make_inputs(config: Config, dtype, seed=0):
+  """Post-ReLU features (one map, or a pyramid list), boxes [K, 4], indices [K]."""
+  n, h, w, c = config.shape
+  key = jax.random.key(seed)
+  shapes = [(n, -(-h // 2**i), -(-w // 2**i), c) for i in range(config.levels)]
+  maps = [
+    jax.nn.relu(jax.random.normal(jax.random.fold_in(key, i), s)).astype(dtype)
+    for i, s in enumerate(shapes)
+  ]
+  min_px, factor = config.box_px
+  boxes, indices = proposals(
+    np.random.default_rng(seed), config.rois, n, h / config.scale, w / config.scale, min_px, factor
+  )
+  return (maps if config.levels > 1 else maps[0]), jnp.asarray(boxes), jnp.asarray(indices)
+
+
+def jax_op(config: Config, indices, impl: str):
+  """``features -> [K, out, out, C]`` with the boxes as the second argument."""
+  size, scale, index = config.output, config.scale, indices
+  if config.op == "roi_pool":
+    return lambda f, b: roipool_jax.roi_pool(f, b, size, spatial_scale=scale, box_indices=index)
+  if config.op == "roi_align":
+    return lambda f, b: roipool_jax.roi_align(
+      f,
+      b,
+      size,
+      spatial_scale=scale,
+      sampling_ratio=config.sampling_ratio,
+      aligned=config.aligned,
+      box_indices=index,
+      impl=impl,
+    )
+  if config.op == "roi_warp":
+    return lambda f, b: roipool_jax.roi_warp(
+      f, b, size, spatial_scale=scale, box_indices=index, impl=impl
+    )
+  image = (round(config.shape[1] / scale), round(config.shape[2] / scale))
+  return lambda f, b: roipool_jax.multi_scale_roi_align(
+    f,
+    b,
+    size,
+    image_size=image,
+    sampling_ratio=config.sampling_ratio,
+    aligned=config.aligned,
+    box_indices=index,
+    impl=impl,
+  )
+
+
+def bench_jax(config, features, boxes, indices, impl, repeats):
+  op = jax_op(config, indices, impl)
+  fwd = jax.jit(op)
+  out = fwd(features, boxes)
+  cot = jnp.ones(out.shape, out.dtype)
+  grad = jax.jit(jax.grad(lambda f, b: jnp.vdot(op(f, b), cot).real.astype(jnp.float32)))
+  return dict(
+    fwd_ms=median_ms(lambda: jax.block_until_ready(fwd(features, boxes)), repeats),
+    fwd_bwd_ms=median_ms(lambda: jax.block_until_ready(grad(features, boxes)), repeats),
+    peak_mb=(peak_bytes(grad, features, boxes) or 0) / 2**20,
+    out_bytes=out.nbytes,
+  )
+
+
+def bench_torch(config, features, boxes, indices, dtype, repeats):
+  """torchvision's forward and forward+backward on the same data, or None."""
+  try:
+    import torch
+    import torchvision
+  except ImportError:
+    return None
+  device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+  tdtype = {jnp.float32: torch.float32, jnp.bfloat16: torch.bfloat16}[dtype]
+  maps = features if isinstance(features, list) else [features]
+  xs = [
+    torch.tensor(np.asarray(m.astype(jnp.float32)))
+    .permute(0, 3, 1, 2)
+    .contiguous()
+    .to(device, tdtype)
+    for m in maps
+  ]
+  idx = torch.tensor(np.asarray(indices), dtype=torch.float32)[:, None]
+  rois = torch.cat([idx, torch.tensor(np.asarray(boxes))], 1).to(device, tdtype)
+  size, scale = config.output, config.scale
+  if config.op == "roi_pool":
+
+    def op(xs):
+      return torchvision.ops.roi_pool(xs[0], rois, size, scale)
+  elif config.op == "roi_align":
+
+    def op(xs):
+      return torchvision.ops.roi_align(
+        xs[0], rois, size, scale, config.sampling_ratio, config.aligned
+      )
+  elif config.op == "multi_scale":
+    names = [str(i) for i in range(len(xs))]
+    pooler = torchvision.ops.MultiScaleRoIAlign(names, size, config.sampling_ratio)
+    n = config.shape[0]
+    per_image = [rois[rois[:, 0] == i, 1:] for i in range(n)]
+    image = (round(config.shape[1] / scale), round(config.shape[2] / scale))
+
+    def op(xs):
+      return pooler(dict(zip(names, xs, strict=True)), per_image, [image] * n)
+  else:
+    return None  # torchvision has no roi_warp
+
+  def sync():
+    if device == "cuda":
+      torch.cuda.synchronize()
+
+  def fwd():
+    with torch.no_grad():
+      op(xs)
+    sync()
+
+  def fwd_bwd():
+    inputs = [x.detach().requires_grad_(True) for x in xs]
+    y = op(inputs)
+    y.backward(torch.ones_like(y))
+    sync()
+
+  try:
+    return dict(fwd_ms=median_ms(fwd, repeats), fwd_bwd_ms=median_ms(fwd_bwd, repeats))
+  except RuntimeError as error:  # e.g. a dtype the kernel does not support
+    print(f"  torchvision: {str(error).splitlines()[0]}", file=sys.stderr)
+    return None
+
+
+def run_config(config, dtype, impl, repeats, bandwidth):
+  features, boxes, indices = make_inputs(config, dtype)
+  ours = bench_jax(config, features, boxes, indices, impl, repeats)
+  theirs = bench_torch(config, features, boxes, indices, dtype, repeats)
+  maps = features if isinstance(features, list) else [features]
+  feature_bytes = sum(m.nbytes for m in maps)
+  floor_fwd = 1e3 * (feature_bytes + ours["out_bytes"]) / bandwidth
+  n, h, w, c = config.shape
+  return dict(
+    config=config.name,
+    op=config.op,
+    dtype=jnp.dtype(dtype).name,
+    impl=impl,
+    features=[list(m.shape) for m in maps],
+    rois=config.rois,
+    output=config.output,
+    jax_fwd_ms=ours["fwd_ms"],
+    jax_fwd_bwd_ms=ours["fwd_bwd_ms"],
+    torch_fwd_ms=theirs and theirs["fwd_ms"],
+    torch_fwd_bwd_ms=theirs and theirs["fwd_bwd_ms"],
+    floor_fwd_ms=floor_fwd,
+    floor_fwd_bwd_ms=2 * floor_fwd,
+    jax_peak_mb=ours["peak_mb"],
+    per_box_copy_mb=config.rois * h * w * c * jnp.dtype(dtype).itemsize / 2**20,
+  )
+
+
+# ------------------------------------------------------------------ reports
+
+
+def _ms(value):
+  return "n/a" if value is None else (f"{value:.1f}" if value >= 1 else f"{value:.2f}")
+
+
+def _times(value, reference):
+  return "n/a" if value is None or reference is None else f"{reference / value:.1f}x"
+
+
+def markdown(rows, header):
+  lines = [
+    header,
+    "",
+    "| config | dtype | jax fwd ms | tv fwd ms | speed-up | jax fwd+bwd ms | tv fwd+bwd ms "
+    "| speed-up | floor fwd / fwd+bwd ms | jax / floor (fwd, fwd+bwd) | jax peak MB (K*H*W*C MB) |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    lines.append(
+      f"| {r['config']} | {r['dtype']} | {_ms(r['jax_fwd_ms'])} | {_ms(r['torch_fwd_ms'])} | "
+      f"**{_times(r['jax_fwd_ms'], r['torch_fwd_ms'])}** | {_ms(r['jax_fwd_bwd_ms'])} | "
+      f"{_ms(r['torch_fwd_bwd_ms'])} | **{_times(r['jax_fwd_bwd_ms'], r['torch_fwd_bwd_ms'])}** | "
+      f"{_ms(r['floor_fwd_ms'])} / {_ms(r['floor_fwd_bwd_ms'])} | "
+      f"{r['jax_fwd_ms'] / r['floor_fwd_ms']:.1f}, "
+      f"{r['jax_fwd_bwd_ms'] / r['floor_fwd_bwd_ms']:.1f} | "
+      f"{r['jax_peak_mb']:.1f} ({r['per_box_copy_mb']:.0f}) |"
+    )
+  return "\n".join(lines) + "\n"
+
+
+def plot(rows, path, title):
+  try:
+    import matplotlib
+  except ImportError:
+    print("matplotlib is not installed: no plot", file=sys.stderr)
+    return
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  dtypes = sorted({r["dtype"] for r in rows}, reverse=True)
+  fig, axes = plt.subplots(len(dtypes), 1, figsize=(13, 4.2 * len(dtypes)), squeeze=False)
+  series = [
+    ("jax_fwd_ms", "roipool_jax fwd", "tab:blue", ""),
+    ("torch_fwd_ms", "torchvision fwd", "tab:orange", ""),
+    ("jax_fwd_bwd_ms", "roipool_jax fwd+bwd", "tab:blue", "//"),
+    ("torch_fwd_bwd_ms", "torchvision fwd+bwd", "tab:orange", "//"),
+  ]
+  for ax, dtype in zip(axes[:, 0], dtypes, strict=True):
+    subset = [r for r in rows if r["dtype"] == dtype]
+    x = np.arange(len(subset))
+    for s, (key, label, colour, hatch) in enumerate(series):
+      values = [r[key] or 0 for r in subset]
+      ax.bar(x + (s - 1.5) * 0.2, values, 0.2, label=label, color=colour, hatch=hatch, alpha=0.85)
+    for floor_key, offset in (("floor_fwd_ms", -0.2), ("floor_fwd_bwd_ms", 0.2)):
+      ax.hlines([r[floor_key] for r in subset], x + offset - 0.2, x + offset + 0.2, color="k", lw=2)
+    ax.plot([], [], color="k", lw=2, label="memory floor")
+    ax.set_yscale("log")
+    ax.set_ylabel("ms (log)")
+    ax.set_xticks(x, [r["config"].replace(", ", "\n", 1) for r in subset], fontsize=8)
+    ax.set_title(f"{title}, {dtype}")
+    ax.legend(fontsize=8, ncol=5, loc="upper left")
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+  parser.add_argument("--impl", default="auto", choices=["auto", "gather", "einsum"])
+  parser.add_argument("--only", help="run the configs whose name contains this")
+  parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
+  parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+  args = parser.parse_args(argv)
+
+  configs = [c for c in CONFIGS if not args.only or args.only.lower() in c.name.lower()]
+  if args.quick:
+    configs = [c.quick() for c in configs]
+  bandwidth = copy_bandwidth(32 if args.quick else 256)
+  rows = []
+  for dtype in args.dtypes:
+    for config in configs:
+      print(f"{config.name} ({dtype}) ...", file=sys.stderr, flush=True)
+      rows.append(run_config(config, jnp.dtype(dtype).type, args.impl, args.repeats, bandwidth))
+
+  where = machine()
+  header = (
+    f"roipool_jax {roipool_jax.__version__} on {where}, impl={args.impl}; median of "
+    f"{args.repeats} after compilation; measured copy bandwidth {bandwidth / 1e9:.1f} GB/s"
+  )
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  stem = out / jax.default_backend()
+  table = markdown(rows, header)
+  print(table)
+  stem.with_suffix(".md").write_text(table)
+  stem.with_suffix(".json").write_text(
+    json.dumps(dict(machine=where, bandwidth_gb_s=bandwidth / 1e9, rows=rows), indent=1)
+  )
+  plot(rows, stem.with_suffix(".png"), f"roipool_jax vs torchvision, {where}")
+  return rows
+
+
+if __name__ == "__main__":
+  main()

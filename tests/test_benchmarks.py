@@ -1,0 +1,34 @@
+"""The benchmark suite runs end to end (tiny shapes) and writes its three reports."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load_suite():
+  spec = importlib.util.spec_from_file_location("benchmarks_run", ROOT / "benchmarks" / "run.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_quick_suite_writes_markdown_json_and_plot(tmp_path):
+  suite = _load_suite()
+  rows = suite.main(["--quick", "--repeats", "1", "--dtypes", "float32", "--out", str(tmp_path)])
+  ops = {r["op"] for r in rows}
+  assert ops == {"roi_pool", "roi_align", "roi_warp", "multi_scale"}
+  assert len(rows) == len(suite.CONFIGS)
+  for r in rows:
+    assert r["jax_fwd_ms"] > 0 and r["jax_fwd_bwd_ms"] > 0
+    assert r["floor_fwd_ms"] > 0 and r["floor_fwd_bwd_ms"] == 2 * r["floor_fwd_ms"]
+    assert 0 < r["jax_peak_mb"] < 64  # tiny shapes: nothing near a per-box copy
+  reports = {p.suffix for p in tmp_path.iterdir()}
+  assert {".md", ".json", ".png"} <= reports
+  saved = json.loads(next(tmp_path.glob("*.json")).read_text())
+  assert saved["bandwidth_gb_s"] > 0 and len(saved["rows"]) == len(rows)
+  table = next(tmp_path.glob("*.md")).read_text()
+  assert all(r["config"] in table for r in rows)
