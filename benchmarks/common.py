@@ -40,14 +40,10 @@ def median_ms(fn, repeats):
 
 def peak_bytes(jitted, *args):
   """Peak memory of a compiled function by XLA's memory analysis: its
-  arguments, outputs and temporaries (``peak_memory_in_bytes`` where the
-  backend reports it)."""
+  arguments, outputs and temporaries, less what outputs alias."""
   stats = jitted.lower(*args).compile().memory_analysis()
   if stats is None:
     return None
-  peak = getattr(stats, "peak_memory_in_bytes", 0)
-  if peak:
-    return peak
   return (
     stats.argument_size_in_bytes
     + stats.output_size_in_bytes
