@@ -152,7 +152,7 @@ def bench_jax(config, features, boxes, indices, impl, repeats):
   fwd = jax.jit(op)
   out = fwd(features, boxes)
   cot = jnp.ones(out.shape, out.dtype)
-  grad = jax.jit(jax.grad(lambda f, b: jnp.vdot(op(f, b), cot).real.astype(jnp.float32)))
+  grad = jax.jit(jax.grad(lambda f, b: jnp.vdot(op(f, b), cot).astype(jnp.float32)))
   return dict(
     fwd_ms=median_ms(lambda: jax.block_until_ready(fwd(features, boxes)), repeats),
     fwd_bwd_ms=median_ms(lambda: jax.block_until_ready(grad(features, boxes)), repeats),

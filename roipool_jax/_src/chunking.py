@@ -19,22 +19,31 @@ import jax.numpy as jnp
 from jax import lax
 
 
+def _split(per_box: Any, chunk: int) -> Any:
+  """Pads ``per_box`` leaves with zero boxes to whole chunks: ``[chunks, chunk, ...]``."""
+  k = jax.tree.leaves(per_box)[0].shape[0]
+  num_chunks = -(-k // chunk)
+
+  def split(x):
+    x = jnp.pad(x, [(0, num_chunks * chunk - k)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape((num_chunks, chunk) + x.shape[1:])
+
+  return jax.tree.map(split, per_box)
+
+
+def _merge(per_chunk: Any, k: int) -> Any:
+  """Inverse of :func:`_split`: ``[chunks, chunk, ...]`` leaves back to the first ``k`` boxes."""
+  return jax.tree.map(lambda y: y.reshape((y.shape[0] * y.shape[1],) + y.shape[2:])[:k], per_chunk)
+
+
 def _sorted_chunks(per_box: Any, cost: jax.Array, chunk: int):
   """Sorts ``per_box`` leaves by ``cost`` and splits them into ``[chunks, chunk, ...]``.
 
   Padding boxes (to fill the last chunk) are zeros; callers must make a zero
   cost/count mean "nothing to do".
   """
-  k = cost.shape[0]
   order = jnp.argsort(cost)
-  num_chunks = -(-k // chunk)
-  pad = num_chunks * chunk - k
-
-  def split(x):
-    x = jnp.pad(x[order], [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-    return x.reshape((num_chunks, chunk) + x.shape[1:])
-
-  return order, jax.tree.map(split, per_box)
+  return order, _split(jax.tree.map(lambda x: x[order], per_box), chunk)
 
 
 def chunk_size(num_boxes: int, per_box_elements: int, budget: int) -> int:
@@ -58,11 +67,7 @@ def map_chunks(fn: Callable, per_box: Any, cost: jax.Array, chunk: int) -> Any:
   order, chunks = _sorted_chunks(per_box, cost, chunk)
   out = lax.map(fn, chunks)
   inverse = jnp.zeros_like(order).at[order].set(jnp.arange(k, dtype=order.dtype))
-
-  def unsort(y):
-    return y.reshape((y.shape[0] * y.shape[1],) + y.shape[2:])[:k][inverse]
-
-  return jax.tree.map(unsort, out)
+  return jax.tree.map(lambda y: y[inverse], _merge(out, k))
 
 
 def fold_chunks(fn: Callable, init: Any, per_box: Any, cost: jax.Array, chunk: int) -> Any:
@@ -88,11 +93,4 @@ def map_in_order(fn: Callable, per_box: Any, chunk: int) -> Any:
   the chunking of the gather-free backend (:mod:`roipool_jax._src.dense`).
   """
   k = jax.tree.leaves(per_box)[0].shape[0]
-  num_chunks = -(-k // chunk)
-
-  def split(x):
-    x = jnp.pad(x, [(0, num_chunks * chunk - k)] + [(0, 0)] * (x.ndim - 1))
-    return x.reshape((num_chunks, chunk) + x.shape[1:])
-
-  out = lax.map(fn, jax.tree.map(split, per_box))
-  return jax.tree.map(lambda y: y.reshape((num_chunks * chunk,) + y.shape[2:])[:k], out)
+  return _merge(lax.map(fn, _split(per_box, chunk)), k)

@@ -78,8 +78,8 @@ def separable_sum(features: jax.Array, wy: jax.Array, wx: jax.Array, image_index
     a = a.reshape(cwy.shape[0], oh, w, c)
     return jnp.einsum("kjx,kixc->kijc", cwx, a, precision=lax.Precision.HIGHEST)
 
-  chunk = chunking.chunk_size(k, oh * w * c, _CHUNK_ELEMENTS)
   if k == 0:
     return jnp.zeros((0, oh, ow, c), features.dtype)
+  chunk = chunking.chunk_size(k, oh * w * c, _CHUNK_ELEMENTS)
   out = chunking.map_in_order(chunk_fn, (wy, wx, image_index), chunk)
   return out.astype(features.dtype)
