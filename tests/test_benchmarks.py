@@ -1,23 +1,11 @@
 """The benchmark suite runs end to end (tiny shapes) and writes its three reports."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load_suite():
-  spec = importlib.util.spec_from_file_location("benchmarks_run", ROOT / "benchmarks" / "run.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  return module
+from benchmarks import run as suite
 
 
 def test_quick_suite_writes_markdown_json_and_plot(tmp_path):
-  suite = _load_suite()
   rows = suite.main(["--quick", "--repeats", "1", "--dtypes", "float32", "--out", str(tmp_path)])
   ops = {r["op"] for r in rows}
   assert ops == {"roi_pool", "roi_align", "roi_warp", "multi_scale"}

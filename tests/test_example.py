@@ -1,6 +1,5 @@
 """The Fast R-CNN example trains (loss falls) and its data-parallel step equals one device."""
 
-import importlib.util
 import io
 import os
 import pathlib
@@ -10,28 +9,19 @@ import sys
 import numpy as np
 import pytest
 
+from examples import fast_rcnn as example
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "fast_rcnn.py"
-
-
-def _load_example():
-  spec = importlib.util.spec_from_file_location("fast_rcnn_example", EXAMPLE)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses (Flax modules) look their module up
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.mark.parametrize("pool", ["align", "pool"])
 def test_loss_falls_on_a_tiny_run(pool):
-  example = _load_example()
   _, history = example.train(steps=40, pool=pool, batch=4, log_every=1, out=io.StringIO())
   losses = [loss for _, loss, _ in history]
   assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8]), losses
 
 
 def test_decode_inverts_encode():
-  example = _load_example()
   rng = np.random.default_rng(0)
   lo = rng.uniform(0, 40, (2, 5, 2))
   boxes = np.concatenate([lo, lo + rng.uniform(2, 20, (2, 5, 2))], -1)
@@ -42,7 +32,6 @@ def test_decode_inverts_encode():
 
 
 def test_detect_finds_the_shapes_after_training():
-  example = _load_example()
   params, _ = example.train(steps=150, batch=8, log_every=50, out=io.StringIO())
   rng = np.random.default_rng(123)
   images, proposals, labels, _ = example.make_batch(rng, 8)
@@ -59,14 +48,11 @@ def test_detect_finds_the_shapes_after_training():
 
 
 SHARDED = """
-import importlib.util, io, sys
+import io
 import jax, numpy as np
 from jax.sharding import Mesh
 assert len(jax.devices()) == 8, jax.devices()
-spec = importlib.util.spec_from_file_location("ex", {path!r})
-ex = importlib.util.module_from_spec(spec)
-sys.modules["ex"] = ex
-spec.loader.exec_module(ex)
+from examples import fast_rcnn as ex
 mesh = Mesh(np.array(jax.devices()), ("data",))
 single, h1 = ex.train(steps=3, batch=8, log_every=1, out=io.StringIO())
 sharded, h2 = ex.train(steps=3, batch=8, log_every=1, mesh=mesh, out=io.StringIO())
@@ -79,9 +65,8 @@ print("sharded == single")
 
 def test_data_parallel_step_on_8_devices_equals_one_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  script = SHARDED.format(path=str(EXAMPLE))
   result = subprocess.run(
-    [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    [sys.executable, "-c", SHARDED], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "sharded == single" in result.stdout
