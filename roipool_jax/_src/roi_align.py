@@ -55,8 +55,7 @@ def align_bins(
   height, width = features.shape[1:3]
   rows, cols = align_geometry(flat, output_size, spatial_scale, sampling_ratio, aligned)
   oh, ow = output_size
-  if impl == "einsum":
-    return _dense_bins(features, flat, rows, cols, output_size, sampling_ratio)
+  dense_taps = impl == "einsum"
   if mode == "max":
     ty, limit_y = sampling.sample_taps(
       rows, oh, height, _max_samples(sampling_ratio, height), False
@@ -65,26 +64,19 @@ def align_bins(
   elif sampling_ratio > 0:
     ty, _ = sampling.sample_taps(rows, oh, height, sampling_ratio, True)
     tx, _ = sampling.sample_taps(cols, ow, width, sampling_ratio, True)
-  else:
-    ty = sampling.row_taps(rows, oh, height)
-    tx = sampling.row_taps(cols, ow, width)
+  else:  # merged per-cell taps; for the einsum path already dense matrices
+    ty = sampling.row_taps(rows, oh, height, dense=dense_taps)
+    tx = sampling.row_taps(cols, ow, width, dense=dense_taps)
+  if dense_taps:
+    if sampling_ratio > 0:
+      wy, wx = dense.interpolation_matrix(ty, height), dense.interpolation_matrix(tx, width)
+    else:
+      wy, wx = ty.weight, tx.weight
+    return dense.separable_sum(features, wy, wx, flat.image_index)
   plan = tap_sum.Plan(flat.image_index, ty.index, tx.index, ty.count, tx.count)
   if mode == "max":
     return sample_max.sample_max(features, ty.weight, tx.weight, plan, (limit_y, limit_x))
   return tap_sum.tap_sum(features, ty.weight, tx.weight, plan, sparse)
-
-
-def _dense_bins(features, flat, rows, cols, output_size, sampling_ratio):
-  """The average through dense interpolation matrices (:mod:`roipool_jax._src.dense`)."""
-  (height, width), (oh, ow) = features.shape[1:3], output_size
-  if sampling_ratio > 0:
-    ty, _ = sampling.sample_taps(rows, oh, height, sampling_ratio, True)
-    tx, _ = sampling.sample_taps(cols, ow, width, sampling_ratio, True)
-    wy, wx = dense.interpolation_matrix(ty, height), dense.interpolation_matrix(tx, width)
-  else:  # merged per-cell taps, already dense
-    wy = sampling.row_taps(rows, oh, height, dense=True).weight
-    wx = sampling.row_taps(cols, ow, width, dense=True).weight
-  return dense.separable_sum(features, wy, wx, flat.image_index)
 
 
 def roi_align(
