@@ -1,9 +1,10 @@
 """roipool_jax: RoI pooling ops for JAX (NHWC features, (x1, y1, x2, y2) boxes)."""
 
+from roipool_jax._src.crop_and_resize import crop_and_resize
 from roipool_jax._src.multiscale import multi_scale_roi_align
 from roipool_jax._src.roi_align import roi_align
 from roipool_jax._src.roi_pool import roi_pool
-from roipool_jax._src.roi_warp import crop_and_resize, roi_warp
+from roipool_jax._src.roi_warp import roi_warp
 
 __version__ = "0.1.0"
 

@@ -25,22 +25,20 @@ def c_round(x: float) -> int:
   return int(math.copysign(math.floor(abs(x) + 0.5), x))
 
 
-def _bin_ranges(box, scale, oh, ow, quantization):
-  """Unclipped [start, end) rows and columns of every bin of one box."""
-  x1, y1, x2, y2 = (F32(v) for v in box)
-  s = F32(scale)
+def _bin_ranges(box, scale, oh, ow, quantization, t=F32):
+  """Unclipped [start, end) rows and columns of every bin of one box, in scalar type ``t``."""
+  x1, y1, x2, y2 = (t(v) for v in box)
+  s = t(scale)
   if quantization == "round":
     x_start, y_start = c_round(float(x1 * s)), c_round(float(y1 * s))
     x_end, y_end = c_round(float(x2 * s)), c_round(float(y2 * s))
     roi_w, roi_h = max(x_end - x_start + 1, 1), max(y_end - y_start + 1, 1)
-    bin_w, bin_h = F32(roi_w) / F32(ow), F32(roi_h) / F32(oh)
+    bin_w, bin_h = t(roi_w) / t(ow), t(roi_h) / t(oh)
     rows = [
-      (math.floor(F32(i) * bin_h) + y_start, math.ceil(F32(i + 1) * bin_h) + y_start)
-      for i in range(oh)
+      (math.floor(t(i) * bin_h) + y_start, math.ceil(t(i + 1) * bin_h) + y_start) for i in range(oh)
     ]
     cols = [
-      (math.floor(F32(j) * bin_w) + x_start, math.ceil(F32(j + 1) * bin_w) + x_start)
-      for j in range(ow)
+      (math.floor(t(j) * bin_w) + x_start, math.ceil(t(j + 1) * bin_w) + x_start) for j in range(ow)
     ]
   else:  # "floor": the article's scheme
     x0, y0 = math.floor(x1 * s), math.floor(y1 * s)
@@ -52,19 +50,23 @@ def _bin_ranges(box, scale, oh, ow, quantization):
 
 
 def roi_pool(features, boxes, box_indices, output_size, scale, quantization="round"):
-  """Returns (output [K, oh, ow, C], argmax [K, oh, ow, C] flat h * W + w, -1 if empty)."""
+  """Returns (output [K, oh, ow, C], argmax [K, oh, ow, C] flat h * W + w, -1 if empty).
+
+  Bin geometry is computed in float64 for float64 features, else in float32.
+  """
   features = np.asarray(features)
+  t = np.float64 if features.dtype == np.float64 else F32
   n, height, width, channels = features.shape
   oh, ow = output_size
   k = len(boxes)
   out = np.zeros((k, oh, ow, channels), features.dtype)
   argmax = np.full((k, oh, ow, channels), -1, np.int64)
   for b in range(k):
-    box = np.asarray(boxes[b], np.float32)
+    box = np.asarray(boxes[b], t)
     if not np.all(np.isfinite(box)) or not 0 <= box_indices[b] < n:
       continue
     image = features[box_indices[b]]
-    rows, cols = _bin_ranges(box, scale, oh, ow, quantization)
+    rows, cols = _bin_ranges(box, scale, oh, ow, quantization, t)
     for i, (h0, h1) in enumerate(rows):
       h0, h1 = min(max(h0, 0), height), min(max(h1, 0), height)
       for j, (w0, w1) in enumerate(cols):
@@ -98,24 +100,29 @@ def roi_pool_grad(features_shape, box_indices, argmax, cotangent):
 
 
 def bilinear(image, y, x):
-  """torchvision's bilinear sample of ``image [H, W, C]`` at float32 ``(y, x)``."""
+  """torchvision's bilinear sample of ``image [H, W, C]`` at ``(y, x)``, in the dtype of ``y``.
+
+  ``y`` and ``x`` are NumPy float32 (or float64) scalars, so every operation
+  rounds as C ``float`` (or ``double``) does.
+  """
+  t = type(y)
   height, width = image.shape[:2]
   if y < -1 or y > height or x < -1 or x > width:
-    return np.zeros(image.shape[2], np.float32)
-  y, x = max(y, F32(0)), max(x, F32(0))
+    return np.zeros(image.shape[2], t)
+  y, x = max(y, t(0)), max(x, t(0))
   y_low, x_low = int(y), int(x)
   if y_low >= height - 1:
     y_low = y_high = height - 1
-    y = F32(y_low)
+    y = t(y_low)
   else:
     y_high = y_low + 1
   if x_low >= width - 1:
     x_low = x_high = width - 1
-    x = F32(x_low)
+    x = t(x_low)
   else:
     x_high = x_low + 1
-  ly, lx = y - F32(y_low), x - F32(x_low)
-  hy, hx = F32(1) - ly, F32(1) - lx
+  ly, lx = y - t(y_low), x - t(x_low)
+  hy, hx = t(1) - ly, t(1) - lx
   return (
     hy * hx * image[y_low, x_low]
     + hy * lx * image[y_low, x_high]
@@ -124,17 +131,28 @@ def bilinear(image, y, x):
   )
 
 
-def roi_align(features, boxes, box_indices, output_size, scale, sampling_ratio, aligned, mode):
-  """Loops over boxes, bins and samples, in float32 as torchvision's kernel writes them.
+def roi_align(
+  features,
+  boxes,
+  box_indices,
+  output_size,
+  scale,
+  sampling_ratio,
+  aligned,
+  mode,
+  dtype=np.float32,
+):
+  """Loops over boxes, bins and samples, in ``dtype`` as torchvision's kernel writes them.
 
   Documented deviation from torchvision: a box of negative width or height
   (inverted) gives zeros. Non-finite boxes give zeros.
   """
-  features = np.asarray(features, np.float32)
+  t = np.dtype(dtype).type
+  features = np.asarray(features, dtype)
   oh, ow = output_size
-  out = np.zeros((len(boxes), oh, ow, features.shape[3]), np.float32)
-  s, offset = F32(scale), F32(0.5 if aligned else 0.0)
-  for b, box in enumerate(np.asarray(boxes, np.float32)):
+  out = np.zeros((len(boxes), oh, ow, features.shape[3]), dtype)
+  s, offset = t(scale), t(0.5 if aligned else 0.0)
+  for b, box in enumerate(np.asarray(boxes, dtype)):
     if not np.all(np.isfinite(box)):
       continue
     x0, y0 = box[0] * s - offset, box[1] * s - offset
@@ -142,8 +160,8 @@ def roi_align(features, boxes, box_indices, output_size, scale, sampling_ratio, 
     if roi_w < 0 or roi_h < 0:
       continue
     if not aligned:
-      roi_w, roi_h = max(roi_w, F32(1)), max(roi_h, F32(1))
-    bin_h, bin_w = roi_h / F32(oh), roi_w / F32(ow)
+      roi_w, roi_h = max(roi_w, t(1)), max(roi_h, t(1))
+    bin_h, bin_w = roi_h / t(oh), roi_w / t(ow)
     gh = sampling_ratio if sampling_ratio > 0 else math.ceil(bin_h)
     gw = sampling_ratio if sampling_ratio > 0 else math.ceil(bin_w)
     image = features[box_indices[b]]
@@ -152,8 +170,8 @@ def roi_align(features, boxes, box_indices, output_size, scale, sampling_ratio, 
         samples = [
           bilinear(
             image,
-            y0 + F32(i) * bin_h + (F32(iy) + F32(0.5)) * bin_h / F32(gh),
-            x0 + F32(j) * bin_w + (F32(ix) + F32(0.5)) * bin_w / F32(gw),
+            y0 + t(i) * bin_h + (t(iy) + t(0.5)) * bin_h / t(gh),
+            x0 + t(j) * bin_w + (t(ix) + t(0.5)) * bin_w / t(gw),
           )
           for iy in range(gh)
           for ix in range(gw)
@@ -161,9 +179,44 @@ def roi_align(features, boxes, box_indices, output_size, scale, sampling_ratio, 
         if not samples:
           continue
         if mode == "avg":
-          out[b, i, j] = np.sum(samples, axis=0) / F32(max(gh * gw, 1))
+          out[b, i, j] = np.sum(samples, axis=0) / t(max(gh * gw, 1))
         else:
           out[b, i, j] = np.max(samples, axis=0)
+  return out
+
+
+def tf_crop_and_resize(image, boxes, box_indices, crop_size, method="bilinear", extrapolation=0.0):
+  """``tf.image.crop_and_resize`` as its CPU kernel writes it, for NHWC ``image``.
+
+  ``boxes [K, 4]`` are normalized ``(y1, x1, y2, x2)``; float32 arithmetic,
+  ``roundf`` (halves away from zero) for nearest. Returns float32
+  ``[K, ch, cw, C]``.
+  """
+  image = np.asarray(image, np.float32)
+  _, height, width, channels = image.shape
+  ch, cw = crop_size
+  out = np.zeros((len(boxes), ch, cw, channels), np.float32)
+
+  def points(lo, hi, num, length):
+    if num == 1:
+      return [F32(0.5 * float(lo + hi) * (length - 1))]
+    scale = (hi - lo) * F32(length - 1) / F32(num - 1)
+    return [lo * F32(length - 1) + F32(i) * scale for i in range(num)]
+
+  for b, (y1, x1, y2, x2) in enumerate(np.asarray(boxes, np.float32)):
+    data = image[box_indices[b]]
+    for i, y in enumerate(points(y1, y2, ch, height)):
+      for j, x in enumerate(points(x1, x2, cw, width)):
+        if y < 0 or y > height - 1 or x < 0 or x > width - 1:
+          out[b, i, j] = extrapolation
+        elif method == "nearest":
+          out[b, i, j] = data[c_round(float(y)), c_round(float(x))]
+        else:
+          top, bottom, left, right = math.floor(y), math.ceil(y), math.floor(x), math.ceil(x)
+          y_lerp, x_lerp = y - F32(top), x - F32(left)
+          upper = data[top, left] + (data[top, right] - data[top, left]) * x_lerp
+          lower = data[bottom, left] + (data[bottom, right] - data[bottom, left]) * x_lerp
+          out[b, i, j] = upper + (lower - upper) * y_lerp
   return out
 
 

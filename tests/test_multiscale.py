@@ -75,7 +75,7 @@ def test_inferred_scales_and_errors():
   )
   with pytest.raises(ValueError, match="consecutive"):
     multiscale.infer_levels([(200, 304), (50, 76)], (800, 1216))
-  with pytest.raises(ValueError, match="sequence"):
+  with pytest.raises(TypeError, match="sequence"):
     multi_scale_roi_align(jnp.ones((1, 8, 8, 1)), jnp.ones((1, 4)), 2, image_size=(32, 32))
   with pytest.raises(ValueError, match="share N and C"):
     maps = [jnp.ones((1, 8, 8, 2)), jnp.ones((1, 4, 4, 3))]

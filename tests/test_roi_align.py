@@ -315,8 +315,8 @@ def test_empty_box_list():
 @pytest.mark.parametrize(
   "kwargs, error, match",
   [
-    (dict(sampling_ratio=2.0), ValueError, "sampling_ratio"),
-    (dict(sampling_ratio=True), ValueError, "sampling_ratio"),
+    (dict(sampling_ratio=2.0), TypeError, "sampling_ratio"),
+    (dict(sampling_ratio=True), TypeError, "sampling_ratio"),
     (dict(aligned=1), TypeError, "aligned"),
     (dict(mode="mean"), ValueError, "mode"),
     (dict(spatial_scale=0.0), ValueError, "spatial_scale"),

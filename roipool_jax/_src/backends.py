@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import jax
 
-from roipool_jax._src import validation
+from roipool_jax._src import dense, tap_sum, validation
+from roipool_jax._src.sampling import Taps
 
 IMPLS = ("auto", "gather", "einsum")
 _DENSE_BACKENDS = ("tpu", "gpu", "cuda", "rocm")
@@ -43,3 +44,23 @@ def resolve(impl: str, einsum_supported: bool = True, why: str = "") -> str:
     dense = jax.default_backend() in _DENSE_BACKENDS and einsum_supported
     return "einsum" if dense else "gather"
   return impl
+
+
+def sum_taps(
+  features: jax.Array,
+  ty: Taps,
+  tx: Taps,
+  image_index: jax.Array,
+  impl: str,
+  sparse: bool = False,
+) -> jax.Array:
+  """``sum_a sum_b wy[a] wx[b] F[n, row_a, col_b]`` per bin, ``[K, oh, ow, C]``, with a resolved
+  ``impl``: :func:`tap_sum.tap_sum` (gather) or :func:`dense.separable_sum` (einsum) of the
+  taps turned into dense interpolation matrices."""
+  if impl == "einsum":
+    height, width = features.shape[1:3]
+    wy = dense.interpolation_matrix(ty, height)
+    wx = dense.interpolation_matrix(tx, width)
+    return dense.separable_sum(features, wy, wx, image_index)
+  plan = tap_sum.Plan(image_index, ty.index, tx.index, ty.count, tx.count)
+  return tap_sum.tap_sum(features, ty.weight, tx.weight, plan, sparse)

@@ -23,7 +23,7 @@ The arg-max (forward pass of the gradient only) is a second sweep over the
 same cells: the smallest flat cell whose value equals the bin's max, which is
 the first maximal cell in row-major order. The backward pass sends each output
 cotangent to that cell: a scatter-add into ``[N * H * W * C]`` accumulated in
-float32 (sequential, hence deterministic, on CPU).
+the compute dtype, float32 or float64 (sequential, hence deterministic, on CPU).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from roipool_jax._src import chunking
+from roipool_jax._src import chunking, dtypes
 
 # Cells gathered per bin and pass (one pass reads [chunk, oh, ow, SLOTS, C]).
 SLOTS = 8
@@ -151,11 +151,12 @@ def scatter_to_argmax(cotangent: jax.Array, argmax: jax.Array, features_shape) -
     features_shape: ``(N, H, W, C)``.
 
   Returns:
-    ``[N, H, W, C]`` float32 gradient.
+    ``[N, H, W, C]`` gradient in the compute dtype of ``cotangent``.
   """
   n_img, height, width, channels = features_shape
   channel = jnp.arange(channels, dtype=jnp.int32)[None, None, None]
   flat = jnp.where(argmax >= 0, argmax * channels + channel, n_img * height * width * channels)
-  grad = jnp.zeros((n_img * height * width * channels,), jnp.float32)
-  grad = grad.at[flat.reshape(-1)].add(cotangent.astype(jnp.float32).reshape(-1), mode="drop")
+  acc = dtypes.compute_dtype(cotangent.dtype)
+  grad = jnp.zeros((n_img * height * width * channels,), acc)
+  grad = grad.at[flat.reshape(-1)].add(cotangent.astype(acc).reshape(-1), mode="drop")
   return grad.reshape(features_shape)

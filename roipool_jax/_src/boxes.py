@@ -34,8 +34,9 @@ class FlatBoxes(NamedTuple):
   """Boxes in flat form, ready for an op.
 
   Attributes:
-    boxes: ``[K, 4]`` float32 ``(x1, y1, x2, y2)`` in image pixels; invalid
-      boxes have their coordinates replaced by zeros.
+    boxes: ``[K, 4]`` ``(x1, y1, x2, y2)`` in image pixels, in the compute
+      dtype (:mod:`roipool_jax._src.dtypes`); invalid boxes have their
+      coordinates replaced by zeros.
     image_index: ``[K]`` int32 image of each box, clipped into ``[0, N)``.
     valid: ``[K]`` bool, False for boxes that must produce zeros.
     batch_shape: leading output dims, ``(K,)`` or ``(N, R)``.
@@ -51,14 +52,17 @@ def flatten_boxes(
   boxes: jax.typing.ArrayLike,
   box_indices: jax.typing.ArrayLike | None,
   num_images: int,
+  dtype=np.float32,
 ) -> FlatBoxes:
   """Validates either box form and returns it flat.
 
   Args:
     boxes: ``[K, 4]`` or ``[N, R, 4]`` box corners in image pixels.
     box_indices: ``[K]`` integer image index per box for the flat form, or
-      None (allowed for the flat form only when ``num_images == 1``).
+      None (allowed for the flat form only when ``num_images == 1``, or when
+      there are no boxes).
     num_images: N, the batch size of the features.
+    dtype: the compute dtype the coordinates are cast to.
 
   Returns:
     A :class:`FlatBoxes`.
@@ -68,13 +72,8 @@ def flatten_boxes(
       leading dim is not N, or ``box_indices`` of the wrong shape or range.
     TypeError: on non-numeric boxes or non-integer ``box_indices``.
   """
-  validation.check_boxes_dtype(boxes)
+  validation.check_boxes(boxes)
   shape = np.shape(boxes)
-  if len(shape) not in (2, 3) or shape[-1] != 4:
-    raise ValueError(
-      "`boxes` must be [K, 4] (with `box_indices`) or [N, R, 4] (per image), as "
-      f"(x1, y1, x2, y2); got shape {shape}."
-    )
   boxes = jnp.asarray(boxes)
   if len(shape) == 3:
     if box_indices is not None:
@@ -93,25 +92,42 @@ def flatten_boxes(
     batch_shape = shape[:1]
     flat = boxes
     if box_indices is None:
-      if num_images != 1:
+      if num_images != 1 and shape[0]:
         raise ValueError(
-          f"`box_indices` [K] is required with flat `boxes` [K, 4] when N > 1; got boxes "
+          f"`box_indices` [K] is required with flat `boxes` [K, 4] unless N == 1; got boxes "
           f"{shape} and N = {num_images}."
         )
       index = jnp.zeros(shape[:1], jnp.int32)
     else:
       validation.check_box_indices(box_indices, shape[0], num_images)
       index = jnp.asarray(box_indices).astype(jnp.int32)
-  flat = flat.astype(jnp.float32)
+  flat = flat.astype(dtype)
   valid = jnp.all(jnp.isfinite(flat), axis=-1) & (index >= 0) & (index < num_images)
   flat = jnp.where(valid[:, None], flat, 0.0)
-  index = jnp.clip(index, 0, num_images - 1)
+  index = jnp.clip(index, 0, max(num_images - 1, 0))
   return FlatBoxes(flat, index, valid, batch_shape)
 
 
+def has_work(features_shape: tuple[int, ...], flat: FlatBoxes) -> bool:
+  """False when the output is empty or all zeros by its shape alone.
+
+  That is ``K = 0`` boxes, ``N = 0`` images (every box is then invalid) or
+  ``C = 0`` channels: the ops return zeros of the output shape without running
+  a kernel (an empty map cannot be gathered from), so the gradients are zeros.
+  """
+  n, _, _, c = features_shape
+  return n > 0 and c > 0 and flat.boxes.shape[0] > 0
+
+
+def unflatten(out: jax.Array, flat: FlatBoxes) -> jax.Array:
+  """``[K, ...]`` kernel output back to the call's box form: ``[K, ...]`` or ``[N, R, ...]``."""
+  return out.reshape(flat.batch_shape + out.shape[1:])
+
+
 def scale_coords(coords: jax.Array, spatial_scale: float) -> jax.Array:
-  """``coords * spatial_scale`` in float32 (one IEEE multiply, as the C kernels do)."""
-  return coords * jnp.float32(spatial_scale)
+  """``coords * spatial_scale`` in the dtype of ``coords`` (one IEEE multiply, as the C kernels
+  do with ``T spatial_scale``)."""
+  return coords * jnp.asarray(spatial_scale, coords.dtype)
 
 
 def round_half_away(x: jax.Array) -> jax.Array:
@@ -124,58 +140,79 @@ def to_int(x: jax.Array) -> jax.Array:
   return jnp.clip(x, -COORD_LIMIT, COORD_LIMIT).astype(jnp.int32)
 
 
+class _Format(NamedTuple):
+  """Bit layout of an IEEE binary floating-point format."""
+
+  int_dtype: type
+  fraction_bits: int  # explicit significand bits
+  exponent_mask: int  # all-ones biased exponent (inf / NaN)
+
+
+_FORMATS = {
+  np.dtype(np.float32): _Format(jnp.int32, 23, 0xFF),
+  np.dtype(np.float64): _Format(jnp.int64, 52, 0x7FF),
+}
+
+
 @partial(jax.custom_jvp, nondiff_argnums=(1,))
 def exact_div(x: jax.Array, divisor: int) -> jax.Array:
-  """Correctly rounded IEEE float32 ``x / divisor`` for a static positive int ``divisor``.
+  """Correctly rounded IEEE ``x / divisor`` for a static positive int ``divisor``.
 
-  The C kernels compute bin sizes as ``float(roi) / pooled``; their bin edges
-  (``floor``/``ceil`` of multiples of it) flip when the quotient is one ulp
-  off. XLA does not promise a correctly rounded division (it rewrites division
-  by a constant into a reciprocal multiply, and vectorized CPU division is
-  approximate), so the quotient is built here with integer long division on
-  the 24-bit significand, rounded to nearest-even, and reassembled bit-exactly.
+  The C kernels compute bin sizes as ``T(roi) / pooled`` (``T`` float or
+  double); their bin edges (``floor``/``ceil`` of multiples of it) flip when
+  the quotient is one ulp off. XLA does not promise a correctly rounded
+  division (it rewrites division by a constant into a reciprocal multiply,
+  and vectorized CPU division is approximate, in float32 and float64 alike),
+  so the quotient is built here with integer long division on the significand
+  (24 bits for float32, 53 for float64), rounded to nearest-even, and
+  reassembled bit-exactly.
 
   Args:
-    x: float32 array; finite non-negative values (negative ones keep their sign).
+    x: float32 or float64 array; finite values (negative ones keep their sign).
     divisor: Python int in ``[1, 2**22]``.
 
   Returns:
-    float32 array, ``x / divisor`` rounded as IEEE-754 would. Its derivative
-    is ``1 / divisor`` (a ``custom_jvp``: the bit manipulation has none).
+    ``x / divisor`` in the dtype of ``x``, rounded as IEEE-754 would. Its
+    derivative is ``1 / divisor`` (a ``custom_jvp``: the bit manipulation has
+    none).
   """
   if not 1 <= divisor <= 2**22:
     raise ValueError(f"divisor must be in [1, 2**22]; got {divisor}.")
-  x = jnp.asarray(x, jnp.float32)
-  bits = lax.bitcast_convert_type(x, jnp.int32)
-  sign = bits & jnp.int32(-(2**31))
-  biased = (bits >> 23) & 0xFF
-  significand = (bits & 0x7FFFFF) | 0x800000  # in [2**23, 2**24) for normal x
+  x = jnp.asarray(x)
+  fmt = _FORMATS[np.dtype(x.dtype)]
+  bits_t, frac = fmt.int_dtype, fmt.fraction_bits
+  width = 8 * np.dtype(bits_t).itemsize
+  bits = lax.bitcast_convert_type(x, bits_t)
+  sign = bits & bits_t(-(2 ** (width - 1)))
+  biased = (bits >> frac) & fmt.exponent_mask
+  significand = (bits & (2**frac - 1)) | 2**frac  # in [2**frac, 2**(frac+1)) for normal x
   # Quotient significand / divisor lies in [2**k, 2**(k+1)) for k = shift or shift - 1.
-  shift = 23 - (divisor.bit_length() - 1)
+  shift = frac - (divisor.bit_length() - 1)
   big = significand >= (divisor << shift)
-  k = jnp.where(big, shift, shift - 1)
-  denominator = jnp.left_shift(jnp.int32(divisor), k)
+  k = jnp.where(big, shift, shift - 1).astype(bits_t)
+  denominator = jnp.left_shift(bits_t(divisor), k)
   remainder = significand - denominator  # leading quotient bit is 1
   quotient = jnp.ones_like(significand)
-  for _ in range(23):
+  for _ in range(frac):
     remainder = remainder * 2
     bit = remainder >= denominator
     remainder = jnp.where(bit, remainder - denominator, remainder)
-    quotient = quotient * 2 + bit.astype(jnp.int32)
+    quotient = quotient * 2 + bit.astype(bits_t)
   remainder = remainder * 2
   guard = remainder >= denominator
   sticky = jnp.where(guard, remainder - denominator, remainder) > 0
-  quotient = quotient + (guard & (sticky | ((quotient & 1) == 1))).astype(jnp.int32)
-  carry = quotient >> 24  # rounding up to 2**24 bumps the exponent
-  exponent = biased + k - 23 + carry
-  out_bits = sign | (exponent << 23) | ((quotient >> carry) & 0x7FFFFF)
-  out = lax.bitcast_convert_type(out_bits, jnp.float32)
+  quotient = quotient + (guard & (sticky | ((quotient & 1) == 1))).astype(bits_t)
+  carry = quotient >> (frac + 1)  # rounding up to 2**(frac+1) bumps the exponent
+  exponent = biased + k - frac + carry
+  out_bits = sign | (exponent << frac) | ((quotient >> carry) & (2**frac - 1))
+  out = lax.bitcast_convert_type(out_bits, x.dtype)
   # Zeros, subnormals (never produced by box geometry) and inf/nan pass through x / d.
-  regular = (biased > 0) & (biased < 255) & (exponent > 0)
-  return jnp.where(regular, out, jnp.where(biased == 255, x, jnp.zeros_like(x)))
+  regular = (biased > 0) & (biased < fmt.exponent_mask) & (exponent > 0)
+  return jnp.where(regular, out, jnp.where(biased == fmt.exponent_mask, x, jnp.zeros_like(x)))
 
 
 @exact_div.defjvp
 def _exact_div_jvp(divisor, primals, tangents):
   (x,), (dx,) = primals, tangents
-  return exact_div(x, divisor), jnp.asarray(dx, jnp.float32) / jnp.float32(divisor)
+  out = exact_div(x, divisor)
+  return out, jnp.asarray(dx, out.dtype) / divisor

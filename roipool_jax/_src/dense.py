@@ -23,9 +23,9 @@ the samples. Boxes go in consecutive chunks (:func:`chunking.map_in_order`)
 so that ``A`` never exceeds about ``_CHUNK_ELEMENTS`` floats; nothing of size
 ``K * H * W * C`` is built.
 
-Matmuls run in float32 with ``Precision.HIGHEST``, so the results agree with
-the gather path to float32 rounding (bf16/f16 inputs are upcast; the output
-has the input dtype).
+Matmuls run in the compute dtype (float32, or float64 for float64 features)
+with ``Precision.HIGHEST``, so the results agree with the gather path to
+rounding (bf16/f16 inputs are upcast; the output has the input dtype).
 """
 
 from __future__ import annotations
@@ -57,22 +57,22 @@ def separable_sum(features: jax.Array, wy: jax.Array, wx: jax.Array, image_index
 
   Args:
     features: ``[N, H, W, C]`` map.
-    wy: ``[K, oh, H]`` float32 row weights.
-    wx: ``[K, ow, W]`` float32 column weights.
+    wy: ``[K, oh, H]`` row weights in the compute dtype.
+    wx: ``[K, ow, W]`` column weights, same dtype.
     image_index: ``[K]`` int32 image of each box; a box whose index is
       outside ``[0, N)`` gets zeros.
 
   Returns:
-    ``[K, oh, ow, C]`` in the features' dtype, accumulated in float32.
+    ``[K, oh, ow, C]`` in the features' dtype, accumulated in the weights' dtype.
   """
   n, h, w, c = features.shape
   k, oh, ow = wy.shape[0], wy.shape[1], wx.shape[1]
-  table = features.astype(jnp.float32).reshape(n * h, w * c)
+  table = features.astype(wy.dtype).reshape(n * h, w * c)
   images = jnp.arange(n, dtype=image_index.dtype)
 
   def chunk_fn(chunk):
     cwy, cwx, cindex = chunk
-    one_hot = (cindex[:, None] == images[None, :]).astype(jnp.float32)  # [Kc, N]
+    one_hot = (cindex[:, None] == images[None, :]).astype(wy.dtype)  # [Kc, N]
     rows = (one_hot[:, None, :, None] * cwy[:, :, None, :]).reshape(-1, n * h)  # [Kc*oh, N*H]
     a = jnp.dot(rows, table, precision=lax.Precision.HIGHEST)  # [Kc*oh, W*C]
     a = a.reshape(cwy.shape[0], oh, w, c)

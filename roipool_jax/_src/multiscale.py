@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from roipool_jax._src import backends, validation
+from roipool_jax._src import backends, dtypes, validation
 from roipool_jax._src import boxes as boxes_lib
 from roipool_jax._src import roi_align as roi_align_lib
 
@@ -35,7 +35,7 @@ def infer_levels(
     raise ValueError(
       "`features` must be consecutive pyramid levels, finest first (each half the size of the "
       f"previous); inferred scales {scales} from map sizes {list(map_sizes)} and image_size "
-      f"{tuple(image_size)}."
+      f"{tuple(image_size)} ({validation.NCHW_HINT})."
     )
   return scales, k_min
 
@@ -44,19 +44,24 @@ def fpn_levels(
   boxes: jax.Array,
   k_min: int,
   k_max: int,
-  canonical_scale: int = 224,
+  canonical_scale: float = 224,
   canonical_level: int = 4,
   eps: float = 1e-6,
 ) -> jax.Array:
-  """FPN level index (``0`` is ``k_min``) of each ``[K, 4]`` box, in float32 as torchvision.
+  """FPN level index (``0`` is ``k_min``) of each ``[K, 4]`` box, as torchvision computes it.
 
   ``k = floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps)``
-  clamped to ``[k_min, k_max]``; boxes with zero or non-finite area go to
-  ``k_min``.
+  clamped to ``[k_min, k_max]``, in the dtype of ``boxes`` (torchvision: the
+  boxes' dtype); boxes with zero or non-finite area go to ``k_min``. The
+  division is correctly rounded for an integral ``canonical_scale``.
   """
+  dtype = boxes.dtype
   area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-  ratio = boxes_lib.exact_div(jnp.sqrt(area), canonical_scale)
-  level = jnp.floor(jnp.float32(canonical_level) + jnp.log2(ratio) + jnp.float32(eps))
+  if float(canonical_scale).is_integer() and canonical_scale <= 2**22:
+    ratio = boxes_lib.exact_div(jnp.sqrt(area), int(canonical_scale))
+  else:
+    ratio = jnp.sqrt(area) / jnp.asarray(canonical_scale, dtype)
+  level = jnp.floor(jnp.asarray(canonical_level, dtype) + jnp.log2(ratio) + jnp.asarray(eps, dtype))
   level = jnp.where(jnp.isnan(level), k_min, jnp.clip(level, k_min, k_max))
   return level.astype(jnp.int32) - k_min
 
@@ -70,7 +75,7 @@ def multi_scale_roi_align(
   sampling_ratio: int = 2,
   aligned: bool = False,
   box_indices: jax.typing.ArrayLike | None = None,
-  canonical_scale: int = 224,
+  canonical_scale: float = 224,
   canonical_level: int = 4,
   impl: str = "auto",
 ) -> jax.Array:
@@ -133,43 +138,88 @@ def multi_scale_roi_align(
     Lin, Dollar, Girshick, He, Hariharan, Belongie, "Feature Pyramid Networks
     for Object Detection", CVPR 2017. https://arxiv.org/abs/1612.03144
   """
-  if isinstance(features, (jax.Array, np.ndarray)) or not len(features):
-    raise ValueError(
-      "`features` must be a non-empty sequence of [N, H_l, W_l, C] maps (one per pyramid "
-      f"level); got {type(features).__name__}."
+  if isinstance(features, Mapping):
+    raise TypeError(
+      "`features` must be a sequence of [N, H_l, W_l, C] maps, finest first; got a "
+      f"{type(features).__name__} (torchvision's named levels: pass `list(features.values())` "
+      "in pyramid order)."
     )
+  if isinstance(features, (jax.Array, np.ndarray)) or not isinstance(features, Sequence):
+    raise TypeError(
+      "`features` must be a sequence of [N, H_l, W_l, C] maps (one per pyramid level); got "
+      f"{type(features).__name__}."
+    )
+  if not features:
+    raise ValueError("`features` must hold at least one pyramid level; got an empty sequence.")
   for level, f in enumerate(features):
     validation.check_features(f, name=f"features[{level}]")
   shapes = [np.shape(f) for f in features]
   if len({(s[0], s[3]) for s in shapes}) != 1:
     raise ValueError(f"All `features` levels must share N and C; got shapes {shapes}.")
-  image = validation.normalize_output_size(tuple(image_size), "image_size")
-  size = validation.normalize_output_size(output_size)
+  level_dtypes = [jnp.result_type(f) for f in features]
+  if len(set(level_dtypes)) != 1:
+    raise TypeError(f"All `features` levels must share one dtype; got {level_dtypes}.")
+  image = validation.normalize_size(image_size, "image_size")
+  size = validation.normalize_size(output_size)
   ratio = validation.check_sampling_ratio(sampling_ratio)
-  validation.check_bool("aligned", aligned)
+  aligned = validation.check_bool("aligned", aligned)
+  s0 = validation.check_positive("canonical_scale", canonical_scale)
+  k0 = validation.check_int("canonical_level", canonical_level)
   impl = backends.resolve(impl)
   scales, k_min = infer_levels([s[1:3] for s in shapes], image)
   features = [jnp.asarray(f) for f in features]
-  flat = boxes_lib.flatten_boxes(boxes, box_indices, shapes[0][0])
-  config = (
-    size,
-    tuple(scales),
-    k_min,
-    ratio,
-    bool(aligned),
-    canonical_scale,
-    canonical_level,
-    impl,
+  flat = boxes_lib.flatten_boxes(
+    boxes, box_indices, shapes[0][0], dtypes.compute_dtype(level_dtypes[0])
   )
-  out = _multi_scale(features, flat.boxes, flat.image_index, flat.valid, *config)
-  return out.reshape(flat.batch_shape + out.shape[1:])
+  if not boxes_lib.has_work(shapes[0], flat):
+    return jnp.zeros(flat.batch_shape + size + shapes[0][3:], level_dtypes[0])
+  out = _multi_scale(
+    features,
+    flat.boxes,
+    flat.image_index,
+    flat.valid,
+    size=size,
+    scales=tuple(scales),
+    k_min=k_min,
+    ratio=ratio,
+    aligned=aligned,
+    canonical_scale=s0,
+    canonical_level=k0,
+    impl=impl,
+  )
+  return boxes_lib.unflatten(out, flat)
 
 
-@partial(jax.jit, static_argnums=tuple(range(4, 12)))
+@partial(
+  jax.jit,
+  static_argnames=(
+    "size",
+    "scales",
+    "k_min",
+    "ratio",
+    "aligned",
+    "canonical_scale",
+    "canonical_level",
+    "impl",
+  ),
+)
 def _multi_scale(
-  features, boxes, image_index, valid, size, scales, k_min, ratio, aligned, s0, k0, impl
+  features,
+  boxes,
+  image_index,
+  valid,
+  *,
+  size,
+  scales,
+  k_min,
+  ratio,
+  aligned,
+  canonical_scale,
+  canonical_level,
+  impl,
 ):
-  level = fpn_levels(boxes, k_min, k_min + len(features) - 1, s0, k0)
+  k_max = k_min + len(features) - 1
+  level = fpn_levels(boxes, k_min, k_max, canonical_scale, canonical_level)
   out = None
   for index, (f, scale) in enumerate(zip(features, scales, strict=True)):
     flat = boxes_lib.FlatBoxes(boxes, image_index, valid & (level == index), boxes.shape[:1])

@@ -8,7 +8,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from roipool_jax._src import backends, dense, sample_max, sampling, tap_sum, validation
+from roipool_jax._src import backends, dense, dtypes, sample_max, sampling, tap_sum, validation
 from roipool_jax._src import boxes as boxes_lib
 
 MODES = ("avg", "max")
@@ -36,6 +36,30 @@ def _max_samples(sampling_ratio: int, length: int) -> int:
   return sampling_ratio if sampling_ratio > 0 else 2 * length + 7
 
 
+def _average(features, flat, rows, cols, output_size, sampling_ratio, sparse, impl):
+  """``mode="avg"``: fixed grids as two taps per sample, adaptive ones as merged per-cell taps."""
+  (oh, ow), (height, width) = output_size, features.shape[1:3]
+  if sampling_ratio > 0:
+    ty, _ = sampling.sample_taps(rows, oh, height, sampling_ratio, True)
+    tx, _ = sampling.sample_taps(cols, ow, width, sampling_ratio, True)
+    return backends.sum_taps(features, ty, tx, flat.image_index, impl, sparse)
+  if impl == "einsum":  # row_taps builds the dense matrices directly
+    wy = sampling.row_taps(rows, oh, height, dense=True).weight
+    wx = sampling.row_taps(cols, ow, width, dense=True).weight
+    return dense.separable_sum(features, wy, wx, flat.image_index)
+  ty, tx = sampling.row_taps(rows, oh, height), sampling.row_taps(cols, ow, width)
+  return backends.sum_taps(features, ty, tx, flat.image_index, impl, sparse)
+
+
+def _maximum(features, flat, rows, cols, output_size, sampling_ratio):
+  """``mode="max"``: the window of samples that can land on the map, two taps each."""
+  (oh, ow), (height, width) = output_size, features.shape[1:3]
+  ty, limit_y = sampling.sample_taps(rows, oh, height, _max_samples(sampling_ratio, height), False)
+  tx, limit_x = sampling.sample_taps(cols, ow, width, _max_samples(sampling_ratio, width), False)
+  plan = tap_sum.Plan(flat.image_index, ty.index, tx.index, ty.count, tx.count)
+  return sample_max.sample_max(features, ty.weight, tx.weight, plan, (limit_y, limit_x))
+
+
 def align_bins(
   features,
   flat,
@@ -47,36 +71,16 @@ def align_bins(
   sparse=False,
   impl="gather",
 ):
-  """RoIAlign of flat boxes, ``[K, oh, ow, C]``; shared by ``roi_align`` and the warps.
+  """RoIAlign of flat boxes, ``[K, oh, ow, C]``; shared by ``roi_align``, ``roi_warp`` and
+  ``multi_scale_roi_align``.
 
   ``impl`` is a resolved backend (``"gather"`` or ``"einsum"``, see
-  :func:`backends.resolve`).
+  :func:`backends.resolve`); ``sparse`` is :func:`tap_sum.tap_sum`'s.
   """
-  height, width = features.shape[1:3]
   rows, cols = align_geometry(flat, output_size, spatial_scale, sampling_ratio, aligned)
-  oh, ow = output_size
-  dense_taps = impl == "einsum"
   if mode == "max":
-    ty, limit_y = sampling.sample_taps(
-      rows, oh, height, _max_samples(sampling_ratio, height), False
-    )
-    tx, limit_x = sampling.sample_taps(cols, ow, width, _max_samples(sampling_ratio, width), False)
-  elif sampling_ratio > 0:
-    ty, _ = sampling.sample_taps(rows, oh, height, sampling_ratio, True)
-    tx, _ = sampling.sample_taps(cols, ow, width, sampling_ratio, True)
-  else:  # merged per-cell taps; for the einsum path already dense matrices
-    ty = sampling.row_taps(rows, oh, height, dense=dense_taps)
-    tx = sampling.row_taps(cols, ow, width, dense=dense_taps)
-  if dense_taps:
-    if sampling_ratio > 0:
-      wy, wx = dense.interpolation_matrix(ty, height), dense.interpolation_matrix(tx, width)
-    else:
-      wy, wx = ty.weight, tx.weight
-    return dense.separable_sum(features, wy, wx, flat.image_index)
-  plan = tap_sum.Plan(flat.image_index, ty.index, tx.index, ty.count, tx.count)
-  if mode == "max":
-    return sample_max.sample_max(features, ty.weight, tx.weight, plan, (limit_y, limit_x))
-  return tap_sum.tap_sum(features, ty.weight, tx.weight, plan, sparse)
+    return _maximum(features, flat, rows, cols, output_size, sampling_ratio)
+  return _average(features, flat, rows, cols, output_size, sampling_ratio, sparse, impl)
 
 
 def roi_align(
@@ -199,21 +203,35 @@ def roi_align(
     https://arxiv.org/abs/1703.06870
   """
   validation.check_features(features)
-  size = validation.normalize_output_size(output_size)
+  size = validation.normalize_size(output_size)
   scale = validation.check_spatial_scale(spatial_scale)
   ratio = validation.check_sampling_ratio(sampling_ratio)
-  validation.check_bool("aligned", aligned)
+  aligned = validation.check_bool("aligned", aligned)
   validation.check_choice("mode", mode, MODES)
   impl = backends.resolve(impl, mode == "avg", 'for mode="max"')
   features = jnp.asarray(features)
-  flat = boxes_lib.flatten_boxes(boxes, box_indices, features.shape[0])
-  config = (size, scale, ratio, bool(aligned), mode, impl)
-  out = _roi_align(features, flat.boxes, flat.image_index, flat.valid, *config)
-  return out.reshape(flat.batch_shape + out.shape[1:])
+  flat = boxes_lib.flatten_boxes(
+    boxes, box_indices, features.shape[0], dtypes.compute_dtype(features.dtype)
+  )
+  if not boxes_lib.has_work(features.shape, flat):
+    return jnp.zeros(flat.batch_shape + size + features.shape[3:], features.dtype)
+  out = _roi_align(
+    features,
+    flat.boxes,
+    flat.image_index,
+    flat.valid,
+    size=size,
+    scale=scale,
+    ratio=ratio,
+    aligned=aligned,
+    mode=mode,
+    impl=impl,
+  )
+  return boxes_lib.unflatten(out, flat)
 
 
 # Compiled once per shape and configuration, also when called outside `jit`.
-@partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9))
-def _roi_align(features, boxes, image_index, valid, size, scale, ratio, aligned, mode, impl):
+@partial(jax.jit, static_argnames=("size", "scale", "ratio", "aligned", "mode", "impl"))
+def _roi_align(features, boxes, image_index, valid, *, size, scale, ratio, aligned, mode, impl):
   flat = boxes_lib.FlatBoxes(boxes, image_index, valid, boxes.shape[:1])
   return align_bins(features, flat, size, scale, ratio, aligned, mode, impl=impl)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from roipool_jax._src import bin_max as bin_max_lib
 from roipool_jax._src import boxes as boxes_lib
-from roipool_jax._src import validation
+from roipool_jax._src import dtypes, validation
 
 QUANTIZATIONS = ("round", "floor")
 
@@ -20,10 +20,10 @@ def _round_mode_edges(lo, hi, _size, num_bins, extent):
   start = boxes_lib.to_int(boxes_lib.round_half_away(lo))
   end = boxes_lib.to_int(boxes_lib.round_half_away(hi))
   roi = jnp.maximum(end - start + 1, 1)
-  bin_size = boxes_lib.exact_div(roi.astype(jnp.float32), num_bins)[:, None]
+  bin_size = boxes_lib.exact_div(roi.astype(lo.dtype), num_bins)[:, None]
   # Separate iotas for j and j + 1: no add that could be fused into an FMA.
-  j = jnp.arange(num_bins, dtype=jnp.float32)
-  j_next = jnp.arange(1, num_bins + 1, dtype=jnp.float32)
+  j = jnp.arange(num_bins, dtype=lo.dtype)
+  j_next = jnp.arange(1, num_bins + 1, dtype=lo.dtype)
   first = boxes_lib.to_int(jnp.floor(j[None] * bin_size)) + start[:, None]
   last = boxes_lib.to_int(jnp.ceil(j_next[None] * bin_size)) + start[:, None]
   return jnp.clip(first, 0, extent), jnp.clip(last, 0, extent)
@@ -168,13 +168,17 @@ def roi_pool(
     Girshick, "Fast R-CNN", ICCV 2015. https://arxiv.org/abs/1504.08083
   """
   validation.check_features(features)
-  size = validation.normalize_output_size(output_size)
+  size = validation.normalize_size(output_size)
   scale = validation.check_spatial_scale(spatial_scale)
   validation.check_choice("quantization", quantization, QUANTIZATIONS)
   features = jnp.asarray(features)
-  flat = boxes_lib.flatten_boxes(boxes, box_indices, features.shape[0])
+  flat = boxes_lib.flatten_boxes(
+    boxes, box_indices, features.shape[0], dtypes.compute_dtype(features.dtype)
+  )
+  if not boxes_lib.has_work(features.shape, flat):
+    return jnp.zeros(flat.batch_shape + size + features.shape[3:], features.dtype)
   out = _roi_pool(features, flat.boxes, flat.image_index, flat.valid, size, scale, quantization)
-  return out.reshape(flat.batch_shape + out.shape[1:])
+  return boxes_lib.unflatten(out, flat)
 
 
 # Compiled once per shape and configuration, also when called outside `jit`.

@@ -13,8 +13,8 @@ sample wins over numbers). The work is visited like :mod:`tap_sum`'s:
 samples in blocks, boxes sorted by cost and chunked.
 
 Gradient (``custom_vjp``): the cotangent goes to the four corners of the
-arg-max sample with its bilinear weights (a float32 scatter-add, sequential
-on CPU and TPU), and to those weights (then, by autodiff, to the box).
+arg-max sample with its bilinear weights (a scatter-add in the compute dtype,
+sequential on CPU and TPU), and to those weights (then, by autodiff, to the box).
 """
 
 from __future__ import annotations
@@ -28,29 +28,32 @@ from roipool_jax._src import chunking, tap_sum
 _NO_SAMPLE = 2**30
 
 
-def _rank_stride(num_col_taps: int) -> int:
+# A sample's two corner taps (low, high) per axis: blocks never split a pair.
+_PAIR = 2
+
+
+def _rank_stride(num_row_taps: int, num_col_taps: int) -> int:
   """Sample ``(jy, jx)`` has rank ``jy * stride + jx`` (stride: padded samples along x)."""
-  return tap_sum.blocks(num_col_taps)[1] // 2
+  return tap_sum.blocking(num_row_taps, num_col_taps, _PAIR).padded[1] // _PAIR
 
 
 def _forward(features, wy, wx, plan: tap_sum.Plan, limits):
   _, height, width, channels = features.shape
   table = features.reshape(-1, channels)
-  data, slots, _, cost = tap_sum.prepare(wy, wx, plan)
-  data["limit_y"], data["limit_x"] = limits
-  samples_y, samples_x = slots[0] // 2, slots[1] // 2
-  stride = _rank_stride(wx.shape[2])
+  taps, (slots, _), _, cost = tap_sum.prepare(wy, wx, plan, group=_PAIR)
+  samples_y, samples_x = slots[0] // _PAIR, slots[1] // _PAIR
+  stride = _rank_stride(wy.shape[2], wx.shape[2])
   oh, ow = wy.shape[1], wx.shape[1]
 
-  def visit(c, t, passes_x, state):
+  def visit(c, limit_y, limit_x, t, passes_x, state):
     best, rank = state
     blk, (by, bx) = tap_sum.block(c, t, passes_x, slots, (height, width))
     for ja in range(samples_y):
       jy = by * samples_y + ja
-      use_y = (jy < c["limit_y"])[:, :, None]
+      use_y = (jy < limit_y)[:, :, None]
       for jb in range(samples_x):
         jx = bx * samples_x + jb
-        use = (use_y & (jx < c["limit_x"])[:, None, :])[..., None]
+        use = (use_y & (jx < limit_x)[:, None, :])[..., None]
         value = 0.0
         for a in range(2):
           for b in range(2):
@@ -65,16 +68,17 @@ def _forward(features, wy, wx, plan: tap_sum.Plan, limits):
         rank = jnp.where(better, r, rank)
     return best, rank
 
-  def chunk_fn(c):
-    shape = (c["row"].shape[0], oh, ow, channels)
-    state = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.full(shape, _NO_SAMPLE, jnp.int32))
+  def chunk_fn(chunk_data):
+    c, (limit_y, limit_x) = chunk_data
+    shape = (c.row.shape[0], oh, ow, channels)
+    state = (jnp.full(shape, -jnp.inf, wy.dtype), jnp.full(shape, _NO_SAMPLE, jnp.int32))
     py, px = tap_sum.passes(c, slots)
-    return lax.fori_loop(0, py * px, lambda t, s: visit(c, t, px, s), state)
+    return lax.fori_loop(0, py * px, lambda t, s: visit(c, limit_y, limit_x, t, px, s), state)
 
   # A loop even for one pass: see tap_sum._forward (no duplicated recomputation).
   k = plan.image_index.shape[0]
   chunk = chunking.chunk_size(k, oh * ow * channels, 1 << 16)
-  best, rank = chunking.map_chunks(chunk_fn, data, cost, chunk)
+  best, rank = chunking.map_chunks(chunk_fn, (taps, limits), cost, chunk)
   found = rank < _NO_SAMPLE
   out = jnp.where(found, best, 0.0).astype(features.dtype)
   return out, jnp.where(found, rank, -1)
@@ -86,7 +90,8 @@ def sample_max(features, wy, wx, plan: tap_sum.Plan, limits) -> jax.Array:
 
   Args:
     features: ``[N, H, W, C]`` map.
-    wy: ``[K, oh, 2 * Gy]`` corner weights of the row coordinate of each sample.
+    wy: ``[K, oh, 2 * Gy]`` corner weights of the row coordinate of each
+      sample, in the compute dtype (also the dtype of the comparisons).
     wx: ``[K, ow, 2 * Gx]`` the same for columns.
     plan: integer cells and counts (:class:`tap_sum.Plan`).
     limits: ``(limit_y [K, oh], limit_x [K, ow])`` int32 samples per bin.
@@ -104,24 +109,25 @@ def _sample_max_bwd(residuals, cotangent):
   n_img, height, width, channels = features.shape
   k, oh, ty = wy.shape
   ow, tx = wx.shape[1:]
-  stride = _rank_stride(tx)
+  stride = _rank_stride(ty, tx)
   found = rank >= 0
   jy, jx = jnp.where(found, rank // stride, 0), jnp.where(found, rank % stride, 0)
   box = jnp.arange(k, dtype=jnp.int32)[:, None, None, None]
   bin_y = jnp.arange(oh, dtype=jnp.int32)[None, :, None, None]
   bin_x = jnp.arange(ow, dtype=jnp.int32)[None, None, :, None]
   channel = jnp.arange(channels, dtype=jnp.int32)[None, None, None]
-  cot = jnp.where(found, cotangent.astype(jnp.float32), 0.0)
+  acc = wy.dtype
+  cot = jnp.where(found, cotangent.astype(acc), 0.0)
   table = features.reshape(-1)
   # Flat positions of the arg-max sample's two row taps and two column taps.
   tap_y = [(box * oh + bin_y) * ty + 2 * jy + a for a in range(2)]
   tap_x = [(box * ow + bin_x) * tx + 2 * jx + b for b in range(2)]
   ry, rx = plan.row.reshape(-1), plan.col.reshape(-1)
-  wy_flat, wx_flat = wy.reshape(-1).astype(jnp.float32), wx.reshape(-1).astype(jnp.float32)
+  wy_flat, wx_flat = wy.reshape(-1), wx.reshape(-1)
   image = plan.image_index[:, None, None, None]
-  grad = jnp.zeros((n_img * height * width * channels,), jnp.float32)
-  gy = jnp.zeros((k * oh * ty,), jnp.float32)
-  gx = jnp.zeros((k * ow * tx,), jnp.float32)
+  grad = jnp.zeros((n_img * height * width * channels,), acc)
+  gy = jnp.zeros((k * oh * ty,), acc)
+  gx = jnp.zeros((k * ow * tx,), acc)
   drop = n_img * height * width * channels  # out of bounds: dropped
   for a in range(2):
     w_a = wy_flat[tap_y[a]]
@@ -134,17 +140,11 @@ def _sample_max_bwd(residuals, cotangent):
       w = w_a * w_b
       grad = grad.at[jnp.where(used, cell, drop)].add(w * cot, mode="drop")
       value = jnp.where(used, table.at[cell].get(mode="promise_in_bounds"), 0.0)
-      value = value.astype(jnp.float32) * cot
+      value = value.astype(acc) * cot
       gy = gy.at[tap_y[a]].add(w_b * value)
       gx = gx.at[tap_x[b]].add(w_a * value)
   grad = grad.reshape(features.shape).astype(features.dtype)
-  return (
-    grad,
-    gy.reshape(wy.shape).astype(wy.dtype),
-    gx.reshape(wx.shape).astype(wx.dtype),
-    None,
-    None,
-  )
+  return grad, gy.reshape(wy.shape), gx.reshape(wx.shape), None, None
 
 
 sample_max.defvjp(_sample_max_fwd, _sample_max_bwd)

@@ -8,10 +8,11 @@ geometry along an axis is three numbers (:class:`Axis`); from them this module
 builds *taps*: for each bin, a short list of ``(cell index, weight)`` pairs
 that the kernels gather and combine (:class:`Taps`).
 
-All arithmetic is float32 and follows torchvision's ``roi_align`` kernel
-expression by expression, so sample positions match it to the last bit except
-where XLA's division is not correctly rounded (``((i + 0.5) * bin) / grid``),
-which moves a sample by at most one ulp.
+All arithmetic is in the compute dtype of the boxes (float32, or float64 for
+float64 features; :mod:`roipool_jax._src.dtypes`) and follows torchvision's
+``roi_align`` kernel expression by expression, so sample positions match it
+to the last bit except where XLA's division is not correctly rounded
+(``((i + 0.5) * bin) / grid``), which moves a sample by at most one ulp.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ class Axis(NamedTuple):
   """RoIAlign geometry of K boxes along one axis, in feature cells.
 
   Attributes:
-    start: ``[K]`` float32 first edge of the box (``x1 * scale - offset``).
-    bin_size: ``[K]`` float32 bin length (``roi_size / P``, correctly rounded).
+    start: ``[K]`` first edge of the box (``x1 * scale - offset``).
+    bin_size: ``[K]`` bin length (``roi_size / P``, correctly rounded).
     grid: ``[K]`` int32 samples per bin (``sampling_ratio``, or adaptive
       ``ceil(bin_size)``); 0 for boxes that produce zeros (invalid, or
       inverted: ``hi < lo``).
@@ -52,7 +53,7 @@ class Taps(NamedTuple):
   Attributes:
     index: ``[K, P, T]`` int32 cell (row or column) in ``[0, L)``, or -1 for an
       unused tap (padding, or a sample that does not count).
-    weight: ``[K, P, T]`` float32 weight (0 for unused taps). A used tap may
+    weight: ``[K, P, T]`` weight in the compute dtype (0 for unused taps). A used tap may
       have weight 0 (a sample exactly on a cell): its weight still has a
       gradient, so the kernels tell used taps by ``index``, not by weight.
     count: ``[K]`` int32 number of leading taps in use by any bin of the box;
@@ -72,25 +73,31 @@ def axis_geometry(
   spatial_scale: float,
   sampling_ratio: int,
   aligned: bool,
+  flip: bool = False,
 ) -> Axis:
   """torchvision's RoIAlign geometry for one axis (see ``roi_align``'s docstring).
 
   Args:
-    lo: ``[K]`` float32 first box coordinate (x1 or y1) in image pixels.
-    hi: ``[K]`` float32 second box coordinate (x2 or y2).
+    lo: ``[K]`` first box coordinate (x1 or y1) in image pixels, in the compute dtype.
+    hi: ``[K]`` second box coordinate (x2 or y2).
     valid: ``[K]`` bool; invalid boxes get ``grid = 0`` (zero output).
     num_bins: P, the output size along the axis.
     spatial_scale: feature cells per image pixel.
     sampling_ratio: samples per bin when ``> 0``; adaptive when ``<= 0``.
     aligned: shift by -0.5 cell (pixel-centre model) instead of forcing
       ``roi_size >= 1``.
+    flip: inverted boxes (``hi < lo``) keep their negative size, so their
+      samples run backwards (a mirrored crop; ``aligned=False`` then forces
+      ``roi_size <= -1``), instead of giving zeros. Only with a fixed grid.
   """
-  offset = jnp.float32(0.5 if aligned else 0.0)
+  offset = jnp.asarray(0.5 if aligned else 0.0, lo.dtype)
   start = boxes_lib.scale_coords(lo, spatial_scale) - offset
   end = boxes_lib.scale_coords(hi, spatial_scale) - offset
   size = end - start
   inverted = size < 0
-  if not aligned:
+  if not aligned and flip:
+    size = jnp.where(inverted, jnp.minimum(size, -1.0), jnp.maximum(size, 1.0))
+  elif not aligned:
     size = jnp.maximum(size, 1.0)
   size = jnp.clip(size, -boxes_lib.COORD_LIMIT, boxes_lib.COORD_LIMIT)
   bin_size = boxes_lib.exact_div(size, num_bins)
@@ -98,17 +105,18 @@ def axis_geometry(
     grid = jnp.full(lo.shape, sampling_ratio, jnp.int32)
   else:
     grid = boxes_lib.to_int(jnp.ceil(bin_size))
-  # Inverted boxes give zeros, as do invalid ones.
-  grid = jnp.where(valid & ~inverted, grid, 0)
+  # Inverted boxes give zeros unless flipped, as do invalid ones.
+  grid = jnp.where(valid if flip else valid & ~inverted, grid, 0)
   return Axis(start, bin_size, grid)
 
 
 def sample_position(axis: Axis, bin_index: jax.Array, sample: jax.Array) -> jax.Array:
   """``start + p * bin + ((i + 0.5) * bin) / grid``, broadcasting ``[K]`` against the indices."""
   start, bin_size = axis.start[:, None, None], axis.bin_size[:, None, None]
-  grid = jnp.maximum(axis.grid, 1).astype(jnp.float32)[:, None, None]
-  base = start + bin_index.astype(jnp.float32) * bin_size
-  return base + ((sample.astype(jnp.float32) + 0.5) * bin_size) / grid
+  dtype = start.dtype
+  grid = jnp.maximum(axis.grid, 1).astype(dtype)[:, None, None]
+  base = start + bin_index.astype(dtype) * bin_size
+  return base + ((sample.astype(dtype) + 0.5) * bin_size) / grid
 
 
 def sample_index_at(axis: Axis, bin_index: jax.Array, y) -> jax.Array:
@@ -117,31 +125,64 @@ def sample_index_at(axis: Axis, bin_index: jax.Array, y) -> jax.Array:
   The inverse of :func:`sample_position` up to rounding (callers keep a
   margin); 0 for bins of size 0 or with no samples.
   """
-  base = axis.start[:, None, None] + bin_index.astype(jnp.float32) * axis.bin_size[:, None, None]
-  step = axis.bin_size[:, None, None] / jnp.maximum(axis.grid, 1).astype(jnp.float32)[:, None, None]
+  dtype = axis.start.dtype
+  base = axis.start[:, None, None] + bin_index.astype(dtype) * axis.bin_size[:, None, None]
+  step = axis.bin_size[:, None, None] / jnp.maximum(axis.grid, 1).astype(dtype)[:, None, None]
   safe_step = jnp.where(step > 0, step, 1.0)
   return jnp.where(step > 0, (y - base) / safe_step - 0.5, 0.0)
 
 
-def corners(y: jax.Array, length: int):
-  """torchvision's bilinear rule along one axis for positions ``y``.
+def corners(y: jax.Array, length: int, extrapolate: bool = False):
+  """The bilinear rule along one axis for positions ``y``.
 
   Returns ``(low, high, w_low, w_high, inside)``: the two cells, their weights
-  and whether the sample counts at all.
-  Positions outside ``[-1, length]`` get zero weights; positions in
-  ``[-1, 0]`` are clamped to 0; from ``length - 1`` on both cells are
-  ``length - 1``, with all the weight on ``low``.
+  and whether the sample counts at all (weights are 0 where it does not).
+
+  * torchvision's rule (default): positions outside ``[-1, length]`` do not
+    count; positions in ``[-1, 0]`` are clamped to 0; from ``length - 1`` on
+    both cells are ``length - 1``, with all the weight on ``low``.
+  * ``extrapolate`` (TensorFlow's ``crop_and_resize``): positions outside
+    ``[0, length - 1]`` do not count (the op gives them its extrapolation
+    value); inside, the same two cells and weights.
   """
-  inside = (y >= -1.0) & (y <= length)
+  if extrapolate:
+    inside = (y >= 0.0) & (y <= length - 1)
+  else:
+    inside = (y >= -1.0) & (y <= length)
   y = jnp.maximum(y, 0.0)
   low = boxes_lib.to_int(jnp.floor(y))
   edge = low >= length - 1
   low = jnp.minimum(low, length - 1)
   high = jnp.where(edge, low, low + 1)
-  frac = jnp.where(edge, 0.0, y - low.astype(jnp.float32))
+  frac = jnp.where(edge, 0.0, y - low.astype(y.dtype))
   w_high = jnp.where(inside, frac, 0.0)
   w_low = jnp.where(inside, 1.0 - frac, 0.0)
   return low, high, w_low, w_high, inside
+
+
+def point_taps(y: jax.Array, valid: jax.Array, length: int, nearest: bool, extrapolate: bool):
+  """Taps of one sample per output cell, at positions ``y`` ``[K, P]``.
+
+  Bilinear: the two cells of :func:`corners`. Nearest: one cell,
+  ``round(y)`` with halves away from zero (C ``roundf``, as TensorFlow), after
+  clamping ``y`` to ``[0, length - 1]``; its weight is 1 and has no
+  derivative. The edge rule is :func:`corners`'s; boxes that are not
+  ``valid`` ``[K]`` have no sample that counts.
+
+  Returns:
+    ``(taps, inside)``: :class:`Taps` with ``T = 2`` (tap 1 unused for
+    nearest), and ``inside [K, P]`` bool, whether the sample counts.
+  """
+  low, high, w_low, w_high, inside = corners(y, length, extrapolate)
+  if nearest:
+    cell = boxes_lib.round_half_away(jnp.clip(y, 0.0, length - 1))
+    low, high = boxes_lib.to_int(cell), jnp.full_like(low, -1)
+    w_low, w_high = jnp.ones_like(w_low), jnp.zeros_like(w_high)
+  inside = inside & valid[:, None]
+  index = jnp.stack([jnp.where(inside, low, -1), jnp.where(inside, high, -1)], axis=-1)
+  weight = jnp.stack([jnp.where(inside, w_low, 0.0), jnp.where(inside, w_high, 0.0)], axis=-1)
+  count = jnp.full(y.shape[:1], 1 if nearest else 2, jnp.int32)
+  return Taps(index, weight, count), inside
 
 
 def sample_taps(axis: Axis, num_bins: int, length: int, max_samples: int, average: bool):
@@ -169,9 +210,9 @@ def sample_taps(axis: Axis, num_bins: int, length: int, max_samples: int, averag
   y = sample_position(axis, p, sample)
   low, high, w_low, w_high, inside = corners(y, length)
   low, high = jnp.where(in_use & inside, low, -1), jnp.where(in_use & inside, high, -1)
-  scale = in_use.astype(jnp.float32)
+  scale = in_use.astype(y.dtype)
   if average:
-    scale = scale / jnp.maximum(grid, 1).astype(jnp.float32)
+    scale = scale / jnp.maximum(grid, 1).astype(y.dtype)
   index = jnp.stack([low, high], axis=-1).reshape(low.shape[:2] + (2 * low.shape[2],))
   weight = jnp.stack([w_low * scale, w_high * scale], axis=-1).reshape(index.shape)
   # Samples past y = length contribute nothing: stop the window there (+1).
@@ -218,7 +259,7 @@ def row_taps(axis: Axis, num_bins: int, length: int, dense: bool = False) -> Tap
     row = jnp.minimum(lo + tap, length - 1)  # [K, P, L]
     in_bin = tap < rows_used
   # Nearest sample to each row, then its neighbours.
-  nearest = sample_index_at(axis, p, row.astype(jnp.float32))
+  nearest = sample_index_at(axis, p, row.astype(axis.start.dtype))
   nearest = jnp.clip(boxes_lib.to_int(jnp.round(nearest)), 0, last_sample)
   sample = (
     nearest[..., None]
@@ -234,6 +275,6 @@ def row_taps(axis: Axis, num_bins: int, length: int, dense: bool = False) -> Tap
     use & (high == on_row), w_high, 0.0
   )
   weight = jnp.sum(weight, axis=-1)
-  weight = jnp.where(in_bin, weight, 0.0) / jnp.maximum(grid, 1).astype(jnp.float32)
+  weight = jnp.where(in_bin, weight, 0.0) / jnp.maximum(grid, 1).astype(weight.dtype)
   row = jnp.where(in_bin, row, -1)
   return Taps(row, weight, jnp.max(rows_used, axis=(1, 2)))

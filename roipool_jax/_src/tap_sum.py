@@ -19,7 +19,8 @@ small chunks (:mod:`roipool_jax._src.chunking`). Nothing of size
 Gradients (a ``custom_vjp``)
 ----------------------------
 * Features: the transpose, a scatter-add of ``wy * wx * cotangent`` into a
-  float32 ``[N * H * W, C]`` buffer, chunk after chunk in a fixed order.
+  ``[N * H * W, C]`` buffer in the compute dtype (float32; float64 for
+  float64 features), chunk after chunk in a fixed order.
   XLA:CPU executes it sequentially, so the result is bitwise reproducible
   there; XLA:GPU uses atomics (order-dependent last bits).
 * Weights: ``d wy[k, i, a] = sum_j sum_b wx * <F[cell], cotangent[k, i, j]>``
@@ -62,14 +63,62 @@ class Plan(NamedTuple):
   col_count: jax.Array  # [K]
 
 
-def blocks(length: int) -> tuple[int, int]:
-  """(slots, padded length) for one axis of taps."""
-  slots = min(length, SLOTS)
-  return slots, -(-length // slots) * slots
+class Blocking(NamedTuple):
+  """How the taps of both axes are cut into blocks (static).
+
+  Attributes:
+    slots: ``(sy, sx)`` taps per block along y and x; a pass visits one
+      ``sy x sx`` block of every bin.
+    padded: ``(Ty', Tx')`` tap counts padded to whole blocks.
+  """
+
+  slots: tuple[int, int]
+  padded: tuple[int, int]
+
+
+def blocking(num_row_taps: int, num_col_taps: int, group: int = 1) -> Blocking:
+  """Blocks of about ``SLOTS`` taps per axis that never split a group of ``group`` taps.
+
+  ``group`` consecutive taps belong together (``sample_max`` reads a sample's
+  two corner taps in the same pass, so it asks for ``group=2``): the slots are
+  rounded up to a multiple of ``group``. This holds for any ``SLOTS >= 1``.
+  """
+
+  def axis(length: int) -> tuple[int, int]:
+    if length % group:
+      raise ValueError(f"{length} taps do not form whole groups of {group}.")
+    slots = max(group, -(-min(length, SLOTS) // group) * group)
+    return slots, -(-length // slots) * slots
+
+  (sy, ty), (sx, tx) = axis(num_row_taps), axis(num_col_taps)
+  assert sy % group == 0 and sx % group == 0 and ty % sy == 0 and tx % sx == 0
+  return Blocking((sy, sx), (ty, tx))
 
 
 def pad_taps(x: jax.Array, padded: int, value=0) -> jax.Array:
   return jnp.pad(x, [(0, 0), (0, 0), (0, padded - x.shape[2])], constant_values=value)
+
+
+class TapTable(NamedTuple):
+  """Per-box taps padded to whole blocks: what the kernels visit, chunk by chunk.
+
+  Attributes:
+    image_index: ``[K]`` int32 image of each box.
+    row: ``[K, oh, Ty']`` int32 row of each row tap, -1 if unused.
+    col: ``[K, ow, Tx']`` int32 column of each column tap, -1 if unused.
+    wy: ``[K, oh, Ty']`` row-tap weights in the compute dtype.
+    wx: ``[K, ow, Tx']`` column-tap weights.
+    row_count: ``[K]`` int32 leading row taps in use (passes needed along y).
+    col_count: ``[K]`` int32 leading column taps in use.
+  """
+
+  image_index: jax.Array
+  row: jax.Array
+  col: jax.Array
+  wy: jax.Array
+  wx: jax.Array
+  row_count: jax.Array
+  col_count: jax.Array
 
 
 class Block(NamedTuple):
@@ -82,16 +131,16 @@ class Block(NamedTuple):
   wx: jax.Array
 
 
-def block(c: dict, t, passes_x: int, slots: tuple[int, int], map_size: tuple[int, int]):
+def block(c: TapTable, t, passes_x, slots: tuple[int, int], map_size: tuple[int, int]):
   """Cells and weights of pass ``t`` (tap block ``(t // passes_x, t % passes_x)``)."""
   sy, sx = slots
   height, width = map_size
   by, bx = t // passes_x, t % passes_x
-  iy = lax.dynamic_slice_in_dim(c["row"], by * sy, sy, axis=2)
-  ix = lax.dynamic_slice_in_dim(c["col"], bx * sx, sx, axis=2)
-  wy = lax.dynamic_slice_in_dim(c["wy"], by * sy, sy, axis=2)
-  wx = lax.dynamic_slice_in_dim(c["wx"], bx * sx, sx, axis=2)
-  row_base = (c["image_index"][:, None, None] * height + jnp.maximum(iy, 0)) * width
+  iy = lax.dynamic_slice_in_dim(c.row, by * sy, sy, axis=2)
+  ix = lax.dynamic_slice_in_dim(c.col, bx * sx, sx, axis=2)
+  wy = lax.dynamic_slice_in_dim(c.wy, by * sy, sy, axis=2)
+  wx = lax.dynamic_slice_in_dim(c.wx, bx * sx, sx, axis=2)
+  row_base = (c.image_index[:, None, None] * height + jnp.maximum(iy, 0)) * width
   col = jnp.maximum(ix, 0)
   cells = [[row_base[:, :, None, a] + col[:, None, :, b] for b in range(sx)] for a in range(sy)]
   used = [
@@ -100,29 +149,30 @@ def block(c: dict, t, passes_x: int, slots: tuple[int, int], map_size: tuple[int
   return Block(cells, used, wy, wx), (by, bx)
 
 
-def passes(c: dict, slots: tuple[int, int]):
+def passes(c: TapTable, slots: tuple[int, int]):
   """(passes along y, passes along x) needed by the most expensive box of a chunk."""
-  py = (jnp.max(c["row_count"], initial=0) + slots[0] - 1) // slots[0]
-  px = (jnp.max(c["col_count"], initial=0) + slots[1] - 1) // slots[1]
+  py = (jnp.max(c.row_count, initial=0) + slots[0] - 1) // slots[0]
+  px = (jnp.max(c.col_count, initial=0) + slots[1] - 1) // slots[1]
   return py, px
 
 
-def prepare(wy, wx, plan: Plan):
-  """Pads the taps to whole blocks; returns the per-box dict, slots and a cost."""
-  sy, ty = blocks(plan.row.shape[2])
-  sx, tx = blocks(plan.col.shape[2])
-  data = dict(
+def prepare(wy, wx, plan: Plan, group: int = 1):
+  """Pads the taps to whole blocks; returns the :class:`TapTable`, its blocking, whether one
+  pass covers every box, and the cost (passes) of each box."""
+  blk = blocking(plan.row.shape[2], plan.col.shape[2], group)
+  (sy, sx), (ty, tx) = blk
+  table = TapTable(
     image_index=plan.image_index,
     row=pad_taps(plan.row, ty, -1),
     col=pad_taps(plan.col, tx, -1),
-    wy=pad_taps(wy.astype(jnp.float32), ty),
-    wx=pad_taps(wx.astype(jnp.float32), tx),
+    wy=pad_taps(wy, ty),
+    wx=pad_taps(wx, tx),
     row_count=plan.row_count,
     col_count=plan.col_count,
   )
   single = ty == sy and tx == sx  # every box in one pass: no chunks, no loop
   cost = -(-plan.row_count // sy) * -(-plan.col_count // sx)
-  return data, (sy, sx), single, cost
+  return table, blk, single, cost
 
 
 def materialized(compute, data):
@@ -140,15 +190,15 @@ def materialized(compute, data):
 
 
 def term(table, cell, used, weight):
-  """``weight * table[cell]`` in float32 ``[B, oh, ow, C]``, exactly 0 for unused taps."""
-  value = table.at[cell].get(mode="promise_in_bounds").astype(jnp.float32)
+  """``weight * table[cell]`` ``[B, oh, ow, C]`` in the weights' dtype; exactly 0 if unused."""
+  value = table.at[cell].get(mode="promise_in_bounds").astype(weight.dtype)
   return jnp.where(used[..., None], weight * value, 0.0)
 
 
 def _forward(features: jax.Array, wy, wx, plan: Plan, sparse: bool) -> jax.Array:
   _, height, width, channels = features.shape
   table = features.reshape(-1, channels)
-  per_box, slots, single, cost = prepare(wy, wx, plan)
+  taps, (slots, _), single, cost = prepare(wy, wx, plan)
   single = single and not sparse
   oh, ow = wy.shape[1], wx.shape[1]
 
@@ -164,28 +214,29 @@ def _forward(features: jax.Array, wy, wx, plan: Plan, sparse: bool) -> jax.Array
     return acc
 
   def chunk_fn(c):
-    acc = jnp.zeros((c["row"].shape[0], oh, ow, channels), jnp.float32)
+    acc = jnp.zeros((c.row.shape[0], oh, ow, channels), wy.dtype)
     py, px = passes(c, slots)
     return lax.fori_loop(0, py * px, lambda t, a: accumulate(c, t, px, a), acc)
 
   if single:  # one fused pass over all boxes
-    out = materialized(lambda: accumulate(per_box, 0, 1, jnp.float32(0)), plan.row_count)
+    zero = jnp.zeros((), wy.dtype)
+    out = materialized(lambda: accumulate(taps, 0, 1, zero), plan.row_count)
   else:
     k = plan.image_index.shape[0]
     chunk = chunking.chunk_size(k, oh * ow * channels, _CHUNK_ELEMENTS)
-    out = chunking.map_chunks(chunk_fn, per_box, cost, chunk)
+    out = chunking.map_chunks(chunk_fn, taps, cost, chunk)
   return out.astype(features.dtype)
 
 
 def _features_grad(cotangent, wy, wx, plan: Plan, features_shape) -> jax.Array:
-  """Scatter-add transpose, float32, in a fixed (chunk, pass, tap) order."""
+  """Scatter-add transpose in the weights' dtype, in a fixed (chunk, pass, tap) order."""
   n_img, height, width, channels = features_shape
-  per_box, slots, _, cost = prepare(wy, wx, plan)
-  per_box["cotangent"] = cotangent.astype(jnp.float32)
+  taps, (slots, _), _, cost = prepare(wy, wx, plan)
   k, oh, ow = cotangent.shape[:3]
   chunk = chunking.chunk_size(k, oh * ow * channels * slots[0] * slots[1], _SCATTER_ELEMENTS)
 
-  def chunk_fn(grad, c):
+  def chunk_fn(grad, chunk_data):
+    c, cot = chunk_data
     py, px = passes(c, slots)
 
     def scatter_pass(t, grad):
@@ -195,14 +246,15 @@ def _features_grad(cotangent, wy, wx, plan: Plan, features_shape) -> jax.Array:
         for b in range(slots[1]):
           w = blk.wy[:, :, None, a] * blk.wx[:, None, :, b]
           cells.append(blk.cells[a][b])
-          updates.append(w[..., None] * c["cotangent"])
+          updates.append(w[..., None] * cot)
       cells = jnp.stack(cells).reshape(-1)
       updates = jnp.stack(updates).reshape(-1, channels)
       return grad.at[cells].add(updates, mode="promise_in_bounds")
 
     return lax.fori_loop(0, py * px, scatter_pass, grad)
 
-  grad = jnp.zeros((n_img * height * width, channels), jnp.float32)
+  grad = jnp.zeros((n_img * height * width, channels), wy.dtype)
+  per_box = (taps, cotangent.astype(wy.dtype))
   grad = chunking.fold_chunks(chunk_fn, grad, per_box, cost, chunk)
   return grad.reshape(features_shape)
 
@@ -211,12 +263,12 @@ def _weights_grad(features, cotangent, wy, wx, plan: Plan):
   """Gradients of the tap weights: one gather sweep reduced over channels."""
   _, height, width, channels = features.shape
   table = features.reshape(-1, channels)
-  per_box, slots, _, cost = prepare(wy, wx, plan)
-  per_box["cotangent"] = cotangent.astype(jnp.float32)
+  taps, (slots, _), _, cost = prepare(wy, wx, plan)
   k, oh, ow = cotangent.shape[:3]
   chunk = chunking.chunk_size(k, oh * ow * channels, _WEIGHT_GRAD_ELEMENTS)
 
-  def chunk_fn(c):
+  def chunk_fn(chunk_data):
+    c, cot = chunk_data
     py, px = passes(c, slots)
 
     def grad_pass(t, grads):
@@ -226,8 +278,8 @@ def _weights_grad(features, cotangent, wy, wx, plan: Plan):
       gx_blk = [0.0] * slots[1]
       for a in range(slots[0]):
         for b in range(slots[1]):
-          value = table.at[blk.cells[a][b]].get(mode="promise_in_bounds").astype(jnp.float32)
-          dot = jnp.sum(value * c["cotangent"], axis=-1)  # [B, oh, ow]
+          value = table.at[blk.cells[a][b]].get(mode="promise_in_bounds").astype(cot.dtype)
+          dot = jnp.sum(value * cot, axis=-1)  # [B, oh, ow]
           dot = jnp.where(blk.used[a][b], dot, 0.0)
           gy_blk[a] = gy_blk[a] + jnp.sum(dot * blk.wx[:, None, :, b], axis=2)
           gx_blk[b] = gx_blk[b] + jnp.sum(dot * blk.wy[:, :, None, a], axis=1)
@@ -239,11 +291,12 @@ def _weights_grad(features, cotangent, wy, wx, plan: Plan):
       gx = lax.dynamic_update_slice_in_dim(gx, gx_old + gx_blk, start_x, axis=2)
       return gy, gx
 
-    init = (jnp.zeros_like(c["wy"]), jnp.zeros_like(c["wx"]))
+    init = (jnp.zeros_like(c.wy), jnp.zeros_like(c.wx))
     return lax.fori_loop(0, py * px, grad_pass, init)
 
+  per_box = (taps, cotangent.astype(wy.dtype))
   gy, gx = chunking.map_chunks(chunk_fn, per_box, cost, chunk)
-  return gy[:, :, : wy.shape[2]].astype(wy.dtype), gx[:, :, : wx.shape[2]].astype(wx.dtype)
+  return gy[:, :, : wy.shape[2]], gx[:, :, : wx.shape[2]]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -254,15 +307,16 @@ def tap_sum(
 
   Args:
     features: ``[N, H, W, C]`` map.
-    wy: ``[K, oh, Ty]`` float32 row-tap weights.
-    wx: ``[K, ow, Tx]`` float32 column-tap weights.
+    wy: ``[K, oh, Ty]`` row-tap weights in the compute dtype (float32 or
+      float64), which is also the accumulation dtype.
+    wx: ``[K, ow, Tx]`` column-tap weights, same dtype.
     plan: the integer cells and counts (:class:`Plan`).
     sparse: static; many boxes have no taps in use (e.g. boxes of other
       pyramid levels): always take the chunked path, where such boxes cost
       nothing, instead of one fused pass over every box.
 
   Returns:
-    ``[K, oh, ow, C]`` in the features' dtype (accumulated in float32).
+    ``[K, oh, ow, C]`` in the features' dtype (accumulated in the weights' dtype).
   """
   return _forward(features, wy, wx, plan, sparse)
 

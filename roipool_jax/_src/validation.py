@@ -1,10 +1,14 @@
-"""Trace-time checks of the arguments every RoI op shares.
+"""Trace-time checks of the arguments the RoI ops share.
 
 Everything here inspects only static information (ranks, shapes, dtypes and
 Python configuration values), so it runs identically under ``jit``, ``vmap``
-and ``grad``. The one value check, ``box_indices`` in range, runs only when
-the indices are concrete; traced indices out of range are handled by the ops
-(the box is treated as invalid, see :mod:`roipool_jax._src.boxes`).
+and ``grad``. One rule for every option: a value of the wrong *type* raises
+``TypeError``, a value of the right type that is out of range raises
+``ValueError``; both messages name the argument and show the value seen.
+
+The one value check on an array, ``box_indices`` in range, runs only when the
+indices are concrete; traced indices out of range are handled by the ops (the
+box is treated as invalid, see :mod:`roipool_jax._src.boxes`).
 """
 
 from __future__ import annotations
@@ -16,77 +20,160 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# How to move from torchvision's conventions, quoted in errors where a shape
+# gives the habit away.
+TORCHVISION_ROIS_HINT = (
+  "torchvision's rois [K, 5] hold (batch_index, x1, y1, x2, y2): pass "
+  "`boxes=rois[:, 1:]` and `box_indices=rois[:, 0].astype(jnp.int32)` instead"
+)
+NCHW_HINT = "features are NHWC; transpose NCHW maps with `x.transpose(0, 2, 3, 1)`"
 
-def check_features(features: jax.Array, name: str = "features") -> None:
-  """Checks ``features`` is a floating ``[N, H, W, C]`` array with non-empty H, W."""
+
+def _describe(value: object) -> str:
+  if isinstance(value, (jax.Array, np.ndarray)):
+    return f"an array of shape {np.shape(value)} and dtype {value.dtype}"
+  return f"{value!r} of type {type(value).__name__}"
+
+
+def _array_dtype(name: str, value: object) -> np.dtype:
+  """The dtype of an array argument, or a TypeError naming it."""
+  if isinstance(value, (list, tuple)):
+    try:
+      value = np.asarray(value)
+    except ValueError:
+      raise TypeError(
+        f"`{name}` must be one array; got a ragged {type(value).__name__} (torchvision's list of "
+        "per-image boxes: concatenate them into [K, 4] with `box_indices`, or pad them to "
+        "[N, R, 4])."
+      ) from None
+  try:
+    return jnp.result_type(value)
+  except TypeError:
+    raise TypeError(
+      f"`{name}` must be an array (jax.Array, np.ndarray or a nested list of numbers); got "
+      f"{type(value).__name__}: {str(value)[:80]}."
+    ) from None
+
+
+def check_features(features: object, name: str = "features", allow_integer: bool = False) -> None:
+  """Checks ``features`` is a floating (or, if allowed, integer) ``[N, H, W, C]`` array."""
+  dtype = _array_dtype(name, features)
   shape = np.shape(features)
   if len(shape) != 4:
     raise ValueError(
       f"`{name}` must have rank 4 ([N, H, W, C], NHWC); got shape {shape} (rank {len(shape)})."
     )
-  dtype = jnp.result_type(features)
-  if not jnp.issubdtype(dtype, np.floating):
-    raise TypeError(f"`{name}` must have a floating dtype; got {dtype} with shape {shape}.")
+  floating = jnp.issubdtype(dtype, np.floating)
+  if not (floating or (allow_integer and jnp.issubdtype(dtype, np.integer))):
+    kinds = "a floating or integer" if allow_integer else "a floating"
+    raise TypeError(f"`{name}` must have {kinds} dtype; got {dtype} with shape {shape}.")
   if shape[1] < 1 or shape[2] < 1:
     raise ValueError(f"`{name}` must have H >= 1 and W >= 1; got shape {shape} ([N, H, W, C]).")
 
 
-def check_boxes_dtype(boxes: jax.Array) -> None:
-  dtype = jnp.result_type(boxes)
+def check_boxes(boxes: object, coords: int = 4) -> None:
+  """Checks ``boxes`` is a numeric ``[K, coords]`` or ``[N, R, coords]`` array."""
+  dtype = _array_dtype("boxes", boxes)
+  shape = np.shape(boxes)
   if not (jnp.issubdtype(dtype, np.floating) or jnp.issubdtype(dtype, np.integer)):
     raise TypeError(
-      f"`boxes` must have a floating (or integer) dtype; got {dtype} with shape {np.shape(boxes)}."
+      f"`boxes` must have a floating (or integer) dtype; got {dtype} with shape {shape}."
+    )
+  if len(shape) not in (2, 3) or shape[-1] != coords:
+    hint = f"; {TORCHVISION_ROIS_HINT}" if len(shape) == 2 and shape[-1] == coords + 1 else ""
+    raise ValueError(
+      "`boxes` must be [K, 4] (with `box_indices`) or [N, R, 4] (per image), as "
+      f"(x1, y1, x2, y2); got shape {shape}{hint}."
     )
 
 
-def normalize_output_size(
-  output_size: int | Sequence[int], name: str = "output_size"
-) -> tuple[int, int]:
-  """Returns ``(h, w)`` from an int or a pair, both positive Python ints.
+def normalize_size(value: object, name: str = "output_size") -> tuple[int, int]:
+  """Returns ``(h, w)`` from a positive int or a pair of positive ints.
 
   ``name`` is the argument named in errors (``output_size``, ``warp_size``, ...).
   """
-  if isinstance(output_size, (int, np.integer)) and not isinstance(output_size, bool):
-    size = (int(output_size), int(output_size))
-  elif (
-    isinstance(output_size, Sequence)
-    and len(output_size) == 2
-    and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in output_size)
-  ):
-    size = (int(output_size[0]), int(output_size[1]))
+  if _is_int(value):
+    size = (int(value), int(value))
+  elif isinstance(value, Sequence) and not isinstance(value, str):
+    if len(value) != 2:
+      raise ValueError(f"`{name}` must be an int or a pair (h, w); got {value!r}.")
+    if not all(_is_int(s) for s in value):
+      raise TypeError(f"`{name}` must hold Python ints; got {value!r}.")
+    size = (int(value[0]), int(value[1]))
   else:
-    raise ValueError(
-      f"`{name}` must be a positive int or a pair of positive ints (h, w); got {output_size!r}."
+    raise TypeError(
+      f"`{name}` must be a static positive int or a pair of them (h, w); got {_describe(value)}."
     )
   if size[0] < 1 or size[1] < 1:
-    raise ValueError(f"`{name}` must be positive; got {output_size!r}.")
+    raise ValueError(f"`{name}` must be positive; got {value!r}.")
   return size
 
 
-def check_spatial_scale(spatial_scale: float) -> float:
+def _is_int(value: object) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: object) -> bool:
+  return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+    value, (bool, np.bool_)
+  )
+
+
+def check_int(name: str, value: object) -> int:
+  """Returns ``value`` as an int after checking it is a static Python (or NumPy) int."""
+  if not _is_int(value):
+    raise TypeError(f"`{name}` must be a static Python int; got {_describe(value)}.")
+  return int(value)
+
+
+def check_real(name: str, value: object) -> float:
+  """Returns ``value`` as a float after checking it is a static real number."""
+  if not _is_real(value):
+    raise TypeError(f"`{name}` must be a static Python float; got {_describe(value)}.")
+  return float(value)
+
+
+def check_positive(name: str, value: object) -> float:
+  """Returns ``value`` as a float after checking it is a static, positive, finite number."""
+  number = check_real(name, value)
+  if not (math.isfinite(number) and number > 0):
+    raise ValueError(f"`{name}` must be positive and finite; got {value!r}.")
+  return number
+
+
+def check_spatial_scale(spatial_scale: object) -> float:
   """Returns ``spatial_scale`` as a Python float after checking it is positive and finite."""
-  if isinstance(spatial_scale, bool) or not isinstance(spatial_scale, (int, float, np.number)):
-    raise ValueError(
-      f"`spatial_scale` must be a static positive finite Python float; got {spatial_scale!r} "
-      f"of type {type(spatial_scale).__name__}."
-    )
-  scale = float(spatial_scale)
-  if not (math.isfinite(scale) and scale > 0):
-    raise ValueError(f"`spatial_scale` must be positive and finite; got {spatial_scale!r}.")
-  return scale
+  return check_positive("spatial_scale", spatial_scale)
 
 
-def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
+def check_sampling_ratio(sampling_ratio: object) -> int:
+  """Returns ``sampling_ratio`` as an int: ``> 0`` fixed samples per bin, ``<= 0`` adaptive."""
+  return check_int("sampling_ratio", sampling_ratio)
+
+
+def check_bool(name: str, value: object) -> bool:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"`{name}` must be a static Python bool; got {_describe(value)}.")
+  return bool(value)
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+  if not isinstance(value, str):
+    raise TypeError(f"`{name}` must be one of {tuple(choices)}; got {_describe(value)}.")
   if value not in choices:
     raise ValueError(f"`{name}` must be one of {tuple(choices)}; got {value!r}.")
+  return value
 
 
-def check_box_indices(box_indices: jax.Array, num_boxes: int, num_images: int) -> None:
+def check_box_indices(box_indices: object, num_boxes: int, num_images: int) -> None:
   """Checks ``box_indices`` is an integer ``[K]`` array, and in ``[0, N)`` when concrete."""
+  dtype = _array_dtype("box_indices", box_indices)
   shape = np.shape(box_indices)
-  dtype = jnp.result_type(box_indices)
   if not jnp.issubdtype(dtype, np.integer):
-    raise TypeError(f"`box_indices` must have an integer dtype; got {dtype} with shape {shape}.")
+    raise TypeError(
+      f"`box_indices` must have an integer dtype; got {dtype} with shape {shape} (convert a "
+      "float batch column with `.astype(jnp.int32)`)."
+    )
   if shape != (num_boxes,):
     raise ValueError(
       f"`box_indices` must have shape [K] = ({num_boxes},) to match `boxes`; got {shape}."
@@ -99,18 +186,3 @@ def check_box_indices(box_indices: jax.Array, num_boxes: int, num_images: int) -
       f"`box_indices` must lie in [0, N) = [0, {num_images}); "
       f"got values in [{values.min()}, {values.max()}]."
     )
-
-
-def check_sampling_ratio(sampling_ratio: int) -> int:
-  """Returns ``sampling_ratio`` as an int: ``> 0`` fixed samples per bin, ``<= 0`` adaptive."""
-  if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, (int, np.integer)):
-    raise ValueError(
-      f"`sampling_ratio` must be a static Python int (> 0: samples per bin axis, <= 0: "
-      f"adaptive); got {sampling_ratio!r} of type {type(sampling_ratio).__name__}."
-    )
-  return int(sampling_ratio)
-
-
-def check_bool(name: str, value: bool) -> None:
-  if not isinstance(value, (bool, np.bool_)):
-    raise TypeError(f"`{name}` must be a static Python bool; got {value!r}.")
