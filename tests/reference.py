@@ -220,6 +220,78 @@ def tf_crop_and_resize(image, boxes, box_indices, crop_size, method="bilinear", 
   return out
 
 
+def crop_and_resize(features, boxes, box_indices, crop_size, scale, aligned, method, extrapolation):
+  """Pixel-box ``crop_and_resize``: one sample at each cell centre of a grid over the box.
+
+  Inverted boxes give flipped crops. ``extrapolation=None``: torchvision's
+  bilinear edge rule (:func:`bilinear`; nearest reads the clamped, rounded
+  cell); a number: TensorFlow's (points outside ``[0, L - 1]`` give it).
+  """
+  features = np.asarray(features, np.float32)
+  _, height, width, channels = features.shape
+  ch, cw = crop_size
+  out = np.zeros((len(boxes), ch, cw, channels), np.float32)
+  s, offset = F32(scale), F32(0.5 if aligned else 0.0)
+  for b, box in enumerate(np.asarray(boxes, np.float32)):
+    if not np.all(np.isfinite(box)):
+      continue
+    x0, y0 = box[0] * s - offset, box[1] * s - offset
+    roi_w, roi_h = box[2] * s - offset - x0, box[3] * s - offset - y0
+    if not aligned:  # at least one cell, keeping the direction
+      roi_w = max(roi_w, F32(1)) if roi_w >= 0 else min(roi_w, F32(-1))
+      roi_h = max(roi_h, F32(1)) if roi_h >= 0 else min(roi_h, F32(-1))
+    bin_h, bin_w = roi_h / F32(ch), roi_w / F32(cw)
+    image = features[box_indices[b]]
+    for i in range(ch):
+      y = y0 + F32(i) * bin_h + F32(0.5) * bin_h
+      for j in range(cw):
+        x = x0 + F32(j) * bin_w + F32(0.5) * bin_w
+        if extrapolation is not None:
+          if y < 0 or y > height - 1 or x < 0 or x > width - 1:
+            out[b, i, j] = extrapolation
+            continue
+        elif y < -1 or y > height or x < -1 or x > width:
+          continue
+        if method == "nearest":
+          row = c_round(float(min(max(y, F32(0)), F32(height - 1))))
+          col = c_round(float(min(max(x, F32(0)), F32(width - 1))))
+          out[b, i, j] = image[row, col]
+        else:
+          out[b, i, j] = bilinear(image, y, x)
+  return out
+
+
+def dense_tf_crop_and_resize(image, boxes, box_indices, crop_size):
+  """TensorFlow's bilinear ``crop_and_resize`` in ``jax.numpy`` (gathers from a per-box copy).
+
+  For autodiff gradients (features and boxes) to compare with the library's
+  hand-written ones; extrapolation value 0.
+  """
+  _, height, width, _ = image.shape
+  ch, cw = crop_size
+
+  def points(lo, hi, num, length):
+    step = (hi - lo) * (length - 1) / (num - 1)
+    return lo[:, None] * (length - 1) + jnp.arange(num)[None, :] * step[:, None]
+
+  ys = points(boxes[:, 0], boxes[:, 2], ch, height)  # [K, ch]
+  xs = points(boxes[:, 1], boxes[:, 3], cw, width)
+  inside = ((ys >= 0) & (ys <= height - 1))[:, :, None] & ((xs >= 0) & (xs <= width - 1))[:, None]
+  ys, xs = jnp.clip(ys, 0, height - 1), jnp.clip(xs, 0, width - 1)
+  top, left = jnp.floor(ys).astype(jnp.int32), jnp.floor(xs).astype(jnp.int32)
+  bottom, right = jnp.ceil(ys).astype(jnp.int32), jnp.ceil(xs).astype(jnp.int32)
+  y_lerp, x_lerp = (ys - top)[:, :, None, None], (xs - left)[:, None, :, None]
+  maps = image[jnp.asarray(box_indices)]  # [K, H, W, C]
+  k = jnp.arange(len(boxes))[:, None, None]
+
+  def at(rows, cols):
+    return maps[k, rows[:, :, None], cols[:, None, :]]
+
+  upper = at(top, left) + (at(top, right) - at(top, left)) * x_lerp
+  lower = at(bottom, left) + (at(bottom, right) - at(bottom, left)) * x_lerp
+  return jnp.where(inside[..., None], upper + (lower - upper) * y_lerp, 0.0)
+
+
 def dense_roi_align(features, boxes, indices, size, scale, grid, aligned, mode):
   """A straightforward jnp RoIAlign with a fixed grid, for autodiff gradients to compare with.
 
