@@ -24,6 +24,10 @@ class RoIAlign(layers.RoIAlignConfig, nn.Module):
   """:func:`roipool_jax.roi_align` as a Linen module (fields: its options)."""
 
 
+class CropAndResize(layers.CropAndResizeConfig, nn.Module):
+  """:func:`roipool_jax.crop_and_resize` as a Linen module (fields: its options)."""
+
+
 class RoIWarp(layers.RoIWarpConfig, nn.Module):
   """:func:`roipool_jax.roi_warp` as a Linen module (fields: its options)."""
 
@@ -33,4 +37,4 @@ class MultiScaleRoIAlign(layers.MultiScaleRoIAlignConfig, nn.Module):
   of pyramid levels, finest first."""
 
 
-__all__ = ("MultiScaleRoIAlign", "RoIAlign", "RoIPool", "RoIWarp")
+__all__ = ("CropAndResize", "MultiScaleRoIAlign", "RoIAlign", "RoIPool", "RoIWarp")

@@ -29,6 +29,11 @@ class RoIAlign(layers.RoIAlignConfig, nnx.Module):
 
 
 @dataclasses.dataclass
+class CropAndResize(layers.CropAndResizeConfig, nnx.Module):
+  """:func:`roipool_jax.crop_and_resize` as an NNX module (fields: its options)."""
+
+
+@dataclasses.dataclass
 class RoIWarp(layers.RoIWarpConfig, nnx.Module):
   """:func:`roipool_jax.roi_warp` as an NNX module (fields: its options)."""
 
@@ -39,4 +44,4 @@ class MultiScaleRoIAlign(layers.MultiScaleRoIAlignConfig, nnx.Module):
   of pyramid levels, finest first."""
 
 
-__all__ = ("MultiScaleRoIAlign", "RoIAlign", "RoIPool", "RoIWarp")
+__all__ = ("CropAndResize", "MultiScaleRoIAlign", "RoIAlign", "RoIPool", "RoIWarp")

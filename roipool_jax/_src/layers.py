@@ -1,32 +1,42 @@
 """Configuration of each op as a layer: the one implementation behind the Linen and NNX modules.
 
-Each class holds an op's static options as dataclass fields and applies the
-functional op in ``__call__(features, boxes, box_indices=None)``.
-:mod:`roipool_jax.linen` and :mod:`roipool_jax.nnx` mix these classes into
-``flax.linen.Module`` and ``flax.nnx.Module``, adding nothing but the base:
-the modules are parameter-free.
+Each class holds an op's static options as dataclass fields, with the op's
+defaults, and applies the functional op in
+``__call__(features, boxes, box_indices=None)``. :mod:`roipool_jax.linen` and
+:mod:`roipool_jax.nnx` mix these classes into ``flax.linen.Module`` and
+``flax.nnx.Module``, adding nothing but the base: the modules are
+parameter-free, and the options are validated by the op at trace time.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Literal
 
+from roipool_jax._src.crop_and_resize import crop_and_resize
 from roipool_jax._src.multiscale import multi_scale_roi_align
 from roipool_jax._src.roi_align import roi_align
 from roipool_jax._src.roi_pool import roi_pool
 from roipool_jax._src.roi_warp import roi_warp
 
 Size = int | tuple[int, int]
+Impl = Literal["auto", "gather", "einsum"]
 
 
 @dataclasses.dataclass
 class RoIPoolConfig:
-  """Options of :func:`roipool_jax.roi_pool`."""
+  """Options of :func:`roipool_jax.roi_pool`.
+
+  Attributes:
+    output_size: ``oh`` or ``(oh, ow)``.
+    spatial_scale: feature cells per image pixel.
+    quantization: ``"round"`` (torchvision) or ``"floor"`` (the article).
+  """
 
   output_size: Size
   spatial_scale: float = 1.0
-  quantization: str = "round"
+  quantization: Literal["round", "floor"] = "round"
 
   def __call__(self, features, boxes, box_indices=None):
     return roi_pool(
@@ -41,14 +51,23 @@ class RoIPoolConfig:
 
 @dataclasses.dataclass
 class RoIAlignConfig:
-  """Options of :func:`roipool_jax.roi_align`."""
+  """Options of :func:`roipool_jax.roi_align`.
+
+  Attributes:
+    output_size: ``oh`` or ``(oh, ow)``.
+    spatial_scale: feature cells per image pixel.
+    sampling_ratio: samples per bin axis; ``<= 0`` adaptive.
+    aligned: half-pixel offset (Detectron2's pixel model).
+    mode: ``"avg"`` or ``"max"``.
+    impl: ``"auto"``, ``"gather"`` or ``"einsum"``.
+  """
 
   output_size: Size
   spatial_scale: float = 1.0
   sampling_ratio: int = -1
   aligned: bool = False
-  mode: str = "avg"
-  impl: str = "auto"
+  mode: Literal["avg", "max"] = "avg"
+  impl: Impl = "auto"
 
   def __call__(self, features, boxes, box_indices=None):
     return roi_align(
@@ -65,14 +84,59 @@ class RoIAlignConfig:
 
 
 @dataclasses.dataclass
+class CropAndResizeConfig:
+  """Options of :func:`roipool_jax.crop_and_resize`.
+
+  Attributes:
+    crop_size: ``ch`` or ``(ch, cw)``.
+    spatial_scale: feature cells per image pixel (pixel boxes).
+    aligned: half-pixel offset (pixel boxes).
+    box_format: ``"xyxy"`` (pixels) or ``"tf"`` (normalized ``(y1, x1, y2, x2)``).
+    method: ``"bilinear"`` or ``"nearest"``.
+    extrapolation_value: value outside the map (TensorFlow's rule), or None.
+    impl: ``"auto"``, ``"gather"`` or ``"einsum"``.
+  """
+
+  crop_size: Size
+  spatial_scale: float = 1.0
+  aligned: bool = True
+  box_format: Literal["xyxy", "tf"] = "xyxy"
+  method: Literal["bilinear", "nearest"] = "bilinear"
+  extrapolation_value: float | None = None
+  impl: Impl = "auto"
+
+  def __call__(self, features, boxes, box_indices=None):
+    return crop_and_resize(
+      features,
+      boxes,
+      self.crop_size,
+      spatial_scale=self.spatial_scale,
+      aligned=self.aligned,
+      box_indices=box_indices,
+      box_format=self.box_format,
+      method=self.method,
+      extrapolation_value=self.extrapolation_value,
+      impl=self.impl,
+    )
+
+
+@dataclasses.dataclass
 class RoIWarpConfig:
-  """Options of :func:`roipool_jax.roi_warp`."""
+  """Options of :func:`roipool_jax.roi_warp`.
+
+  Attributes:
+    output_size: ``oh`` or ``(oh, ow)``.
+    spatial_scale: feature cells per image pixel.
+    warp_size: the warp grid, a multiple of ``output_size``; None: twice it.
+    aligned: half-pixel offset.
+    impl: ``"auto"``, ``"gather"`` or ``"einsum"``.
+  """
 
   output_size: Size
   spatial_scale: float = 1.0
   warp_size: Size | None = None
   aligned: bool = True
-  impl: str = "auto"
+  impl: Impl = "auto"
 
   def __call__(self, features, boxes, box_indices=None):
     return roi_warp(
@@ -89,15 +153,25 @@ class RoIWarpConfig:
 
 @dataclasses.dataclass
 class MultiScaleRoIAlignConfig:
-  """Options of :func:`roipool_jax.multi_scale_roi_align` (``image_size`` is static)."""
+  """Options of :func:`roipool_jax.multi_scale_roi_align`.
+
+  Attributes:
+    output_size: ``oh`` or ``(oh, ow)``.
+    image_size: ``(H, W)`` of the (padded) input images; static.
+    sampling_ratio: samples per bin axis; ``<= 0`` adaptive.
+    aligned: half-pixel offset.
+    canonical_scale: the box size that maps to ``canonical_level``.
+    canonical_level: the FPN level of a ``canonical_scale`` box.
+    impl: ``"auto"``, ``"gather"`` or ``"einsum"``.
+  """
 
   output_size: Size
   image_size: tuple[int, int]
   sampling_ratio: int = 2
   aligned: bool = False
-  canonical_scale: int = 224
+  canonical_scale: float = 224
   canonical_level: int = 4
-  impl: str = "auto"
+  impl: Impl = "auto"
 
   def __call__(self, features: Sequence, boxes, box_indices=None):
     return multi_scale_roi_align(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from functools import partial
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +78,7 @@ def multi_scale_roi_align(
   box_indices: jax.typing.ArrayLike | None = None,
   canonical_scale: float = 224,
   canonical_level: int = 4,
-  impl: str = "auto",
+  impl: Literal["auto", "gather", "einsum"] = "auto",
 ) -> jax.Array:
   r"""RoIAlign on a feature pyramid: each box is pooled from the level its size selects.
 
@@ -155,7 +156,9 @@ def multi_scale_roi_align(
     validation.check_features(f, name=f"features[{level}]")
   shapes = [np.shape(f) for f in features]
   if len({(s[0], s[3]) for s in shapes}) != 1:
-    raise ValueError(f"All `features` levels must share N and C; got shapes {shapes}.")
+    raise ValueError(
+      f"All `features` levels must share N and C; got shapes {shapes} ({validation.NCHW_HINT})."
+    )
   level_dtypes = [jnp.result_type(f) for f in features]
   if len(set(level_dtypes)) != 1:
     raise TypeError(f"All `features` levels must share one dtype; got {level_dtypes}.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -92,8 +93,8 @@ def roi_align(
   sampling_ratio: int = -1,
   aligned: bool = False,
   box_indices: jax.typing.ArrayLike | None = None,
-  mode: str = "avg",
-  impl: str = "auto",
+  mode: Literal["avg", "max"] = "avg",
+  impl: Literal["auto", "gather", "einsum"] = "auto",
 ) -> jax.Array:
   r"""RoIAlign (Mask R-CNN): bilinear samples averaged (or maxed) over an ``oh x ow`` grid.
 

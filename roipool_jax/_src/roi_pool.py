@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -86,7 +87,7 @@ def roi_pool(
   *,
   spatial_scale: float = 1.0,
   box_indices: jax.typing.ArrayLike | None = None,
-  quantization: str = "round",
+  quantization: Literal["round", "floor"] = "round",
 ) -> jax.Array:
   r"""RoI max pooling (Fast R-CNN): max over a quantized ``oh x ow`` grid per box.
 

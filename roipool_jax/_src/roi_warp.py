@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ def roi_warp(
   warp_size: int | Sequence[int] | None = None,
   aligned: bool = True,
   box_indices: jax.typing.ArrayLike | None = None,
-  impl: str = "auto",
+  impl: Literal["auto", "gather", "einsum"] = "auto",
 ) -> jax.Array:
   r"""RoI warping (MNC): bilinear warp of each box, then max pooling to ``oh x ow``.
 
