@@ -63,8 +63,23 @@ class Bins(NamedTuple):
   col_end: jax.Array
 
 
-def _plan(bins: Bins, height: int, width: int) -> dict[str, jax.Array]:
-  """Per-bin cell enumeration, each ``[K, oh, ow]`` int32."""
+class CellPlan(NamedTuple):
+  """How each bin's cells are enumerated, each field ``[K, oh, ow]`` int32.
+
+  Attributes:
+    cells: number of cells in the bin (0: empty).
+    cols: width of the bin in cells (at least 1), to turn a cell's rank into
+      its row and column.
+    origin: flat cell ``(n * H + h) * W + w`` of the bin's first cell.
+  """
+
+  cells: jax.Array
+  cols: jax.Array
+  origin: jax.Array
+
+
+def _plan(bins: Bins, height: int, width: int) -> CellPlan:
+  """Per-bin cell enumeration (:class:`CellPlan`)."""
   k, oh = bins.row_start.shape
   ow = bins.col_start.shape[1]
   shape = (k, oh, ow)
@@ -75,7 +90,7 @@ def _plan(bins: Bins, height: int, width: int) -> dict[str, jax.Array]:
     + bins.row_start[:, :, None] * width
     + bins.col_start[:, None, :]
   )
-  return dict(
+  return CellPlan(
     cells=jnp.broadcast_to(rows * cols, shape),
     cols=jnp.broadcast_to(jnp.maximum(cols, 1), shape),
     origin=jnp.broadcast_to(origin, shape),
@@ -101,15 +116,15 @@ def bin_max(features: jax.Array, bins: Bins, with_argmax: bool):
   slot = jnp.arange(SLOTS, dtype=jnp.int32)[None, None, None]
 
   def pool_chunk(p):
-    p = {name: x[..., None] for name, x in p.items()}  # [chunk, oh, ow, 1]
-    acc_shape = p["cells"].shape[:3] + (channels,)
-    passes = (jnp.max(p["cells"], initial=0) + SLOTS - 1) // SLOTS
+    p = jax.tree.map(lambda x: x[..., None], p)  # [chunk, oh, ow, 1]
+    acc_shape = p.cells.shape[:3] + (channels,)
+    passes = (jnp.max(p.cells, initial=0) + SLOTS - 1) // SLOTS
 
     def cells_of_pass(t):
       """Cells ``[t * S, (t + 1) * S)`` of every bin: values [..., S, C], flat cells, mask."""
       s = t * SLOTS + slot  # [1, 1, 1, S]
-      valid = s < p["cells"]
-      cell = jnp.where(valid, p["origin"] + (s // p["cols"]) * width + s % p["cols"], 0)
+      valid = s < p.cells
+      cell = jnp.where(valid, p.origin + (s // p.cols) * width + s % p.cols, 0)
       v = rows_of_cells.at[cell].get(mode="promise_in_bounds")  # [chunk, oh, ow, S, C]
       return v, cell, valid
 
@@ -118,7 +133,7 @@ def bin_max(features: jax.Array, bins: Bins, with_argmax: bool):
       return jnp.maximum(best, jnp.where(valid[..., None], v, -jnp.inf).max(axis=3))
 
     best = lax.fori_loop(0, passes, max_pass, jnp.full(acc_shape, -jnp.inf, features.dtype))
-    nonempty = p["cells"] > 0
+    nonempty = p.cells > 0
     values = jnp.where(nonempty, best, jnp.zeros((), features.dtype))
     if not with_argmax:
       return values, None
@@ -135,8 +150,8 @@ def bin_max(features: jax.Array, bins: Bins, with_argmax: bool):
 
   oh, ow = bins.row_start.shape[1], bins.col_start.shape[1]
   plan = _plan(bins, height, width)
-  chunk = chunking.chunk_size(plan["cells"].shape[0], oh * ow * channels, _CHUNK_ELEMENTS)
-  cost = jnp.max(plan["cells"], axis=(1, 2))
+  chunk = chunking.chunk_size(plan.cells.shape[0], oh * ow * channels, _CHUNK_ELEMENTS)
+  cost = jnp.max(plan.cells, axis=(1, 2))
   values, argmax = chunking.map_chunks(pool_chunk, plan, cost, chunk)
   return (values, argmax) if with_argmax else values
 

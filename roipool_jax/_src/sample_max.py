@@ -26,6 +26,8 @@ from jax import lax
 from roipool_jax._src import chunking, tap_sum
 
 _NO_SAMPLE = 2**30
+# Boxes per chunk: about this many output elements (as tap_sum's forward).
+_CHUNK_ELEMENTS = 1 << 16
 
 
 # A sample's two corner taps (low, high) per axis: blocks never split a pair.
@@ -77,7 +79,7 @@ def _forward(features, wy, wx, plan: tap_sum.Plan, limits):
 
   # A loop even for one pass: see tap_sum._forward (no duplicated recomputation).
   k = plan.image_index.shape[0]
-  chunk = chunking.chunk_size(k, oh * ow * channels, 1 << 16)
+  chunk = chunking.chunk_size(k, oh * ow * channels, _CHUNK_ELEMENTS)
   best, rank = chunking.map_chunks(chunk_fn, (taps, limits), cost, chunk)
   found = rank < _NO_SAMPLE
   out = jnp.where(found, best, 0.0).astype(features.dtype)

@@ -1,0 +1,117 @@
+"""The tuning constants of the kernels change speed, never results.
+
+Blocks of taps (``tap_sum.SLOTS``), cells per pass (``bin_max.SLOTS``) and
+the chunk budgets are swept to values the defaults never use: odd and
+minimal blocks (which once split a sample's pair of taps in ``sample_max``),
+and chunks of a single box. Every op must still match the NumPy reference,
+and its gradients the ones with the default constants.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import roipool_jax
+from roipool_jax._src import bin_max, dense, sample_max, tap_sum
+from tests import reference
+
+SETTINGS = {
+  "minimal blocks, one box per chunk": dict(tap_slots=1, pool_slots=1, chunk=1),
+  "odd blocks": dict(tap_slots=3, pool_slots=3, chunk=1 << 16),
+  "large odd blocks, one box per chunk": dict(tap_slots=5, pool_slots=13, chunk=1),
+}
+CHUNK_BUDGETS = [
+  (tap_sum, "_CHUNK_ELEMENTS"),
+  (tap_sum, "_SCATTER_ELEMENTS"),
+  (tap_sum, "_WEIGHT_GRAD_ELEMENTS"),
+  (sample_max, "_CHUNK_ELEMENTS"),
+  (bin_max, "_CHUNK_ELEMENTS"),
+  (dense, "_CHUNK_ELEMENTS"),
+]
+
+
+def _problem():
+  rng = np.random.default_rng(0)
+  features = rng.standard_normal((2, 9, 11, 3)).astype(np.float32)
+  lo = rng.uniform(-4, 9, (7, 2))
+  boxes = np.concatenate([lo, lo + rng.uniform(0.3, 14, (7, 2))], 1).astype(np.float32)
+  boxes[0] = [-30, -25, 40, 35]  # larger than the map: many taps per bin
+  return features, boxes, rng.integers(0, 2, 7).astype(np.int32)
+
+
+def _align(mode, ratio, impl="gather"):
+  def op(f, b, i):
+    return roipool_jax.roi_align(
+      f, b, (3, 2), sampling_ratio=ratio, mode=mode, box_indices=i, impl=impl
+    )
+
+  return op
+
+
+OPS = {
+  "avg adaptive": _align("avg", -1),
+  "avg ratio 3": _align("avg", 3),
+  "max adaptive": _align("max", -1),
+  "max ratio 3": _align("max", 3),
+  "einsum": _align("avg", 2, "einsum"),
+  "roi_pool": lambda f, b, i: roipool_jax.roi_pool(f, b, (3, 2), box_indices=i),
+}
+
+
+def _expected(name, features, boxes, indices):
+  if name == "roi_pool":
+    return reference.roi_pool(features, boxes, indices, (3, 2), 1.0)[0]
+  mode, ratio = ("avg", 2) if name == "einsum" else (name.split()[0], -1)
+  ratio = 3 if name.endswith("3") else ratio
+  return reference.roi_align(features, boxes, indices, (3, 2), 1.0, ratio, False, mode)
+
+
+def _grads(op, features, boxes, indices):
+  cot = jnp.asarray(np.random.default_rng(1).standard_normal((7, 3, 2, 3)), jnp.float32)
+  return jax.grad(lambda f, b: jnp.vdot(op(f, b, indices), cot), (0, 1))(features, boxes)
+
+
+@pytest.fixture(scope="module")
+def default_grads():
+  features, boxes, indices = _problem()
+  return {name: _grads(op, features, boxes, indices) for name, op in OPS.items()}
+
+
+@pytest.fixture
+def fresh_compilation():
+  # The ops are jit-compiled once per configuration: recompile with the patched constants.
+  jax.clear_caches()
+  yield
+  jax.clear_caches()
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_results_do_not_depend_on_tuning_constants(
+  setting, default_grads, monkeypatch, fresh_compilation
+):
+  features, boxes, indices = _problem()
+  s = SETTINGS[setting]
+  monkeypatch.setattr(tap_sum, "SLOTS", s["tap_slots"])
+  monkeypatch.setattr(bin_max, "SLOTS", s["pool_slots"])
+  for module, name in CHUNK_BUDGETS:
+    monkeypatch.setattr(module, name, s["chunk"])
+  for name, op in OPS.items():
+    out = op(features, boxes, indices)
+    np.testing.assert_allclose(
+      out, _expected(name, features, boxes, indices), rtol=1e-5, atol=2e-6, err_msg=name
+    )
+    for got, want in zip(_grads(op, features, boxes, indices), default_grads[name], strict=True):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3, 4, 5, 7])
+@pytest.mark.parametrize("group", [1, 2])
+def test_blocks_never_split_a_group_of_taps(slots, group, monkeypatch):
+  monkeypatch.setattr(tap_sum, "SLOTS", slots)
+  for taps in range(group, 24, group):
+    (sy, sx), (ty, tx) = tap_sum.blocking(taps, taps + group, group)
+    assert sy % group == 0 and sx % group == 0
+    assert ty % sy == 0 and tx % sx == 0 and ty >= taps and tx >= taps + group
+  with pytest.raises(ValueError, match="whole groups"):
+    tap_sum.blocking(3, 4, 2)
