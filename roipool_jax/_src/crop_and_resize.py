@@ -101,8 +101,15 @@ def crop_and_resize(
 
   Boxes with a non-finite coordinate, or (under ``jit``) an out-of-range
   ``box_indices`` entry, give zeros and zero gradients, and never affect
-  other boxes. Arithmetic is in the compute dtype: float64 for float64
-  features, float32 otherwise.
+  other boxes.
+
+  Dtypes and empty inputs: computed in float64 for float64 features (with
+  ``jax_enable_x64``) and in float32 otherwise (bfloat16 and float16 are
+  accumulated in float32); boxes are cast to that dtype first. The output
+  and the feature gradient have the features' dtype, the box gradient the
+  boxes'. ``K = 0`` boxes or ``N = 0`` images give an output of the right
+  (empty) shape and zero gradients.
+  Integer maps are computed in float32.
 
   Gradients (bilinear): to the features, each sample's cotangent times its
   weights on its cells (``custom_vjp``, as :func:`roi_align`); to the box
@@ -133,9 +140,10 @@ def crop_and_resize(
     ``features``; float32 for integer ``features``.
 
   Raises:
+    TypeError: as :func:`roi_align` (integer ``features`` are allowed); a
+      non-numeric ``extrapolation_value``; ``box_format``/``method`` not a str.
     ValueError: as :func:`roi_align`; an unknown ``box_format`` or ``method``;
       ``spatial_scale != 1`` or ``aligned=False`` with ``box_format="tf"``.
-    TypeError: as :func:`roi_align`; a non-numeric ``extrapolation_value``.
 
   Examples:
     >>> import jax.numpy as jnp

@@ -86,7 +86,8 @@ def multi_scale_roi_align(
   Eqn. 1). From the static map sizes and ``image_size``, level ``l`` of
   ``features`` has scale ``2 ** round(log2(H_l / image_h))`` and the first
   level is pyramid level ``k_min = -log2(scale_0)``. A box of area ``A`` (image
-  pixels) is assigned, in float32::
+  pixels) is assigned, in the compute dtype (below; torchvision: the boxes'
+  dtype)::
 
       k = floor(canonical_level + log2(sqrt(A) / canonical_scale) + 1e-6)
       k = clip(k, k_min, k_min + L - 1)      # zero-area or inverted boxes: k_min
@@ -101,6 +102,13 @@ def multi_scale_roi_align(
   RoIAlign of every box at its own level (plus per-level bookkeeping), not
   ``L`` times the work.
 
+  Dtypes and empty inputs: computed in float64 for float64 features (with
+  ``jax_enable_x64``) and in float32 otherwise (bfloat16 and float16 are
+  accumulated in float32); boxes are cast to that dtype first. The output
+  and the feature gradient have the features' dtype, the box gradient the
+  boxes'. ``K = 0`` boxes or ``N = 0`` images give an output of the right
+  (empty) shape and zero gradients.
+
   Args:
     features: ``L`` maps ``[N, H_l, W_l, C]``, finest first, each level half
       the size of the previous one (e.g. FPN P2..P5).
@@ -112,9 +120,9 @@ def multi_scale_roi_align(
     sampling_ratio: static samples per bin axis (``<= 0``: adaptive).
     aligned: static; see :func:`roi_align`.
     box_indices: ``[K]`` image index per box for ``[K, 4]`` boxes.
-    canonical_scale: static ``224``: the box size that maps to
-      ``canonical_level``.
-    canonical_level: static ``4`` (ResNet C4/P4 for a 224 px box).
+    canonical_scale: static positive number (224): the box size in pixels
+      that maps to ``canonical_level``.
+    canonical_level: static int (4: ResNet C4/P4 for a 224 px box).
     impl: ``"auto"``, ``"gather"`` or ``"einsum"``; static (see
       :func:`roi_align`). With ``"einsum"`` every level is a dense pass over
       all boxes (the other levels' boxes have zero weights).
@@ -123,9 +131,13 @@ def multi_scale_roi_align(
     ``[K, oh, ow, C]`` or ``[N, R, oh, ow, C]`` in the features' dtype.
 
   Raises:
-    ValueError: an empty or non-consecutive pyramid, levels that disagree in
-      N or C, a bad ``image_size``, or the errors of :func:`roi_align`.
-    TypeError: as :func:`roi_align`.
+    TypeError: ``features`` that is not a sequence of arrays (a dict of named
+      levels is named as such), levels of different dtypes, ``image_size``
+      not ints, ``canonical_scale`` not a number, ``canonical_level`` not an
+      int, or as :func:`roi_align`.
+    ValueError: an empty or non-consecutive pyramid (NCHW levels are named
+      as such), levels that disagree in N or C, a non-positive
+      ``image_size`` or ``canonical_scale``, or as :func:`roi_align`.
 
   Examples:
     >>> import jax.numpy as jnp

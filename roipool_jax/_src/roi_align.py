@@ -103,12 +103,13 @@ def roi_align(
   matches ``torchvision.ops.roi_align`` (and Detectron2's ``ROIAlign``) for
   every box, including boxes partly or wholly outside the map and adaptive
   sampling of boxes larger than the map. Per axis (y shown; x is the same with
-  columns, ``W`` and ``ow``), in float32, with ``s = spatial_scale``::
+  columns, ``W`` and ``ow``), in the compute dtype (below), with
+  ``s = spatial_scale``::
 
       offset = 0.5 if aligned else 0       # aligned: pixel centres are at +0.5
       y0 = y1 * s - offset                 y_end = y2 * s - offset
       roi_h = y_end - y0                   # not aligned: roi_h = max(roi_h, 1)
-      bin_h = roi_h / oh                   # correctly rounded float32
+      bin_h = roi_h / oh                   # correctly rounded
       g = sampling_ratio if sampling_ratio > 0 else ceil(bin_h)   # per box
       sample i of bin p:  y = y0 + p * bin_h + (i + 0.5) * bin_h / g,  i = 0 .. g-1
 
@@ -136,7 +137,7 @@ def roi_align(
   * features: each sample sends ``cotangent * weight / count`` (avg) to its
     four neighbour cells; for ``mode="max"`` only the first maximal sample in
     ``(iy, ix)`` row-major order, per channel, sends ``cotangent * weight``.
-    Accumulated in float32 by a scatter-add issued in a fixed order (boxes
+    Accumulated in the compute dtype by a scatter-add issued in a fixed order (boxes
     sorted by cost, then bins, then taps); XLA:CPU executes it sequentially,
     so the gradient is bitwise reproducible run to run (tested). XLA:GPU
     implements scatter-add with atomics, so on GPU the last bits may vary.
@@ -145,11 +146,18 @@ def roi_align(
     clamped or dropped), with the integer grid ``g`` and the neighbour cells
     held constant; zero for degenerate boxes. ``box_indices`` has none.
 
+  Dtypes and empty inputs: computed in float64 for float64 features (with
+  ``jax_enable_x64``) and in float32 otherwise (bfloat16 and float16 are
+  accumulated in float32); boxes are cast to that dtype first. The output
+  and the feature gradient have the features' dtype, the box gradient the
+  boxes'. ``K = 0`` boxes or ``N = 0`` images give an output of the right
+  (empty) shape and zero gradients.
+
   Cost: each output reads about ``4 * g_y * g_x`` cells of ``C`` values for a
   fixed ``sampling_ratio``. For adaptive sampling, the samples of a bin are
-  first merged per cell, so a bin reads at most ``(bin_h + 2) * (bin_w + 2)``
-  cells clipped to the map: a box larger than the map costs about what the
-  map's cells cost (``H * W`` per channel), never ``g^2`` per bin. For
+  first merged per cell, so a bin reads at most
+  ``min(bin_h + 2, H) * min(bin_w + 2, W)`` cells (at least one), never
+  ``g^2`` samples: the work is bounded per bin by the map. For
   ``mode="max"`` only the samples within one cell of the map are visited.
   Nothing of size ``K * H * W * C`` is materialized.
 
@@ -180,15 +188,18 @@ def roi_align(
 
   Returns:
     ``[K, oh, ow, C]`` (flat boxes) or ``[N, R, oh, ow, C]`` (per-image boxes)
-    in the dtype of ``features`` (accumulated in float32).
+    in the dtype of ``features``.
 
   Raises:
-    ValueError: wrong rank or last dim of ``features``/``boxes``, non-positive
-      ``output_size`` or ``spatial_scale``, non-int ``sampling_ratio``,
-      unknown ``mode`` or ``impl`` (or ``"einsum"`` with ``mode="max"``),
-      ``box_indices`` of the wrong length or (when concrete) out of ``[0, N)``.
-    TypeError: non-floating ``features``, non-integer ``box_indices`` or a
-      non-bool ``aligned``.
+    TypeError: an option of the wrong type (``output_size`` not ints,
+      ``spatial_scale`` not a static number, ``sampling_ratio`` not an int,
+      ``aligned`` not a bool, ``mode``/``impl`` not a str), non-floating
+      ``features`` or non-integer ``box_indices``.
+    ValueError: a wrong rank or last dim of ``features``/``boxes`` (a
+      torchvision ``[K, 5]`` rois array is named as such), a non-positive
+      ``output_size`` or ``spatial_scale``, an unknown ``mode`` or ``impl``
+      (or ``"einsum"`` with ``mode="max"``), ``box_indices`` of the wrong
+      length or (when concrete) out of ``[0, N)``.
 
   Examples:
     >>> import jax.numpy as jnp

@@ -93,8 +93,8 @@ def roi_pool(
 
   Each box is mapped onto the feature map with ``spatial_scale``, snapped to
   whole cells, split into ``oh x ow`` bins of whole cells, and each bin is
-  max-pooled channel-wise. All arithmetic is float32 then int32, as in the C
-  kernels. Let ``s = spatial_scale``; per axis (x shown; y is the same with
+  max-pooled channel-wise. The arithmetic is the C kernels' (in the compute
+  dtype, below, then int32). Let ``s = spatial_scale``; per axis (x shown; y is the same with
   rows, ``H`` and ``oh``):
 
   ``quantization="round"`` (default; bit-exact with ``torchvision.ops.roi_pool``
@@ -102,7 +102,7 @@ def roi_pool(
 
       x1' = round(x1 * s)        x2' = round(x2 * s)   # C round: halves away from 0
       roi_w = max(x2' - x1' + 1, 1)                    # inverted boxes become 1 cell
-      bin_w = roi_w / ow                               # float32
+      bin_w = roi_w / ow                               # correctly rounded
       bin j: columns [floor(j * bin_w) + x1', ceil((j + 1) * bin_w) + x1') clipped to [0, W]
 
   Neighbouring bins may share a row/column (floor/ceil) and, for boxes smaller
@@ -130,13 +130,19 @@ def roi_pool(
   empty bins send nothing; cells read by several bins accumulate. A bin holding
   a NaN feature outputs NaN and sends no gradient. The gradient
   with respect to ``boxes`` is zero (the bins are quantized) and ``box_indices``
-  has none. The backward accumulates in float32.
+  has none.
+
+  Dtypes and empty inputs: computed in float64 for float64 features (with
+  ``jax_enable_x64``) and in float32 otherwise (bfloat16 and float16 are
+  accumulated in float32); boxes are cast to that dtype first. The output
+  and the feature gradient have the features' dtype, the box gradient the
+  boxes'. ``K = 0`` boxes or ``N = 0`` images give an output of the right
+  (empty) shape and zero gradients.
 
   Cost: see :mod:`roipool_jax._src.bin_max`; no per-box copy of the map.
 
   Args:
-    features: ``[N, H, W, C]`` floating feature map (float32, bfloat16,
-      float16, float64).
+    features: ``[N, H, W, C]`` floating feature map.
     boxes: ``[K, 4]`` (with ``box_indices``) or ``[N, R, 4]`` (per image) boxes
       ``(x1, y1, x2, y2)`` in input-image pixels.
     output_size: ``oh`` (square) or ``(oh, ow)``; static.
@@ -151,11 +157,13 @@ def roi_pool(
     in the dtype of ``features``.
 
   Raises:
-    ValueError: wrong rank or last dim of ``features``/``boxes``, a
-      non-positive ``output_size`` or ``spatial_scale``, an unknown
-      ``quantization``, ``box_indices`` of the wrong length, or (when concrete)
-      out of ``[0, N)``.
-    TypeError: non-floating ``features`` or non-integer ``box_indices``.
+    TypeError: an option of the wrong type (``output_size`` not ints,
+      ``spatial_scale`` not a static number, ``quantization`` not a str),
+      non-floating ``features`` or non-integer ``box_indices``.
+    ValueError: a wrong rank or last dim of ``features``/``boxes`` (a
+      torchvision ``[K, 5]`` rois array is named as such), a non-positive
+      ``output_size`` or ``spatial_scale``, an unknown ``quantization``,
+      ``box_indices`` of the wrong length or (when concrete) out of ``[0, N)``.
 
   Examples:
     >>> import jax.numpy as jnp

@@ -48,6 +48,13 @@ def roi_warp(
   split evenly among equal maxima), then through the bilinear warp to the
   features and the boxes (see :func:`roi_align`).
 
+  Dtypes and empty inputs: computed in float64 for float64 features (with
+  ``jax_enable_x64``) and in float32 otherwise (bfloat16 and float16 are
+  accumulated in float32); boxes are cast to that dtype first. The output
+  and the feature gradient have the features' dtype, the box gradient the
+  boxes'. ``K = 0`` boxes or ``N = 0`` images give an output of the right
+  (empty) shape and zero gradients.
+
   Args:
     features: ``[N, H, W, C]`` floating feature map.
     boxes: ``[K, 4]`` or ``[N, R, 4]`` boxes ``(x1, y1, x2, y2)`` in image pixels.
@@ -63,9 +70,9 @@ def roi_warp(
     ``[K, oh, ow, C]`` or ``[N, R, oh, ow, C]`` in the features' dtype.
 
   Raises:
+    TypeError: as :func:`roi_align`; a ``warp_size`` that is not ints.
     ValueError: as :func:`roi_align`, or a ``warp_size`` that is not a
       positive multiple of ``output_size``.
-    TypeError: as :func:`roi_align`.
 
   Examples:
     >>> import jax.numpy as jnp
