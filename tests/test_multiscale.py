@@ -47,6 +47,21 @@ def test_level_rule_and_clamping():
   np.testing.assert_array_equal(multiscale.fpn_levels(degenerate, 2, 5), [0, 0, 0])
 
 
+def test_canonical_scale_and_level_options():
+  sides = jnp.asarray([10.0, 20.0, 39.9, 40.0, 80.0, 500.0])
+  boxes = jnp.stack([jnp.zeros_like(sides), jnp.zeros_like(sides), sides, sides], axis=1)
+  # A float canonical scale is the same as the int; a non-integral one divides directly.
+  np.testing.assert_array_equal(
+    multiscale.fpn_levels(boxes, 2, 5, 224.0), multiscale.fpn_levels(boxes, 2, 5, 224)
+  )
+  # k = floor(3 + log2(side / 20)) clamped to [2, 5].
+  np.testing.assert_array_equal(multiscale.fpn_levels(boxes, 2, 5, 20, 3), [0, 1, 1, 2, 3, 3])
+  np.testing.assert_array_equal(multiscale.fpn_levels(boxes, 2, 5, 20.5, 3), [0, 0, 1, 1, 2, 3])
+  maps = [jnp.ones((1, 16, 16, 2)), jnp.ones((1, 8, 8, 2))]
+  out = multi_scale_roi_align(maps, boxes[:2], 2, image_size=(64, 64), canonical_scale=224.0)
+  assert out.shape == (2, 2, 2, 2)
+
+
 def test_each_box_equals_roi_align_on_its_level():
   rng = np.random.default_rng(0)
   pyramid = [
