@@ -335,3 +335,12 @@ def dense_roi_align(features, boxes, indices, size, scale, grid, aligned, mode):
       value = value + w[..., None] * maps[k, rows, cols]  # [K, oh, g, ow, g, C]
   reduce = jnp.mean if mode == "avg" else jnp.max
   return reduce(value, axis=(2, 4))
+
+
+def central_differences(loss, x, eps):
+  """``d loss / d x`` by central differences, one coordinate at a time (``x`` a jax array)."""
+  numeric = np.zeros(x.shape)
+  for i in np.ndindex(*x.shape):
+    step = jnp.zeros(x.shape, x.dtype).at[i].set(eps)
+    numeric[i] = (loss(x + step) - loss(x - step)) / (2 * eps)
+  return numeric

@@ -74,7 +74,6 @@ def flatten_boxes(
   """
   validation.check_boxes(boxes)
   shape = np.shape(boxes)
-  boxes = jnp.asarray(boxes)
   if len(shape) == 3:
     if box_indices is not None:
       raise ValueError(
@@ -85,27 +84,35 @@ def flatten_boxes(
       raise ValueError(
         f"Per-image `boxes` [N, R, 4] must have N = features.shape[0] = {num_images}; got {shape}."
       )
-    batch_shape = shape[:2]
-    flat = boxes.reshape(-1, 4)
-    index = jnp.repeat(jnp.arange(num_images, dtype=jnp.int32), shape[1])
+  elif box_indices is None:
+    if num_images != 1 and shape[0]:
+      raise ValueError(
+        f"`box_indices` [K] is required with flat `boxes` [K, 4] unless N == 1; got boxes "
+        f"{shape} and N = {num_images}."
+      )
   else:
-    batch_shape = shape[:1]
-    flat = boxes
-    if box_indices is None:
-      if num_images != 1 and shape[0]:
-        raise ValueError(
-          f"`box_indices` [K] is required with flat `boxes` [K, 4] unless N == 1; got boxes "
-          f"{shape} and N = {num_images}."
-        )
-      index = jnp.zeros(shape[:1], jnp.int32)
-    else:
-      validation.check_box_indices(box_indices, shape[0], num_images)
-      index = jnp.asarray(box_indices).astype(jnp.int32)
-  flat = flat.astype(dtype)
+    validation.check_box_indices(box_indices, shape[0], num_images)
+    box_indices = jnp.asarray(box_indices)
+  flat, index, valid = _flat_arrays(
+    jnp.asarray(boxes), box_indices, num_images=num_images, dtype=np.dtype(dtype)
+  )
+  return FlatBoxes(flat, index, valid, shape[:-1])
+
+
+# One compiled computation for the array part (eager calls would dispatch every op).
+@partial(jax.jit, static_argnames=("num_images", "dtype"))
+def _flat_arrays(boxes, box_indices, *, num_images, dtype):
+  """``[K, 4]`` boxes in ``dtype`` (zeros where invalid), ``[K]`` image index, ``[K]`` validity."""
+  if boxes.ndim == 3:  # per image: box r of image n
+    index = jnp.repeat(jnp.arange(num_images, dtype=jnp.int32), boxes.shape[1])
+  elif box_indices is None:
+    index = jnp.zeros(boxes.shape[:1], jnp.int32)
+  else:
+    index = box_indices.astype(jnp.int32)
+  flat = boxes.reshape(-1, 4).astype(dtype)
   valid = jnp.all(jnp.isfinite(flat), axis=-1) & (index >= 0) & (index < num_images)
   flat = jnp.where(valid[:, None], flat, 0.0)
-  index = jnp.clip(index, 0, max(num_images - 1, 0))
-  return FlatBoxes(flat, index, valid, batch_shape)
+  return flat, jnp.clip(index, 0, max(num_images - 1, 0)), valid
 
 
 def has_work(features_shape: tuple[int, ...], flat: FlatBoxes) -> bool:
@@ -117,11 +124,6 @@ def has_work(features_shape: tuple[int, ...], flat: FlatBoxes) -> bool:
   """
   n, _, _, c = features_shape
   return n > 0 and c > 0 and flat.boxes.shape[0] > 0
-
-
-def unflatten(out: jax.Array, flat: FlatBoxes) -> jax.Array:
-  """``[K, ...]`` kernel output back to the call's box form: ``[K, ...]`` or ``[N, R, ...]``."""
-  return out.reshape(flat.batch_shape + out.shape[1:])
 
 
 def scale_coords(coords: jax.Array, spatial_scale: float) -> jax.Array:
@@ -178,7 +180,12 @@ def exact_div(x: jax.Array, divisor: int) -> jax.Array:
   """
   if not 1 <= divisor <= 2**22:
     raise ValueError(f"divisor must be in [1, 2**22]; got {divisor}.")
-  x = jnp.asarray(x)
+  return _long_division(jnp.asarray(x), divisor)
+
+
+# One compiled computation (also for eager calls, which would dispatch every step).
+@partial(jax.jit, static_argnums=(1,))
+def _long_division(x: jax.Array, divisor: int) -> jax.Array:
   fmt = _FORMATS[np.dtype(x.dtype)]
   bits_t, frac = fmt.int_dtype, fmt.fraction_bits
   width = 8 * np.dtype(bits_t).itemsize

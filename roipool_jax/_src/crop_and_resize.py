@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from roipool_jax._src import backends, dtypes, sampling, validation
+from roipool_jax._src import backends, sampling, scaffold, validation
 from roipool_jax._src import boxes as boxes_lib
 
 BOX_FORMATS = ("xyxy", "tf")
@@ -103,12 +103,9 @@ def crop_and_resize(
   ``box_indices`` entry, give zeros and zero gradients, and never affect
   other boxes.
 
-  Dtypes and empty inputs: computed in float64 for float64 features (with
-  ``jax_enable_x64``) and in float32 otherwise (bfloat16 and float16 are
-  accumulated in float32); boxes are cast to that dtype first. The output
-  and the feature gradient have the features' dtype, the box gradient the
-  boxes'. ``K = 0`` boxes or ``N = 0`` images give an output of the right
-  (empty) shape and zero gradients.
+  Dtypes: float64 features are computed in float64, all others in float32
+  (boxes too); outputs keep the features' dtype. Empty inputs (``K = 0``
+  boxes, ``N = 0`` images) give empty outputs and zero gradients.
   Integer maps are computed in float32.
 
   Gradients (bilinear): to the features, each sample's cotangent times its
@@ -180,16 +177,7 @@ def crop_and_resize(
   features = jnp.asarray(features)
   if not jnp.issubdtype(features.dtype, jnp.floating):
     features = features.astype(jnp.float32)  # TensorFlow: integer images give float32
-  flat = boxes_lib.flatten_boxes(
-    boxes, box_indices, features.shape[0], dtypes.compute_dtype(features.dtype)
-  )
-  if not boxes_lib.has_work(features.shape, flat):
-    return jnp.zeros(flat.batch_shape + size + features.shape[3:], features.dtype)
-  out = _crop_and_resize(
-    features,
-    flat.boxes,
-    flat.image_index,
-    flat.valid,
+  options = dict(
     size=size,
     scale=scale,
     aligned=aligned,
@@ -198,7 +186,7 @@ def crop_and_resize(
     extrapolation_value=extrapolation_value,
     impl=impl,
   )
-  return boxes_lib.unflatten(out, flat)
+  return scaffold.run(_crop_and_resize, features, boxes, box_indices, size, **options)
 
 
 @partial(

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from roipool_jax._src import backends, dtypes, validation
+from roipool_jax._src import backends, scaffold, validation
 from roipool_jax._src import boxes as boxes_lib
 from roipool_jax._src import roi_align as roi_align_lib
 
@@ -102,12 +102,9 @@ def multi_scale_roi_align(
   RoIAlign of every box at its own level (plus per-level bookkeeping), not
   ``L`` times the work.
 
-  Dtypes and empty inputs: computed in float64 for float64 features (with
-  ``jax_enable_x64``) and in float32 otherwise (bfloat16 and float16 are
-  accumulated in float32); boxes are cast to that dtype first. The output
-  and the feature gradient have the features' dtype, the box gradient the
-  boxes'. ``K = 0`` boxes or ``N = 0`` images give an output of the right
-  (empty) shape and zero gradients.
+  Dtypes: float64 features are computed in float64, all others in float32
+  (boxes too); outputs keep the features' dtype. Empty inputs (``K = 0``
+  boxes, ``N = 0`` images) give empty outputs and zero gradients.
 
   Args:
     features: ``L`` maps ``[N, H_l, W_l, C]``, finest first, each level half
@@ -182,17 +179,7 @@ def multi_scale_roi_align(
   k0 = validation.check_int("canonical_level", canonical_level)
   impl = backends.resolve(impl)
   scales, k_min = infer_levels([s[1:3] for s in shapes], image)
-  features = [jnp.asarray(f) for f in features]
-  flat = boxes_lib.flatten_boxes(
-    boxes, box_indices, shapes[0][0], dtypes.compute_dtype(level_dtypes[0])
-  )
-  if not boxes_lib.has_work(shapes[0], flat):
-    return jnp.zeros(flat.batch_shape + size + shapes[0][3:], level_dtypes[0])
-  out = _multi_scale(
-    features,
-    flat.boxes,
-    flat.image_index,
-    flat.valid,
+  options = dict(
     size=size,
     scales=tuple(scales),
     k_min=k_min,
@@ -202,7 +189,8 @@ def multi_scale_roi_align(
     canonical_level=k0,
     impl=impl,
   )
-  return boxes_lib.unflatten(out, flat)
+  levels = [jnp.asarray(f) for f in features]
+  return scaffold.run(_multi_scale, levels, boxes, box_indices, size, **options)
 
 
 @partial(

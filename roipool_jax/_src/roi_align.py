@@ -9,7 +9,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from roipool_jax._src import backends, dense, dtypes, sample_max, sampling, tap_sum, validation
+from roipool_jax._src import backends, dense, sample_max, sampling, scaffold, tap_sum, validation
 from roipool_jax._src import boxes as boxes_lib
 
 MODES = ("avg", "max")
@@ -146,12 +146,9 @@ def roi_align(
     clamped or dropped), with the integer grid ``g`` and the neighbour cells
     held constant; zero for degenerate boxes. ``box_indices`` has none.
 
-  Dtypes and empty inputs: computed in float64 for float64 features (with
-  ``jax_enable_x64``) and in float32 otherwise (bfloat16 and float16 are
-  accumulated in float32); boxes are cast to that dtype first. The output
-  and the feature gradient have the features' dtype, the box gradient the
-  boxes'. ``K = 0`` boxes or ``N = 0`` images give an output of the right
-  (empty) shape and zero gradients.
+  Dtypes: float64 features are computed in float64, all others in float32
+  (boxes too); outputs keep the features' dtype. Empty inputs (``K = 0``
+  boxes, ``N = 0`` images) give empty outputs and zero gradients.
 
   Cost: each output reads about ``4 * g_y * g_x`` cells of ``C`` values for a
   fixed ``sampling_ratio``. For adaptive sampling, the samples of a bin are
@@ -221,25 +218,8 @@ def roi_align(
   aligned = validation.check_bool("aligned", aligned)
   validation.check_choice("mode", mode, MODES)
   impl = backends.resolve(impl, mode == "avg", 'for mode="max"')
-  features = jnp.asarray(features)
-  flat = boxes_lib.flatten_boxes(
-    boxes, box_indices, features.shape[0], dtypes.compute_dtype(features.dtype)
-  )
-  if not boxes_lib.has_work(features.shape, flat):
-    return jnp.zeros(flat.batch_shape + size + features.shape[3:], features.dtype)
-  out = _roi_align(
-    features,
-    flat.boxes,
-    flat.image_index,
-    flat.valid,
-    size=size,
-    scale=scale,
-    ratio=ratio,
-    aligned=aligned,
-    mode=mode,
-    impl=impl,
-  )
-  return boxes_lib.unflatten(out, flat)
+  options = dict(size=size, scale=scale, ratio=ratio, aligned=aligned, mode=mode, impl=impl)
+  return scaffold.run(_roi_align, jnp.asarray(features), boxes, box_indices, size, **options)
 
 
 # Compiled once per shape and configuration, also when called outside `jit`.

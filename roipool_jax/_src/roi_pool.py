@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from roipool_jax._src import bin_max as bin_max_lib
 from roipool_jax._src import boxes as boxes_lib
-from roipool_jax._src import dtypes, validation
+from roipool_jax._src import scaffold, validation
 
 QUANTIZATIONS = ("round", "floor")
 
@@ -132,12 +132,9 @@ def roi_pool(
   with respect to ``boxes`` is zero (the bins are quantized) and ``box_indices``
   has none.
 
-  Dtypes and empty inputs: computed in float64 for float64 features (with
-  ``jax_enable_x64``) and in float32 otherwise (bfloat16 and float16 are
-  accumulated in float32); boxes are cast to that dtype first. The output
-  and the feature gradient have the features' dtype, the box gradient the
-  boxes'. ``K = 0`` boxes or ``N = 0`` images give an output of the right
-  (empty) shape and zero gradients.
+  Dtypes: float64 features are computed in float64, all others in float32
+  (boxes too); outputs keep the features' dtype. Empty inputs (``K = 0``
+  boxes, ``N = 0`` images) give empty outputs and zero gradients.
 
   Cost: see :mod:`roipool_jax._src.bin_max`; no per-box copy of the map.
 
@@ -180,19 +177,13 @@ def roi_pool(
   size = validation.normalize_size(output_size)
   scale = validation.check_spatial_scale(spatial_scale)
   validation.check_choice("quantization", quantization, QUANTIZATIONS)
-  features = jnp.asarray(features)
-  flat = boxes_lib.flatten_boxes(
-    boxes, box_indices, features.shape[0], dtypes.compute_dtype(features.dtype)
-  )
-  if not boxes_lib.has_work(features.shape, flat):
-    return jnp.zeros(flat.batch_shape + size + features.shape[3:], features.dtype)
-  out = _roi_pool(features, flat.boxes, flat.image_index, flat.valid, size, scale, quantization)
-  return boxes_lib.unflatten(out, flat)
+  options = dict(size=size, scale=scale, quantization=quantization)
+  return scaffold.run(_roi_pool, jnp.asarray(features), boxes, box_indices, size, **options)
 
 
 # Compiled once per shape and configuration, also when called outside `jit`.
-@partial(jax.jit, static_argnums=(4, 5, 6))
-def _roi_pool(features, boxes, image_index, valid, size, scale, quantization):
+@partial(jax.jit, static_argnames=("size", "scale", "quantization"))
+def _roi_pool(features, boxes, image_index, valid, *, size, scale, quantization):
   flat = boxes_lib.FlatBoxes(boxes, image_index, valid, boxes.shape[:1])
   bins = pool_bins(flat, size, scale, quantization, features.shape[1:3])
   return _max_over_bins(features, bins)

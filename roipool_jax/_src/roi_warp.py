@@ -48,12 +48,9 @@ def roi_warp(
   split evenly among equal maxima), then through the bilinear warp to the
   features and the boxes (see :func:`roi_align`).
 
-  Dtypes and empty inputs: computed in float64 for float64 features (with
-  ``jax_enable_x64``) and in float32 otherwise (bfloat16 and float16 are
-  accumulated in float32); boxes are cast to that dtype first. The output
-  and the feature gradient have the features' dtype, the box gradient the
-  boxes'. ``K = 0`` boxes or ``N = 0`` images give an output of the right
-  (empty) shape and zero gradients.
+  Dtypes: float64 features are computed in float64, all others in float32
+  (boxes too); outputs keep the features' dtype. Empty inputs (``K = 0``
+  boxes, ``N = 0`` images) give empty outputs and zero gradients.
 
   Args:
     features: ``[N, H, W, C]`` floating feature map.
