@@ -137,9 +137,10 @@ def roi_align(
   * features: each sample sends ``cotangent * weight / count`` (avg) to its
     four neighbour cells; for ``mode="max"`` only the first maximal sample in
     ``(iy, ix)`` row-major order, per channel, sends ``cotangent * weight``.
-    Accumulated in the compute dtype by a scatter-add issued in a fixed order (boxes
-    sorted by cost, then bins, then taps); XLA:CPU executes it sequentially,
-    so the gradient is bitwise reproducible run to run (tested). XLA:GPU
+    Accumulated in the compute dtype by a scatter-add issued in a fixed
+    order (boxes sorted by cost, then bins, then taps); XLA:CPU executes it
+    sequentially, so the gradient is bitwise reproducible run to run
+    (tested). XLA:GPU
     implements scatter-add with atomics, so on GPU the last bits may vary.
   * boxes: the exact derivative of the formulas above through the sample
     positions (``d weight / d y = -+1`` inside the map, 0 where a position is

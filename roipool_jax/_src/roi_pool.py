@@ -94,8 +94,8 @@ def roi_pool(
   Each box is mapped onto the feature map with ``spatial_scale``, snapped to
   whole cells, split into ``oh x ow`` bins of whole cells, and each bin is
   max-pooled channel-wise. The arithmetic is the C kernels' (in the compute
-  dtype, below, then int32). Let ``s = spatial_scale``; per axis (x shown; y is the same with
-  rows, ``H`` and ``oh``):
+  dtype, below, then int32). Let ``s = spatial_scale``; per axis (x shown; y
+  is the same with rows, ``H`` and ``oh``):
 
   ``quantization="round"`` (default; bit-exact with ``torchvision.ops.roi_pool``
   and the original Caffe layer)::
