@@ -6,9 +6,11 @@ from roipool_jax._src.roi_align import roi_align
 from roipool_jax._src.roi_pool import roi_pool
 from roipool_jax._src.roi_warp import roi_warp
 
-__version__ = "0.1.0"
+# The single source of the version: pyproject.toml reads it from here.
+__version__ = "0.2.0"
 
 __all__ = (
+  "__version__",
   "crop_and_resize",
   "multi_scale_roi_align",
   "roi_align",

@@ -24,9 +24,13 @@ import numpy as np
 # gives the habit away.
 TORCHVISION_ROIS_HINT = (
   "torchvision's rois [K, 5] hold (batch_index, x1, y1, x2, y2): pass "
-  "`boxes=rois[:, 1:]` and `box_indices=rois[:, 0].astype(jnp.int32)` instead"
+  "`boxes=rois[:, 1:]` and `box_indices=rois[:, 0].astype(jnp.int32)` instead, or call the "
+  "same op from `roipool_jax.torchvision`, which takes torchvision's NCHW maps and rois"
 )
-NCHW_HINT = "features are NHWC; transpose NCHW maps with `x.transpose(0, 2, 3, 1)`"
+NCHW_HINT = (
+  "features are NHWC; transpose NCHW maps with `x.transpose(0, 2, 3, 1)`, or use "
+  "`roipool_jax.torchvision`, which takes NCHW"
+)
 
 
 def _describe(value: object) -> str:

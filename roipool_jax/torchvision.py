@@ -1,0 +1,280 @@
+"""``torchvision.ops``' RoI functions and modules with their exact signatures, for porting.
+
+Porting a torchvision model's RoI calls is a change of import::
+
+    # from torchvision.ops import roi_align, MultiScaleRoIAlign
+    from roipool_jax.torchvision import roi_align, MultiScaleRoIAlign
+
+Everything here takes and returns what ``torchvision.ops`` does:
+
+* feature maps are NCHW ``[N, C, H, W]`` and results ``[K, C, oh, ow]``;
+* ``boxes`` is a ``[K, 5]`` array of ``(batch_index, x1, y1, x2, y2)`` rows,
+  or a list of ``[L_i, 4]`` arrays, one per image (box ``j`` of image ``i``
+  comes out at row ``L_0 + ... + L_{i-1} + j``, as in torchvision);
+* ``spatial_scale``, ``sampling_ratio`` and ``aligned`` may be positional,
+  with torchvision's defaults;
+* the modules are callables built with torchvision's constructor arguments.
+
+The numbers are those of :func:`roipool_jax.roi_pool`,
+:func:`roipool_jax.roi_align` and :func:`roipool_jax.multi_scale_roi_align`,
+which match torchvision to float rounding (see their docstrings for the exact
+formulas). What the layer adds is only the layout: it transposes each map to
+NHWC and the result back to NCHW. XLA fuses these copies into the kernel's
+reads where it can, but a model written for JAX should keep NHWC maps and call
+:mod:`roipool_jax` directly, which avoids them.
+
+Differences from torchvision that remain: the batch index in ``[K, 5]`` rois
+is truncated to an int32 (as torchvision's kernels do), and an index outside
+``[0, N)`` raises a ``ValueError`` when the rois are concrete and gives zeros
+(no gradient) under ``jit``, instead of reading out of bounds; ``ps_roi_pool`` and ``ps_roi_align`` are not provided yet.
+
+Examples:
+  >>> import jax.numpy as jnp
+  >>> from roipool_jax.torchvision import roi_align
+  >>> x = jnp.ones((2, 8, 32, 32))  # NCHW
+  >>> rois = jnp.array([[0.0, 0.0, 0.0, 64.0, 64.0], [1.0, 8.0, 8.0, 40.0, 72.0]])
+  >>> roi_align(x, rois, 7, 0.5, 2).shape
+  (2, 8, 7, 7)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import roipool_jax
+from roipool_jax._src import validation
+
+__all__ = ("MultiScaleRoIAlign", "RoIAlign", "RoIPool", "roi_align", "roi_pool")
+
+Size = int | tuple[int, int]
+
+
+def _nhwc(name: str, input: jax.typing.ArrayLike) -> jax.Array:
+  """``[N, C, H, W]`` to ``[N, H, W, C]``, with errors that speak of NCHW."""
+  validation._array_dtype(name, input)
+  shape = np.shape(input)
+  if len(shape) != 4:
+    raise ValueError(f"`{name}` must be NCHW [N, C, H, W] (rank 4); got shape {shape}.")
+  return jnp.asarray(input).transpose(0, 2, 3, 1)
+
+
+def _nchw(pooled: jax.Array) -> jax.Array:
+  return pooled.transpose(0, 3, 1, 2)
+
+
+def convert_boxes(boxes: object) -> tuple[jax.Array, jax.Array]:
+  """torchvision's box argument as ``(boxes [K, 4], box_indices [K])``.
+
+  Args:
+    boxes: ``[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)``, or a list (or
+      tuple) of ``[L_i, 4]`` arrays, one per image.
+
+  Returns:
+    ``[K, 4]`` boxes in the dtype given and ``[K]`` int32 image indices.
+
+  Raises:
+    TypeError: ``boxes`` that is neither an array nor a list of arrays.
+    ValueError: an array that is not ``[K, 5]``, or a list element that is
+      not ``[L, 4]``.
+  """
+  if isinstance(boxes, (list, tuple)):
+    if not boxes:
+      raise ValueError("`boxes` as a list must hold one [L, 4] array per image; got an empty list.")
+    for i, b in enumerate(boxes):
+      validation._array_dtype(f"boxes[{i}]", b)
+      if np.ndim(b) != 2 or np.shape(b)[1] != 4:
+        raise ValueError(
+          f"`boxes[{i}]` must be [L, 4] (x1, y1, x2, y2) boxes of image {i}; got shape "
+          f"{np.shape(b)}."
+        )
+    arrays = [jnp.asarray(b) for b in boxes]
+    dtype = jnp.result_type(*arrays)
+    counts = [a.shape[0] for a in arrays]
+    indices = np.repeat(np.arange(len(arrays), dtype=np.int32), counts)
+    return jnp.concatenate([a.astype(dtype) for a in arrays]), jnp.asarray(indices)
+  dtype = validation._array_dtype("boxes", boxes)
+  if np.ndim(boxes) != 2 or np.shape(boxes)[1] != 5:
+    raise ValueError(
+      "`boxes` must be torchvision's rois [K, 5] (batch_index, x1, y1, x2, y2) or a list of "
+      f"[L, 4] arrays, one per image; got shape {np.shape(boxes)} and dtype {dtype}."
+    )
+  rois = jnp.asarray(boxes)
+  return rois[:, 1:], rois[:, 0].astype(jnp.int32)
+
+
+def roi_pool(
+  input: jax.typing.ArrayLike,
+  boxes: jax.typing.ArrayLike | Sequence[jax.typing.ArrayLike],
+  output_size: Size,
+  spatial_scale: float = 1.0,
+) -> jax.Array:
+  """``torchvision.ops.roi_pool``: :func:`roipool_jax.roi_pool` on NCHW maps.
+
+  Args:
+    input: ``[N, C, H, W]`` feature maps.
+    boxes: ``[K, 5]`` rois ``(batch_index, x1, y1, x2, y2)`` or a list of
+      ``[L_i, 4]`` boxes per image.
+    output_size: ``oh`` or ``(oh, ow)``; static.
+    spatial_scale: feature cells per image pixel; static.
+
+  Returns:
+    ``[K, C, oh, ow]`` in the maps' dtype.
+  """
+  b, indices = convert_boxes(boxes)
+  pooled = roipool_jax.roi_pool(
+    _nhwc("input", input), b, output_size, spatial_scale=spatial_scale, box_indices=indices
+  )
+  return _nchw(pooled)
+
+
+def roi_align(
+  input: jax.typing.ArrayLike,
+  boxes: jax.typing.ArrayLike | Sequence[jax.typing.ArrayLike],
+  output_size: Size,
+  spatial_scale: float = 1.0,
+  sampling_ratio: int = -1,
+  aligned: bool = False,
+) -> jax.Array:
+  """``torchvision.ops.roi_align``: :func:`roipool_jax.roi_align` on NCHW maps.
+
+  Args:
+    input: ``[N, C, H, W]`` feature maps.
+    boxes: ``[K, 5]`` rois ``(batch_index, x1, y1, x2, y2)`` or a list of
+      ``[L_i, 4]`` boxes per image.
+    output_size: ``oh`` or ``(oh, ow)``; static.
+    spatial_scale: feature cells per image pixel; static.
+    sampling_ratio: samples per bin axis, ``<= 0`` adaptive; static.
+    aligned: half-pixel offset; static.
+
+  Returns:
+    ``[K, C, oh, ow]`` in the maps' dtype.
+  """
+  b, indices = convert_boxes(boxes)
+  pooled = roipool_jax.roi_align(
+    _nhwc("input", input),
+    b,
+    output_size,
+    spatial_scale=spatial_scale,
+    sampling_ratio=sampling_ratio,
+    aligned=aligned,
+    box_indices=indices,
+  )
+  return _nchw(pooled)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoIPool:
+  """``torchvision.ops.RoIPool``: ``RoIPool(output_size, spatial_scale)(input, rois)``.
+
+  Attributes:
+    output_size: ``oh`` or ``(oh, ow)``.
+    spatial_scale: feature cells per image pixel.
+  """
+
+  output_size: Size
+  spatial_scale: float
+
+  def __call__(self, input, rois):
+    """See :func:`roi_pool`."""
+    return roi_pool(input, rois, self.output_size, self.spatial_scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoIAlign:
+  """``torchvision.ops.RoIAlign``: ``RoIAlign(output_size, spatial_scale, sampling_ratio,
+  aligned=False)(input, rois)``.
+
+  Attributes:
+    output_size: ``oh`` or ``(oh, ow)``.
+    spatial_scale: feature cells per image pixel.
+    sampling_ratio: samples per bin axis, ``<= 0`` adaptive.
+    aligned: half-pixel offset.
+  """
+
+  output_size: Size
+  spatial_scale: float
+  sampling_ratio: int
+  aligned: bool = False
+
+  def __call__(self, input, rois):
+    """See :func:`roi_align`."""
+    return roi_align(
+      input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiScaleRoIAlign:
+  """``torchvision.ops.MultiScaleRoIAlign`` over a dict of named NCHW levels.
+
+  ``MultiScaleRoIAlign(featmap_names, output_size, sampling_ratio)(x, boxes,
+  image_shapes)`` pools each box from the level its size selects, as
+  :func:`roipool_jax.multi_scale_roi_align` describes. The levels are
+  ``x[name]`` for ``name`` in ``featmap_names``, in that order (finest first);
+  other entries of ``x`` are ignored. The image size that fixes each level's
+  scale is the largest height and the largest width in ``image_shapes``, as in
+  torchvision.
+
+  Attributes:
+    featmap_names: the keys of the levels to use, finest first.
+    output_size: ``oh`` or ``(oh, ow)``.
+    sampling_ratio: samples per bin axis, ``<= 0`` adaptive.
+    canonical_scale: the box size (pixels) that maps to ``canonical_level``.
+    canonical_level: the FPN level of a ``canonical_scale`` box.
+  """
+
+  featmap_names: Sequence[str]
+  output_size: Size
+  sampling_ratio: int
+  canonical_scale: float = 224
+  canonical_level: int = 4
+
+  def __call__(
+    self,
+    x: Mapping[str, jax.typing.ArrayLike],
+    boxes: Sequence[jax.typing.ArrayLike],
+    image_shapes: Sequence[tuple[int, int]],
+  ) -> jax.Array:
+    """Pools ``boxes`` (a list of ``[L_i, 4]`` per image) from the named levels of ``x``.
+
+    Returns:
+      ``[sum L_i, C, oh, ow]`` in the levels' dtype.
+    """
+    if not isinstance(x, Mapping):
+      raise TypeError(
+        f"`x` must map level names to NCHW maps (an OrderedDict, as torchvision's backbone "
+        f"returns); got {type(x).__name__}."
+      )
+    missing = [name for name in self.featmap_names if name not in x]
+    if missing:
+      raise ValueError(
+        f"`x` has no level named {missing} (featmap_names {list(self.featmap_names)}); its keys "
+        f"are {list(x)}."
+      )
+    if not isinstance(boxes, (list, tuple)):
+      raise TypeError(
+        "`boxes` must be a list of [L_i, 4] arrays, one per image (torchvision's proposals); got "
+        f"{type(boxes).__name__}."
+      )
+    if not image_shapes:
+      raise ValueError("`image_shapes` must hold one (height, width) per image; got none.")
+    height = max(int(shape[0]) for shape in image_shapes)
+    width = max(int(shape[1]) for shape in image_shapes)
+    levels = [_nhwc(f"x[{name!r}]", x[name]) for name in self.featmap_names]
+    b, indices = convert_boxes(boxes)
+    pooled = roipool_jax.multi_scale_roi_align(
+      levels,
+      b,
+      self.output_size,
+      image_size=(height, width),
+      sampling_ratio=self.sampling_ratio,
+      box_indices=indices,
+      canonical_scale=self.canonical_scale,
+      canonical_level=self.canonical_level,
+    )
+    return _nchw(pooled)

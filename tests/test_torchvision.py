@@ -1,0 +1,137 @@
+"""Tests of roipool_jax.torchvision: the stored torchvision fixtures through the drop-in layer."""
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from roipool_jax import torchvision as tv
+from tests import fixtures_io
+
+POOL = fixtures_io.load_cases("torchvision_roi_pool.npz")
+ALIGN = fixtures_io.load_cases("torchvision_roi_align.npz")
+MULTI = fixtures_io.load_cases("torchvision_multiscale.npz")
+
+
+def nchw(x):
+  return np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2))
+
+
+def rois(c):
+  """torchvision's [K, 5] rois: the batch index as a float in column 0."""
+  index = c["box_indices"].astype(c["boxes"].dtype)[:, None]
+  return np.concatenate([index, c["boxes"]], axis=1)
+
+
+def per_image(c):
+  """torchvision's list of per-image boxes, and the fixture rows in the order it returns them."""
+  n = c["features0"].shape[0] if "features0" in c else c["features"].shape[0]
+  order = np.concatenate([np.flatnonzero(c["box_indices"] == i) for i in range(n)])
+  return [c["boxes"][c["box_indices"] == i] for i in range(n)], order
+
+
+def check(fn, features, c, order=None, rtol=1e-5):
+  out, vjp = jax.vjp(fn, jnp.asarray(nchw(features)))
+  expected = c["output"] if order is None else c["output"][order]
+  cotangent = c["cotangent"] if order is None else c["cotangent"][order]
+  np.testing.assert_allclose(np.asarray(out), nchw(expected), rtol=rtol, atol=rtol)
+  (grad,) = vjp(jnp.asarray(nchw(cotangent)))
+  np.testing.assert_allclose(np.asarray(grad), nchw(c["grad"]), rtol=rtol, atol=rtol)
+
+
+def size_of(c):
+  return tuple(int(s) for s in np.broadcast_to(c["output_size"], (2,)))
+
+
+@pytest.mark.parametrize("name", sorted(POOL))
+def test_roi_pool_with_rois(name):
+  c = POOL[name]
+  r, size, scale = rois(c), size_of(c), float(c["spatial_scale"])
+  check(lambda x: tv.roi_pool(x, r, size, scale), c["features"], c, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(POOL))
+def test_roi_pool_module_with_box_list(name):
+  c = POOL[name]
+  boxes, order = per_image(c)
+  layer = tv.RoIPool(size_of(c), float(c["spatial_scale"]))
+  check(lambda x: layer(x, boxes), c["features"], c, order, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(ALIGN))
+def test_roi_align_with_positional_options(name):
+  c = ALIGN[name]
+  r = rois(c)
+  args = (size_of(c), float(c["spatial_scale"]), int(c["sampling_ratio"]), bool(c["aligned"]))
+  check(jax.jit(lambda x: tv.roi_align(x, r, *args)), c["features"], c)
+
+
+@pytest.mark.parametrize("name", sorted(ALIGN))
+def test_roi_align_module_with_box_list(name):
+  c = ALIGN[name]
+  boxes, order = per_image(c)
+  layer = tv.RoIAlign(
+    size_of(c), float(c["spatial_scale"]), int(c["sampling_ratio"]), aligned=bool(c["aligned"])
+  )
+  check(lambda x: layer(x, boxes), c["features"], c, order)
+
+
+@pytest.mark.parametrize("name", sorted(MULTI))
+def test_multi_scale_roi_align_takes_named_levels(name):
+  c = MULTI[name]
+  names = sorted(k for k in c if k.startswith("features"))
+  boxes, order = per_image(c)
+  height, width = (int(s) for s in c["image_size"])
+  # torchvision takes the largest height and width over the images.
+  image_shapes = [(height, width - 40), (height - 16, width)]
+  pooler = tv.MultiScaleRoIAlign([str(i) for i in range(len(names))], 7, int(c["sampling_ratio"]))
+
+  def f(*levels):
+    x = collections.OrderedDict((str(i), level) for i, level in enumerate(levels))
+    x["pool"] = levels[-1][:, :, ::2, ::2]  # torchvision's extra level: not in featmap_names
+    return pooler(x, boxes, image_shapes)
+
+  maps = [jnp.asarray(nchw(c[k])) for k in names]
+  out, vjp = jax.vjp(f, *maps)
+  np.testing.assert_allclose(np.asarray(out), nchw(c["output"][order]), rtol=1e-5, atol=1e-5)
+  grads = vjp(jnp.asarray(nchw(c["cotangent"][order])))
+  for i, g in enumerate(grads):
+    np.testing.assert_allclose(np.asarray(g), nchw(c[f"grad{i}"]), rtol=1e-5, atol=1e-5)
+
+
+def test_rois_and_box_list_agree_with_the_nhwc_api():
+  import roipool_jax
+
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 3, 10, 12)).astype(np.float32)
+  boxes = [rng.uniform(0, 40, (3, 4)).astype(np.float32), np.zeros((0, 4), np.float32)]
+  boxes[0][:, 2:] += boxes[0][:, :2]
+  expected = roipool_jax.roi_align(
+    x.transpose(0, 2, 3, 1), boxes[0], 4, spatial_scale=0.25, box_indices=np.zeros(3, np.int32)
+  )
+  out = tv.roi_align(x, boxes, 4, 0.25)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(expected).transpose(0, 3, 1, 2))
+
+
+def test_errors_speak_of_torchvision_layouts():
+  x = jnp.ones((1, 3, 8, 8))
+  with pytest.raises(ValueError, match=r"rois \[K, 5\].*got shape \(2, 4\)"):
+    tv.roi_align(x, jnp.ones((2, 4)), 2)
+  with pytest.raises(ValueError, match=r"`boxes\[1\]` must be \[L, 4\]"):
+    tv.roi_pool(x, [jnp.ones((2, 4)), jnp.ones((2, 5))], 2)
+  with pytest.raises(ValueError, match=r"`input` must be NCHW"):
+    tv.roi_pool(jnp.ones((3, 8, 8)), jnp.ones((2, 5)), 2)
+  pooler = tv.MultiScaleRoIAlign(["p2"], 7, 2)
+  with pytest.raises(ValueError, match=r"no level named \['p2'\]"):
+    pooler({"0": x}, [jnp.ones((1, 4))], [(32, 32)])
+  with pytest.raises(TypeError, match="`x` must map level names"):
+    pooler([x], [jnp.ones((1, 4))], [(32, 32)])
+
+
+def test_nhwc_api_errors_point_to_this_layer():
+  import roipool_jax
+
+  with pytest.raises(ValueError, match=r"roipool_jax\.torchvision"):
+    roipool_jax.roi_align(jnp.ones((1, 8, 8, 3)), jnp.ones((2, 5)), 2)
