@@ -26,7 +26,8 @@ reads where it can, but a model written for JAX should keep NHWC maps and call
 Differences from torchvision that remain: the batch index in ``[K, 5]`` rois
 is truncated to an int32 (as torchvision's kernels do), and an index outside
 ``[0, N)`` raises a ``ValueError`` when the rois are concrete and gives zeros
-(no gradient) under ``jit``, instead of reading out of bounds; ``ps_roi_pool`` and ``ps_roi_align`` are not provided yet.
+(no gradient) under ``jit``, instead of reading out of bounds.
+``ps_roi_pool`` and ``ps_roi_align`` are not provided yet.
 
 Examples:
   >>> import jax.numpy as jnp
