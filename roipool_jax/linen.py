@@ -17,24 +17,23 @@ from roipool_jax._src import layers
 
 
 class RoIPool(layers.RoIPoolConfig, nn.Module):
-  """:func:`roipool_jax.roi_pool` as a Linen module (fields: its options)."""
+  __doc__ = layers.module_docstring(layers.RoIPoolConfig, "Linen")
 
 
 class RoIAlign(layers.RoIAlignConfig, nn.Module):
-  """:func:`roipool_jax.roi_align` as a Linen module (fields: its options)."""
+  __doc__ = layers.module_docstring(layers.RoIAlignConfig, "Linen")
 
 
 class CropAndResize(layers.CropAndResizeConfig, nn.Module):
-  """:func:`roipool_jax.crop_and_resize` as a Linen module (fields: its options)."""
+  __doc__ = layers.module_docstring(layers.CropAndResizeConfig, "Linen")
 
 
 class RoIWarp(layers.RoIWarpConfig, nn.Module):
-  """:func:`roipool_jax.roi_warp` as a Linen module (fields: its options)."""
+  __doc__ = layers.module_docstring(layers.RoIWarpConfig, "Linen")
 
 
 class MultiScaleRoIAlign(layers.MultiScaleRoIAlignConfig, nn.Module):
-  """:func:`roipool_jax.multi_scale_roi_align` as a Linen module; ``features`` is the list
-  of pyramid levels, finest first."""
+  __doc__ = layers.module_docstring(layers.MultiScaleRoIAlignConfig, "Linen")
 
 
 __all__ = ("CropAndResize", "MultiScaleRoIAlign", "RoIAlign", "RoIPool", "RoIWarp")

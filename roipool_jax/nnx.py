@@ -20,28 +20,27 @@ from roipool_jax._src import layers
 
 @dataclasses.dataclass
 class RoIPool(layers.RoIPoolConfig, nnx.Module):
-  """:func:`roipool_jax.roi_pool` as an NNX module (fields: its options)."""
+  __doc__ = layers.module_docstring(layers.RoIPoolConfig, "NNX")
 
 
 @dataclasses.dataclass
 class RoIAlign(layers.RoIAlignConfig, nnx.Module):
-  """:func:`roipool_jax.roi_align` as an NNX module (fields: its options)."""
+  __doc__ = layers.module_docstring(layers.RoIAlignConfig, "NNX")
 
 
 @dataclasses.dataclass
 class CropAndResize(layers.CropAndResizeConfig, nnx.Module):
-  """:func:`roipool_jax.crop_and_resize` as an NNX module (fields: its options)."""
+  __doc__ = layers.module_docstring(layers.CropAndResizeConfig, "NNX")
 
 
 @dataclasses.dataclass
 class RoIWarp(layers.RoIWarpConfig, nnx.Module):
-  """:func:`roipool_jax.roi_warp` as an NNX module (fields: its options)."""
+  __doc__ = layers.module_docstring(layers.RoIWarpConfig, "NNX")
 
 
 @dataclasses.dataclass
 class MultiScaleRoIAlign(layers.MultiScaleRoIAlignConfig, nnx.Module):
-  """:func:`roipool_jax.multi_scale_roi_align` as an NNX module; ``features`` is the list
-  of pyramid levels, finest first."""
+  __doc__ = layers.module_docstring(layers.MultiScaleRoIAlignConfig, "NNX")
 
 
 __all__ = ("CropAndResize", "MultiScaleRoIAlign", "RoIAlign", "RoIPool", "RoIWarp")

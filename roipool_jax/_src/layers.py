@@ -24,6 +24,24 @@ Size = int | tuple[int, int]
 Impl = Literal["auto", "gather", "einsum"]
 
 
+def module_docstring(config: type, framework: str) -> str:
+  """The docstring of ``config``'s Flax ``framework`` module: the op, the call, the fields.
+
+  The config's first line names the op (``Options of :func:`...`.``); the rest
+  (its ``Attributes:``) documents the module's fields, so both modules and the
+  config share one text.
+  """
+  first, _, rest = config.__doc__.partition("\n")
+  op = first.removeprefix("Options of ").removesuffix(".")
+  levels = " (``features``: the list of levels)" if config is MultiScaleRoIAlignConfig else ""
+  return (
+    f"{op} as a parameter-free Flax {framework} module.\n\n"
+    f"  ``module(features, boxes, box_indices=None)``{levels} applies the op with the\n"
+    "  options below (the op's defaults) and returns what the op returns; the op\n"
+    f"  validates them when it is traced.\n{rest}"
+  )
+
+
 @dataclasses.dataclass
 class RoIPoolConfig:
   """Options of :func:`roipool_jax.roi_pool`.
