@@ -8,7 +8,11 @@ import os
 import pathlib
 import shutil
 import sys
-import tomllib
+
+if sys.version_info >= (3, 11):
+  import tomllib
+else:  # Python 3.10
+  import tomli as tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -59,4 +63,8 @@ nb_merge_streams = True
 
 html_theme = "furo"
 html_title = f"roipool_jax {release}"
-html_theme_options = {"source_repository": REPOSITORY, "source_branch": "main", "source_directory": "docs/"}
+html_theme_options = {
+  "source_repository": REPOSITORY,
+  "source_branch": "main",
+  "source_directory": "docs/",
+}

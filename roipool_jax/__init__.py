@@ -10,7 +10,6 @@ from roipool_jax._src.roi_warp import roi_warp
 __version__ = "0.2.0"
 
 __all__ = (
-  "__version__",
   "crop_and_resize",
   "multi_scale_roi_align",
   "roi_align",

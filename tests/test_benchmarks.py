@@ -2,14 +2,23 @@
 
 import json
 
+import pytest
+
 from benchmarks import run as suite
+from tests.quick import some
 
 
-def test_quick_suite_writes_markdown_json_and_plot(tmp_path):
-  rows = suite.main(["--quick", "--repeats", "1", "--dtypes", "float32", "--out", str(tmp_path)])
+@pytest.mark.parametrize("only", some(["VGG16", None]))
+def test_quick_suite_writes_markdown_json_and_plot(only, tmp_path):
+  select = ["--only", only] if only else []
+  argv = ["--quick", "--repeats", "1", "--dtypes", "float32", "--out", str(tmp_path), *select]
+  rows = suite.main(argv)
   ops = {r["op"] for r in rows}
-  assert ops == {"roi_pool", "roi_align", "roi_warp", "multi_scale"}
-  assert len(rows) == len(suite.CONFIGS)
+  if only:
+    assert [r["config"] for r in rows] == [c.name for c in suite.CONFIGS if only in c.name]
+  else:
+    assert ops == {"roi_pool", "roi_align", "roi_warp", "multi_scale"}
+    assert len(rows) == len(suite.CONFIGS)
   for r in rows:
     assert r["jax_fwd_ms"] > 0 and r["jax_fwd_bwd_ms"] > 0
     assert r["floor_fwd_ms"] > 0 and r["floor_fwd_bwd_ms"] == 2 * r["floor_fwd_ms"]

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from roipool_jax import crop_and_resize, roi_align
 from tests import reference
+from tests.quick import some
 
 # ------------------------------------------------------------------ TensorFlow's own cases
 # The expected arrays of tensorflow/core/kernels/image/crop_and_resize_op_test.cc, written out.
@@ -106,7 +107,7 @@ TF_CASES = [
 ]
 
 
-@pytest.mark.parametrize("impl", ["gather", "einsum"])
+@pytest.mark.parametrize("impl", some(["gather", "einsum"]))
 @pytest.mark.parametrize("name, image, boxes, crop, method, expected", TF_CASES)
 def test_tensorflow_published_cases(name, image, boxes, crop, method, expected, impl):
   out = crop_and_resize(
@@ -130,7 +131,7 @@ def test_tensorflow_extrapolated_case():
   )
 
 
-@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int8, np.int16, np.int32])
+@pytest.mark.parametrize("dtype", some([np.uint8, np.uint16, np.int8, np.int16, np.int32], 2))
 @pytest.mark.parametrize("method, expected", [("bilinear", 2.5), ("nearest", 4.0)])
 def test_tensorflow_integer_images_give_float32(dtype, method, expected):
   out = crop_and_resize(
@@ -226,9 +227,9 @@ def _pixel_problem(seed, k=7, shape=(2, 7, 9, 3), inverted=True):
   return features, boxes, rng.integers(0, shape[0], k).astype(np.int32)
 
 
-@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("aligned", some([False, True]))
 @pytest.mark.parametrize("method", ["bilinear", "nearest"])
-@pytest.mark.parametrize("extrapolation", [None, 0.0, 7.0])
+@pytest.mark.parametrize("extrapolation", some([None, 0.0, 7.0], 2))
 def test_pixel_boxes_match_reference(aligned, method, extrapolation):
   features, boxes, indices = _pixel_problem(0)
   out = crop_and_resize(
@@ -252,7 +253,8 @@ def test_pixel_boxes_are_roi_align_with_one_sample(aligned):
   features, boxes, indices = _pixel_problem(3, inverted=False)
   a = crop_and_resize(features, boxes, 4, aligned=aligned, box_indices=indices)
   b = roi_align(features, boxes, 4, sampling_ratio=1, aligned=aligned, box_indices=indices)
-  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The same points and weights; the two kernels may round their sums differently (1 ulp).
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=3e-7, atol=3e-7)
 
 
 def test_inverted_pixel_box_is_the_mirrored_crop():

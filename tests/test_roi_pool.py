@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import roipool_jax
 from roipool_jax import roi_pool
 from tests import fixtures_io, reference
+from tests.quick import some
 
 CASES = fixtures_io.load_cases("torchvision_roi_pool.npz")
 
@@ -18,7 +19,7 @@ CASES = fixtures_io.load_cases("torchvision_roi_pool.npz")
 # ------------------------------------------------------------------ torchvision parity
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", some(sorted(CASES), 4))
 def test_matches_torchvision_forward_and_gradient(name):
   c = CASES[name]
   size = tuple(int(s) for s in np.broadcast_to(c["output_size"], (2,)))
@@ -188,7 +189,7 @@ def test_per_image_boxes_equal_flat_boxes():
 # ------------------------------------------------------------------ dtypes, gradients
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("dtype", some([jnp.bfloat16, jnp.float16, jnp.float32], 2))
 def test_dtype_is_preserved_and_values_exact(dtype):
   features, boxes, indices = _fixed_problem()
   x = jnp.asarray(features, dtype)

@@ -1,0 +1,36 @@
+"""What the quick default run (``pytest -m "not slow"``) keeps of a parametrized test.
+
+The quick run keeps every kind of check but fewer cases of each: :func:`some`
+turns a parameter list into ``pytest.param`` entries and marks all but a few,
+spread over the list, ``slow``. The full suite (plain ``pytest``) runs them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+
+def some(values: Sequence, keep: int = 1, start: int = 0) -> list:
+  """``values`` as pytest params, all but ``keep`` of them (first, last, evenly between) slow.
+
+  ``start`` rotates the kept ones (tests of one family keep different values).
+  A tuple value is unpacked into several arguments, as a multi-name
+  ``parametrize`` expects.
+  """
+  values = list(values)
+  if keep >= len(values):
+    chosen = set(range(len(values)))
+  elif keep == 1:
+    chosen = {0}
+  else:
+    chosen = {round(i * (len(values) - 1) / (keep - 1)) for i in range(keep)}
+  chosen = {(i + start) % len(values) for i in chosen}
+  params = []
+  for i, value in enumerate(values):
+    marks = () if i in chosen else (pytest.mark.slow,)
+    args = value.values if isinstance(value, type(pytest.param(0))) else value
+    args = args if isinstance(args, tuple) else (args,)
+    params.append(pytest.param(*args, marks=marks))
+  return params
