@@ -123,7 +123,7 @@ def test_sdist_carries_what_its_tests_need(tmp_path):
   with tarfile.open(sdist) as archive:
     names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
   tracked = subprocess.run(
-    ["git", "ls-files", "tests", "notebooks", "roipool_jax"],
+    ["git", "ls-files", "roipool_jax", "tests", "notebooks", "examples", "tools", "docs"],
     cwd=ROOT,
     capture_output=True,
     text=True,
