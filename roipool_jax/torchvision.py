@@ -68,6 +68,12 @@ def _nchw(pooled: jax.Array) -> jax.Array:
   return pooled.transpose(0, 3, 1, 2)
 
 
+def _on_nchw(op, input, boxes, output_size, **options) -> jax.Array:
+  """``op`` (an NHWC roipool_jax op) on NCHW ``input`` and torchvision ``boxes``; NCHW out."""
+  b, indices = convert_boxes(boxes)
+  return _nchw(op(_nhwc("input", input), b, output_size, box_indices=indices, **options))
+
+
 def convert_boxes(boxes: object) -> tuple[jax.Array, jax.Array]:
   """torchvision's box argument as ``(boxes [K, 4], box_indices [K])``.
 
@@ -126,11 +132,7 @@ def roi_pool(
   Returns:
     ``[K, C, oh, ow]`` in the maps' dtype.
   """
-  b, indices = convert_boxes(boxes)
-  pooled = roipool_jax.roi_pool(
-    _nhwc("input", input), b, output_size, spatial_scale=spatial_scale, box_indices=indices
-  )
-  return _nchw(pooled)
+  return _on_nchw(roipool_jax.roi_pool, input, boxes, output_size, spatial_scale=spatial_scale)
 
 
 def roi_align(
@@ -155,17 +157,15 @@ def roi_align(
   Returns:
     ``[K, C, oh, ow]`` in the maps' dtype.
   """
-  b, indices = convert_boxes(boxes)
-  pooled = roipool_jax.roi_align(
-    _nhwc("input", input),
-    b,
+  return _on_nchw(
+    roipool_jax.roi_align,
+    input,
+    boxes,
     output_size,
     spatial_scale=spatial_scale,
     sampling_ratio=sampling_ratio,
     aligned=aligned,
-    box_indices=indices,
   )
-  return _nchw(pooled)
 
 
 @dataclasses.dataclass(frozen=True)

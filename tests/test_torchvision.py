@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 
 from roipool_jax import torchvision as tv
 from tests import fixtures_io
@@ -114,6 +115,27 @@ def test_rois_and_box_list_agree_with_the_nhwc_api():
   )
   out = tv.roi_align(x, boxes, 4, 0.25)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(expected).transpose(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("op", [tv.roi_pool, tv.roi_align])
+def test_empty_inputs_and_float64(op):
+  # K = 0 rois, and N = 0 images with an empty per-image list: empty outputs, zero gradients.
+  for x, boxes in [
+    (jnp.ones((2, 3, 6, 6)), jnp.zeros((0, 5))),
+    (jnp.ones((0, 3, 6, 6)), jnp.zeros((0, 5))),
+    (jnp.ones((1, 3, 6, 6)), [jnp.zeros((0, 4))]),
+  ]:
+    out, vjp = jax.vjp(lambda f, b=boxes: op(f, b, 2), x)
+    assert out.shape == (0, 3, 2, 2)
+    np.testing.assert_array_equal(vjp(out)[0], np.zeros(x.shape))
+  with jax.enable_x64(True):
+    x = jnp.full((1, 2, 5, 5), 1 + 1e-12, jnp.float64)
+    rois = jnp.asarray([[0.0, 0.5, 0.5, 3.5, 3.5]], jnp.float64)
+    out = op(x, rois, 2)
+    assert out.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(out), 1 + 1e-12, rtol=1e-15)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 2, 5, 5)))  # no ties
+    check_grads(lambda f: op(f, rois, 2), (x,), 1, modes=("rev",), eps=1e-6)
 
 
 def test_errors_speak_of_torchvision_layouts():
