@@ -30,7 +30,6 @@ def some(values: Sequence, keep: int = 1, start: int = 0) -> list:
   params = []
   for i, value in enumerate(values):
     marks = () if i in chosen else (pytest.mark.slow,)
-    args = value.values if isinstance(value, type(pytest.param(0))) else value
-    args = args if isinstance(args, tuple) else (args,)
+    args = value if isinstance(value, tuple) else (value,)
     params.append(pytest.param(*args, marks=marks))
   return params
