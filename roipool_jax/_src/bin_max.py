@@ -1,29 +1,42 @@
-"""Exact max (and first arg-max) over integer rectangles of a feature map.
+"""Exact max over integer rectangles of a feature map, and its gradient.
 
-This is the engine of the max-pooling RoI ops: given, per box, the row ranges
+This is the engine of ``roi_pool``: given, per box, the row ranges
 ``[hs, he)`` of its ``oh`` bin rows and the column ranges ``[ws, we)`` of its
 ``ow`` bin columns, it returns the channel-wise maximum over each
-``[hs, he) x [ws, we)`` rectangle and, for the backward pass, the flat cell
-``(n * H + h) * W + w`` of the first maximal cell in row-major order.
+``[hs, he) x [ws, we)`` rectangle, and sends each output cotangent to the
+first maximal cell of its bin in row-major order (torchvision's tie rule).
 
 How the work is bounded
 -----------------------
-The cells of a bin are numbered in row-major order. Boxes are sorted by
-their largest bin and processed in small sequential chunks (``lax.map``).
-Within a chunk, a loop with a data-dependent trip count makes passes; pass
-``p`` gathers cells ``[p * S, p * S + S)`` of every bin at once
-(``S = SLOTS``; each cell is one contiguous ``C`` vector of the NHWC map, a
-fast gather), masks the slots past the bin's cell count and reduces them. A
-chunk makes ``ceil(largest bin in the chunk / S)`` passes, so the total work
-is about ``sum over boxes of oh * ow * C * (largest bin of the box)``: the
-cells a direct loop reads, with no per-box copy of the map. Only bin geometry
-(``[K, oh, ow]`` integers) is materialized besides the output.
+The unit of work is a *bin*, not a box. The cells of a bin are numbered in
+row-major order. The ``K * oh * ow`` bins are sorted by their cell count and
+processed in small sequential chunks (``lax.map``). Within a chunk, a loop with
+a data-dependent trip count makes passes; pass ``p`` gathers cells
+``[p * S, p * S + S)`` of every bin at once (``S = SLOTS``; each cell is one
+contiguous ``C`` vector of the NHWC map, a fast gather), masks the slots past
+the bin's cell count and reduces them. A chunk makes ``ceil(largest bin in the
+chunk / S)`` passes, so the total work is about ``C`` times the number of
+cells the bins hold, after clipping to the map: bins (and parts of bins)
+outside the map cost nothing, and a box far larger than the map costs about
+what the map's cells cost. Only bin geometry (``[K, oh, ow]`` integers) is
+materialized besides the output.
 
-The arg-max (forward pass of the gradient only) is a second sweep over the
-same cells: the smallest flat cell whose value equals the bin's max, which is
-the first maximal cell in row-major order. The backward pass sends each output
-cotangent to that cell: a scatter-add into ``[N * H * W * C]`` accumulated in
-the compute dtype, float32 or float64 (sequential, hence deterministic, on CPU).
+Gradient
+--------
+The forward pass keeps only its output. The backward pass is one more sweep
+over the same chunks and cells, carrying each bin's *pending* cotangent: a
+cell that holds the bin's maximum (per channel) takes what is pending and
+leaves 0, so only the first maximal cell in row-major order (earlier passes,
+then earlier slots) receives it. Each pass adds its ``S``
+cells' rows (``C`` values each, mostly zeros) into a ``[N * H * W, C]``
+buffer in the compute dtype, float32 or float64. There is no scatter of
+single elements, and the additions happen in an order fixed by the inputs
+(chunks, then passes, then slots); XLA:CPU executes them sequentially, so the
+gradient is bitwise reproducible.
+
+Every gather and scatter is indexed by a ``[B]`` vector (one slot of every
+bin of a chunk at a time): on XLA:CPU these move whole ``C`` rows several
+times faster than one gather indexed by ``[B, S]``.
 """
 
 from __future__ import annotations
@@ -36,13 +49,12 @@ from jax import lax
 
 from roipool_jax._src import chunking, dtypes
 
-# Cells gathered per bin and pass (one pass reads [chunk, oh, ow, SLOTS, C]).
-SLOTS = 8
-# Boxes per chunk: about this many output elements, so a chunk's running maxima
-# stay in cache; boxes are sorted by size first, so each chunk loops only about
-# as long as its own boxes need. Both constants were picked by measurement.
+# Cells gathered per bin and pass (one pass reads [chunk, SLOTS, C]).
+SLOTS = 4
+# Bins per chunk: about this many output elements, so a chunk's running maxima
+# stay in cache; bins are sorted by size first, so each chunk loops only about
+# as long as its own bins need. Both constants were picked by measurement.
 _CHUNK_ELEMENTS = 1 << 16
-_NO_CELL = 2**30  # larger than any flat cell (n * H + h) * W + w
 
 
 class Bins(NamedTuple):
@@ -64,7 +76,7 @@ class Bins(NamedTuple):
 
 
 class CellPlan(NamedTuple):
-  """How each bin's cells are enumerated, each field ``[K, oh, ow]`` int32.
+  """How each bin's cells are enumerated, each field ``[K * oh * ow]`` int32.
 
   Attributes:
     cells: number of cells in the bin (0: empty).
@@ -79,7 +91,7 @@ class CellPlan(NamedTuple):
 
 
 def _plan(bins: Bins, height: int, width: int) -> CellPlan:
-  """Per-bin cell enumeration (:class:`CellPlan`)."""
+  """Per-bin cell enumeration (:class:`CellPlan`), bins in ``(k, i, j)`` order."""
   k, oh = bins.row_start.shape
   ow = bins.col_start.shape[1]
   shape = (k, oh, ow)
@@ -90,88 +102,98 @@ def _plan(bins: Bins, height: int, width: int) -> CellPlan:
     + bins.row_start[:, :, None] * width
     + bins.col_start[:, None, :]
   )
-  return CellPlan(
-    cells=jnp.broadcast_to(rows * cols, shape),
-    cols=jnp.broadcast_to(jnp.maximum(cols, 1), shape),
-    origin=jnp.broadcast_to(origin, shape),
-  )
+  flat = lambda x: jnp.broadcast_to(x, shape).reshape(-1)  # noqa: E731
+  return CellPlan(cells=flat(rows * cols), cols=flat(jnp.maximum(cols, 1)), origin=flat(origin))
 
 
-def bin_max(features: jax.Array, bins: Bins, with_argmax: bool):
+def _cells_of_pass(p: CellPlan, t, width: int):
+  """Slots ``[t * S, (t + 1) * S)`` of every bin of a chunk: flat cells and validity, ``[B, S]``."""
+  s = t * SLOTS + jnp.arange(SLOTS, dtype=jnp.int32)[None]
+  valid = s < p.cells[:, None]
+  cols = p.cols[:, None]
+  cell = jnp.where(valid, p.origin[:, None] + (s // cols) * width + s % cols, 0)
+  return cell, valid
+
+
+def _passes(p: CellPlan):
+  return (jnp.max(p.cells, initial=0) + SLOTS - 1) // SLOTS
+
+
+def _chunk(num_bins: int, channels: int) -> int:
+  return chunking.chunk_size(num_bins, channels, _CHUNK_ELEMENTS)
+
+
+def bin_max(features: jax.Array, bins: Bins) -> jax.Array:
   """Max over every bin rectangle; see the module docstring.
 
   Args:
     features: ``[N, H, W, C]`` map.
     bins: :class:`Bins` for K boxes with ``oh`` x ``ow`` bins.
-    with_argmax: also return the arg-max positions (for the backward pass).
 
   Returns:
-    ``values [K, oh, ow, C]`` in the features' dtype, 0 for empty bins; and when
-    ``with_argmax``, ``argmax [K, oh, ow, C]`` int32 flat cell
-    ``(n * H + h) * W + w`` (n: the box's image) of the first maximal cell in
-    row-major order, -1 for empty bins.
+    ``[K, oh, ow, C]`` in the features' dtype, 0 for empty bins.
   """
   _, height, width, channels = features.shape
-  rows_of_cells = features.reshape(-1, channels)
-  slot = jnp.arange(SLOTS, dtype=jnp.int32)[None, None, None]
+  table = features.reshape(-1, channels)
+  neg_inf = jnp.array(-jnp.inf, features.dtype)
 
-  def pool_chunk(p):
-    p = jax.tree.map(lambda x: x[..., None], p)  # [chunk, oh, ow, 1]
-    acc_shape = p.cells.shape[:3] + (channels,)
-    passes = (jnp.max(p.cells, initial=0) + SLOTS - 1) // SLOTS
-
-    def cells_of_pass(t):
-      """Cells ``[t * S, (t + 1) * S)`` of every bin: values [..., S, C], flat cells, mask."""
-      s = t * SLOTS + slot  # [1, 1, 1, S]
-      valid = s < p.cells
-      cell = jnp.where(valid, p.origin + (s // p.cols) * width + s % p.cols, 0)
-      v = rows_of_cells.at[cell].get(mode="promise_in_bounds")  # [chunk, oh, ow, S, C]
-      return v, cell, valid
-
+  def pool_chunk(p: CellPlan):
     def max_pass(t, best):
-      v, _, valid = cells_of_pass(t)
-      return jnp.maximum(best, jnp.where(valid[..., None], v, -jnp.inf).max(axis=3))
+      cell, valid = _cells_of_pass(p, t, width)
+      for s in range(SLOTS):  # one [B]-indexed gather per slot: XLA:CPU's fast gather
+        v = table.at[cell[:, s]].get(mode="promise_in_bounds")  # [B, C]
+        best = jnp.maximum(best, jnp.where(valid[:, s, None], v, neg_inf))
+      return best
 
-    best = lax.fori_loop(0, passes, max_pass, jnp.full(acc_shape, -jnp.inf, features.dtype))
-    nonempty = p.cells > 0
-    values = jnp.where(nonempty, best, jnp.zeros((), features.dtype))
-    if not with_argmax:
-      return values, None
+    init = jnp.full((p.cells.shape[0], channels), neg_inf)
+    best = lax.fori_loop(0, _passes(p), max_pass, init)
+    return jnp.where(p.cells[:, None] > 0, best, jnp.zeros((), features.dtype))
 
-    # Cells are visited in row-major order, so the first maximal cell is the
-    # smallest flat cell holding the max.
-    def first_pass(t, first):
-      v, cell, valid = cells_of_pass(t)
-      hit = (v == best[:, :, :, None]) & valid[..., None]
-      return jnp.minimum(first, jnp.where(hit, cell[..., None], _NO_CELL).min(axis=3))
-
-    first = lax.fori_loop(0, passes, first_pass, jnp.full(acc_shape, _NO_CELL, jnp.int32))
-    return values, jnp.where(first < _NO_CELL, first, -1)  # -1: empty bin
-
-  oh, ow = bins.row_start.shape[1], bins.col_start.shape[1]
+  k, oh = bins.row_start.shape
+  ow = bins.col_start.shape[1]
   plan = _plan(bins, height, width)
-  chunk = chunking.chunk_size(plan.cells.shape[0], oh * ow * channels, _CHUNK_ELEMENTS)
-  cost = jnp.max(plan.cells, axis=(1, 2))
-  values, argmax = chunking.map_chunks(pool_chunk, plan, cost, chunk)
-  return (values, argmax) if with_argmax else values
+  values = chunking.map_chunks(pool_chunk, plan, plan.cells, _chunk(k * oh * ow, channels))
+  return values.reshape(k, oh, ow, channels)
 
 
-def scatter_to_argmax(cotangent: jax.Array, argmax: jax.Array, features_shape) -> jax.Array:
-  """Transpose of :func:`bin_max`: adds each cotangent at its arg-max cell.
+def bin_max_grad(
+  features: jax.Array, bins: Bins, values: jax.Array, cotangent: jax.Array
+) -> jax.Array:
+  """Transpose of :func:`bin_max` at ``features``: each cotangent goes to its bin's first max.
 
   Args:
+    features: ``[N, H, W, C]`` map the forward pass read.
+    bins: the same :class:`Bins`.
+    values: ``[K, oh, ow, C]`` output of :func:`bin_max`.
     cotangent: ``[K, oh, ow, C]`` output cotangent.
-    argmax: ``[K, oh, ow, C]`` flat cells from :func:`bin_max` (-1 for empty
-      bins: dropped).
-    features_shape: ``(N, H, W, C)``.
 
   Returns:
-    ``[N, H, W, C]`` gradient in the compute dtype of ``cotangent``.
+    ``[N, H, W, C]`` gradient in the compute dtype (float32 or float64). A
+    bin whose maximum is NaN sends nothing; empty bins send nothing.
   """
-  n_img, height, width, channels = features_shape
-  channel = jnp.arange(channels, dtype=jnp.int32)[None, None, None]
-  flat = jnp.where(argmax >= 0, argmax * channels + channel, n_img * height * width * channels)
-  acc = dtypes.compute_dtype(cotangent.dtype)
-  grad = jnp.zeros((n_img * height * width * channels,), acc)
-  grad = grad.at[flat.reshape(-1)].add(cotangent.astype(acc).reshape(-1), mode="drop")
-  return grad.reshape(features_shape)
+  n_img, height, width, channels = features.shape
+  acc = dtypes.compute_dtype(features.dtype)
+  table = features.reshape(-1, channels)
+  k, oh, ow = values.shape[:3]
+  plan = _plan(bins, height, width)
+  per_bin = (plan, values.reshape(-1, channels), cotangent.astype(acc).reshape(-1, channels))
+
+  def chunk_fn(grad, chunk):
+    p, best, cot = chunk
+
+    def grad_pass(t, state):
+      grad, pending = state
+      cell, valid = _cells_of_pass(p, t, width)
+      for s in range(SLOTS):  # slots in row-major order: the first hit takes the cotangent
+        v = table.at[cell[:, s]].get(mode="promise_in_bounds")  # [B, C]
+        hit = (v == best) & valid[:, s, None]
+        update = jnp.where(hit, pending, jnp.zeros((), acc))
+        grad = grad.at[cell[:, s]].add(update, mode="promise_in_bounds")
+        pending = jnp.where(hit, jnp.zeros((), acc), pending)
+      return grad, pending
+
+    return lax.fori_loop(0, _passes(p), grad_pass, (grad, cot))[0]
+
+  grad = jnp.zeros((n_img * height * width, channels), acc)
+  grad = chunking.fold_chunks(chunk_fn, grad, per_bin, plan.cells, _chunk(k * oh * ow, channels))
+  return grad.reshape(features.shape)

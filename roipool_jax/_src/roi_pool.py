@@ -60,21 +60,18 @@ def pool_bins(
 
 @jax.custom_vjp
 def _max_over_bins(features: jax.Array, bins: bin_max_lib.Bins) -> jax.Array:
-  return bin_max_lib.bin_max(features, bins, with_argmax=False)
+  return bin_max_lib.bin_max(features, bins)
 
 
 def _max_over_bins_fwd(features, bins):
-  values, argmax = bin_max_lib.bin_max(features, bins, with_argmax=True)
-  # A zero-size [N, H, W, 0] array carries the static shape and dtype to the bwd.
-  like = jnp.zeros(features.shape[:3] + (0,), features.dtype)
-  return values, (argmax, like)
+  values = bin_max_lib.bin_max(features, bins)
+  return values, (features, bins, values)
 
 
 def _max_over_bins_bwd(residuals, cotangent):
-  argmax, like = residuals
-  shape = like.shape[:3] + cotangent.shape[-1:]
-  grad = bin_max_lib.scatter_to_argmax(cotangent, argmax, shape)
-  return grad.astype(like.dtype), None
+  features, bins, values = residuals
+  grad = bin_max_lib.bin_max_grad(features, bins, values, cotangent)
+  return grad.astype(features.dtype), None
 
 
 _max_over_bins.defvjp(_max_over_bins_fwd, _max_over_bins_bwd)
