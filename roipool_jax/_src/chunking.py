@@ -54,6 +54,10 @@ def chunk_size(num_boxes: int, per_box_elements: int, budget: int) -> int:
 def map_chunks(fn: Callable, per_box: Any, cost: jax.Array, chunk: int) -> Any:
   """Applies ``fn`` to chunks of boxes in order of ``cost``; returns per-box outputs.
 
+  Each chunk's outputs are written straight to their boxes' rows of the
+  result (a scatter of whole rows to distinct positions), so the result is
+  never permuted afterwards.
+
   Args:
     fn: maps a pytree of ``[chunk, ...]`` arrays to a pytree of ``[chunk, ...]``.
     per_box: pytree of arrays with leading dim K.
@@ -64,10 +68,23 @@ def map_chunks(fn: Callable, per_box: Any, cost: jax.Array, chunk: int) -> Any:
     ``fn``'s outputs with leading dim K, in the original box order.
   """
   k = cost.shape[0]
-  order, chunks = _sorted_chunks(per_box, cost, chunk)
-  out = lax.map(fn, chunks)
-  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(k, dtype=order.dtype))
-  return jax.tree.map(lambda y: y[inverse], _merge(out, k))
+  order = jnp.argsort(cost)
+  # Position of each sorted box, stored as k - position so that the zero
+  # padding of the last chunk points past the end (and is dropped).
+  rows_left = (k - order).astype(jnp.int32)
+  chunks = _split((jax.tree.map(lambda x: x[order], per_box), rows_left), chunk)
+  num_chunks = -(-k // chunk)
+  one_chunk = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), chunks[0])
+  shapes = jax.eval_shape(fn, one_chunk)
+  out = jax.tree.map(lambda s: jnp.zeros((k,) + s.shape[1:], s.dtype), shapes)
+
+  def body(i, out):
+    data, left = jax.tree.map(lambda x: x[i], chunks)
+    rows = k - left
+    put = lambda o, y: o.at[rows].set(y, mode="drop", unique_indices=True)  # noqa: E731
+    return jax.tree.map(put, out, fn(data))
+
+  return lax.fori_loop(0, num_chunks, body, out)
 
 
 def fold_chunks(fn: Callable, init: Any, per_box: Any, cost: jax.Array, chunk: int) -> Any:

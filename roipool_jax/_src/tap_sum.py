@@ -189,9 +189,19 @@ def materialized(compute, data):
   return lax.cond(jnp.min(data, initial=0) >= 0, compute, zeros)
 
 
+def gather_rows(table: jax.Array, cells: jax.Array) -> jax.Array:
+  """``table[cells]``, ``cells.shape + (C,)``, as one gather indexed by a flat vector.
+
+  XLA:CPU moves whole rows about twice as fast for a ``[M]`` index as for the
+  same indices shaped ``[B, oh, ow]``.
+  """
+  rows = table.at[cells.reshape(-1)].get(mode="promise_in_bounds")
+  return rows.reshape(cells.shape + table.shape[1:])
+
+
 def term(table, cell, used, weight):
   """``weight * table[cell]`` ``[B, oh, ow, C]`` in the weights' dtype; exactly 0 if unused."""
-  value = table.at[cell].get(mode="promise_in_bounds").astype(weight.dtype)
+  value = gather_rows(table, cell).astype(weight.dtype)
   return jnp.where(used[..., None], weight * value, 0.0)
 
 
@@ -278,7 +288,7 @@ def _weights_grad(features, cotangent, wy, wx, plan: Plan):
       gx_blk = [0.0] * slots[1]
       for a in range(slots[0]):
         for b in range(slots[1]):
-          value = table.at[blk.cells[a][b]].get(mode="promise_in_bounds").astype(cot.dtype)
+          value = gather_rows(table, blk.cells[a][b]).astype(cot.dtype)
           dot = jnp.sum(value * cot, axis=-1)  # [B, oh, ow]
           dot = jnp.where(blk.used[a][b], dot, 0.0)
           gy_blk[a] = gy_blk[a] + jnp.sum(dot * blk.wx[:, None, :, b], axis=2)
