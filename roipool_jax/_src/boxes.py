@@ -48,13 +48,27 @@ class FlatBoxes(NamedTuple):
   batch_shape: tuple[int, ...]
 
 
-def flatten_boxes(
+class BoxArgs(NamedTuple):
+  """Validated boxes, not yet flat: what :func:`flat_arrays` takes.
+
+  Attributes:
+    boxes: ``[K, 4]`` or ``[N, R, 4]`` boxes, as given (or padded, flat).
+    box_indices: ``[K]`` image indices, or None.
+    batch_shape: leading output dims of the call, ``(K,)`` or ``(N, R)``.
+  """
+
+  boxes: jax.typing.ArrayLike
+  box_indices: jax.typing.ArrayLike | None
+  batch_shape: tuple[int, ...]
+
+
+def prepare_boxes(
   boxes: jax.typing.ArrayLike,
   box_indices: jax.typing.ArrayLike | None,
   num_images: int,
-  dtype=np.float32,
-) -> FlatBoxes:
-  """Validates either box form and returns it flat.
+  pad: bool = False,
+) -> BoxArgs:
+  """Validates either box form (at trace time; nothing is computed).
 
   Args:
     boxes: ``[K, 4]`` or ``[N, R, 4]`` box corners in image pixels.
@@ -62,10 +76,10 @@ def flatten_boxes(
       None (allowed for the flat form only when ``num_images == 1``, or when
       there are no boxes).
     num_images: N, the batch size of the features.
-    dtype: the compute dtype the coordinates are cast to.
-
-  Returns:
-    A :class:`FlatBoxes`.
+    pad: for concrete (not traced) boxes only: the boxes become flat
+      ``[bucket(K), 4]`` with NaN (invalid) boxes appended, built on the host,
+      so that calls with nearby K share one compiled kernel (:func:`bucket`).
+      ``batch_shape`` still names the boxes given.
 
   Raises:
     ValueError: on a wrong rank or last dimension, a per-image form whose
@@ -92,16 +106,58 @@ def flatten_boxes(
       )
   else:
     validation.check_box_indices(box_indices, shape[0], num_images)
-    box_indices = jnp.asarray(box_indices)
+  k = int(np.prod(shape[:-1]))
+  pad_to = bucket(k) if pad and k else k
+  if pad_to > k:
+    index = np.zeros((pad_to,), np.int32)
+    if box_indices is not None:
+      index[:k] = np.asarray(box_indices)
+    elif len(shape) == 3:
+      index[:k] = np.repeat(np.arange(num_images, dtype=np.int32), shape[1])
+    padded = np.full((pad_to, 4), np.nan, np.asarray(boxes).dtype)
+    padded[:k] = np.asarray(boxes).reshape(k, 4)
+    boxes, box_indices = padded, index
+  to_array = lambda x: x if x is None else to_device(x)  # noqa: E731
+  return BoxArgs(to_array(boxes), to_array(box_indices), shape[:-1])
+
+
+def flatten_boxes(
+  boxes: jax.typing.ArrayLike,
+  box_indices: jax.typing.ArrayLike | None,
+  num_images: int,
+  dtype=np.float32,
+) -> FlatBoxes:
+  """Validates either box form and returns it flat (:func:`prepare_boxes`, then
+  :func:`flat_arrays`); ``dtype`` is the compute dtype of the coordinates."""
+  args = prepare_boxes(boxes, box_indices, num_images)
   flat, index, valid = _flat_arrays(
-    jnp.asarray(boxes), box_indices, num_images=num_images, dtype=np.dtype(dtype)
+    args.boxes, args.box_indices, num_images=num_images, dtype=np.dtype(dtype)
   )
-  return FlatBoxes(flat, index, valid, shape[:-1])
+  return FlatBoxes(flat, index, valid, args.batch_shape)
 
 
-# One compiled computation for the array part (eager calls would dispatch every op).
-@partial(jax.jit, static_argnames=("num_images", "dtype"))
-def _flat_arrays(boxes, box_indices, *, num_images, dtype):
+def to_device(x: jax.typing.ArrayLike) -> jax.Array:
+  """``x`` as a jax Array without compiling anything (``jnp.asarray`` of host data
+  compiles a small program per shape; ``device_put`` only copies)."""
+  if isinstance(x, jax.Array):
+    return x
+  x = np.asarray(x)
+  return jax.device_put(x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False))
+
+
+def bucket(k: int) -> int:
+  """The padded box count of an eager call with ``k`` boxes: 8 or more, at most 25% more.
+
+  ``k`` is rounded up to a multiple of ``2 ** (floor(log2 k) - 2)``: four
+  sizes per octave (..., 64, 80, 96, 112, 128, 160, ...).
+  """
+  if k <= 8:
+    return 8
+  step = 2 ** (k.bit_length() - 3)
+  return -(-k // step) * step
+
+
+def flat_arrays(boxes, box_indices, *, num_images, dtype):
   """``[K, 4]`` boxes in ``dtype`` (zeros where invalid), ``[K]`` image index, ``[K]`` validity."""
   if boxes.ndim == 3:  # per image: box r of image n
     index = jnp.repeat(jnp.arange(num_images, dtype=jnp.int32), boxes.shape[1])
@@ -115,15 +171,8 @@ def _flat_arrays(boxes, box_indices, *, num_images, dtype):
   return flat, jnp.clip(index, 0, max(num_images - 1, 0)), valid
 
 
-def has_work(features_shape: tuple[int, ...], flat: FlatBoxes) -> bool:
-  """False when the output is empty or all zeros by its shape alone.
-
-  That is ``K = 0`` boxes, ``N = 0`` images (every box is then invalid) or
-  ``C = 0`` channels: the ops return zeros of the output shape without running
-  a kernel (an empty map cannot be gathered from), so the gradients are zeros.
-  """
-  n, _, _, c = features_shape
-  return n > 0 and c > 0 and flat.boxes.shape[0] > 0
+# One compiled computation for the array part (eager calls would dispatch every op).
+_flat_arrays = jax.jit(flat_arrays, static_argnames=("num_images", "dtype"))
 
 
 def scale_coords(coords: jax.Array, spatial_scale: float) -> jax.Array:

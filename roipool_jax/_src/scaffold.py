@@ -3,21 +3,32 @@
 An op validates its options, then calls :func:`run`, which
 
 1. flattens either box form into ``[K, 4]`` boxes in the compute dtype, with
-   each box's image and validity (:func:`boxes.flatten_boxes`);
+   each box's image and validity (:func:`boxes.flatten_boxes`). Outside
+   ``jit`` (concrete boxes and features) K is padded with invalid boxes to a
+   bucket (:func:`boxes.bucket`, at most 25% more), so a notebook that
+   changes K reuses the compiled kernel of its bucket;
 2. returns zeros of the output shape without running a kernel when there is
    nothing to pool (``K = 0``, ``N = 0`` or ``C = 0``; the gradients are then
    zeros too);
-3. calls the op's jitted kernel ``kernel(features, boxes, image_index, valid,
-   **options)``, whose options are static and passed by name;
+3. calls the op's kernel ``kernel(features, boxes, image_index, valid,
+   **options)``, whose options are static and passed by name. Flattening and
+   the kernel are one jitted program, so an eager call compiles at most one
+   program (none for a K whose bucket was seen);
 4. gives the ``[K, ...]`` result the box form of the call.
+
+On CPU, bfloat16 and float16 features are converted to float32 before the
+kernel (XLA:CPU emulates 16-bit arithmetic op by op, several times slower)
+and the result back; max pooling and float32 accumulation make this exact.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from roipool_jax._src import boxes as boxes_lib
 from roipool_jax._src import dtypes
@@ -36,11 +47,37 @@ def run(
   Returns:
     ``[K, oh, ow, C]`` or ``[N, R, oh, ow, C]`` in the features' dtype.
   """
-  first = features[0] if isinstance(features, (list, tuple)) else features
-  flat = boxes_lib.flatten_boxes(
-    boxes, box_indices, first.shape[0], dtypes.compute_dtype(first.dtype)
+  levels = list(features) if isinstance(features, (list, tuple)) else [features]
+  first = levels[0]
+  eager = not any(isinstance(x, jax.core.Tracer) for x in [*levels, boxes, box_indices])
+  args = boxes_lib.prepare_boxes(boxes, box_indices, first.shape[0], pad=eager)
+  k = int(np.prod(args.batch_shape))
+  n, _, _, c = first.shape
+  if k == 0 or n == 0 or c == 0:  # nothing to pool (an empty map cannot be gathered from)
+    return jnp.zeros(args.batch_shape + output_size + first.shape[3:], first.dtype)
+  out = _flatten_and_pool(
+    features,
+    args.boxes,
+    args.box_indices,
+    kernel=kernel,
+    upcast=jax.default_backend() == "cpu",
+    options=tuple(sorted(options.items())),
   )
-  if not boxes_lib.has_work(first.shape, flat):
-    return jnp.zeros(flat.batch_shape + output_size + first.shape[3:], first.dtype)
-  out = kernel(features, flat.boxes, flat.image_index, flat.valid, **options)
-  return out.reshape(flat.batch_shape + out.shape[1:])
+  if out.shape[0] != k:  # drop the padding boxes; on CPU on the host, so no program per K
+    out = boxes_lib.to_device(np.asarray(out)[:k]) if jax.default_backend() == "cpu" else out[:k]
+  return out.reshape(args.batch_shape + out.shape[1:])
+
+
+# Flattening and the kernel compile as one program, once per shape and configuration.
+@partial(jax.jit, static_argnames=("kernel", "upcast", "options"))
+def _flatten_and_pool(features, boxes, box_indices, *, kernel, upcast, options):
+  levels = list(features) if isinstance(features, (list, tuple)) else [features]
+  dtype = levels[0].dtype
+  compute = dtypes.compute_dtype(dtype)
+  flat, index, valid = boxes_lib.flat_arrays(
+    boxes, box_indices, num_images=levels[0].shape[0], dtype=compute
+  )
+  if upcast:  # XLA:CPU emulates 16-bit float arithmetic op by op
+    levels = [f.astype(compute) for f in levels]
+  maps = levels if isinstance(features, (list, tuple)) else levels[0]
+  return kernel(maps, flat, index, valid, **dict(options)).astype(dtype)

@@ -1,0 +1,107 @@
+"""Eager calls and compilation: K is padded to buckets, one program per call at most."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import roipool_jax
+from roipool_jax._src import boxes as boxes_lib
+
+
+class _Compiles(logging.Handler):
+  """Collects the names of the programs XLA compiles while installed."""
+
+  def __init__(self):
+    super().__init__()
+    self.names = []
+
+  def emit(self, record):
+    message = record.getMessage()
+    if message.startswith("Compiling "):
+      self.names.append(message.split()[1])
+
+
+@pytest.fixture
+def compiles():
+  handler = _Compiles()
+  logger = logging.getLogger("jax")
+  logger.addHandler(handler)
+  with jax.log_compiles(True):
+    yield handler.names
+  logger.removeHandler(handler)
+
+
+def _boxes(k, seed):
+  rng = np.random.default_rng(seed)
+  corners = np.sort(rng.uniform(-10, 140, (k, 2, 2)), axis=1)  # [k, (lo, hi), (x, y)]
+  return corners.reshape(k, 4).astype(np.float32), rng.integers(0, 2, k).astype(np.int32)
+
+
+OPS = {
+  "roi_pool": lambda f, b, i: roipool_jax.roi_pool(f, b, 3, spatial_scale=0.25, box_indices=i),
+  "roi_align": lambda f, b, i: roipool_jax.roi_align(f, b, 3, spatial_scale=0.25, box_indices=i),
+}
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_nearby_k_reuses_one_compiled_program(op, compiles):
+  features = jax.device_put(np.random.default_rng(0).standard_normal((2, 12, 16, 5)))
+  b, i = _boxes(48, 1)
+  OPS[op](features, b[:41], i[:41])  # K = 41: bucket 48, compiles
+  assert len(compiles) == 1, compiles
+  for k in (42, 45, 48):  # same bucket: nothing compiles
+    compiles.clear()
+    assert OPS[op](features, b[:k], i[:k]).shape[0] == k
+    assert compiles == [], compiles
+  compiles.clear()
+  OPS[op](features, *_boxes(49, 2))  # next bucket (56): exactly one program
+  assert len(compiles) == 1, compiles
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_padded_eager_call_equals_the_jitted_call(op):
+  features = jnp.asarray(np.random.default_rng(3).standard_normal((2, 12, 16, 5)), jnp.float32)
+  b, i = _boxes(37, 4)
+  b[3] = np.nan  # an invalid box among the real ones
+  eager = OPS[op](features, b, i)
+  jitted = jax.jit(OPS[op])(features, b, i)  # traced: K stays 37, no padding
+  assert eager.shape == jitted.shape == (37, 3, 3, 5)
+  np.testing.assert_array_equal(eager, jitted)
+  assert not np.any(np.asarray(eager[3]))
+
+
+def test_per_image_boxes_are_padded_in_flat_form():
+  features = jnp.asarray(np.random.default_rng(5).standard_normal((2, 12, 16, 5)), jnp.float32)
+  b, _ = _boxes(14, 6)
+  per_image = b.reshape(2, 7, 4)
+  out = roipool_jax.roi_align(features, per_image, 2, spatial_scale=0.25)
+  expected = jax.jit(lambda f, x: roipool_jax.roi_align(f, x, 2, spatial_scale=0.25))(
+    features, per_image
+  )
+  assert out.shape == (2, 7, 2, 2, 5)
+  np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize(
+  "k, expected", [(0, 8), (1, 8), (8, 8), (9, 10), (17, 20), (100, 112), (128, 128), (129, 160)]
+)
+def test_buckets_pad_at_most_a_quarter(k, expected):
+  assert boxes_lib.bucket(k) == expected
+  for k in range(9, 3000):
+    assert k <= boxes_lib.bucket(k) <= 1.25 * k
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_is_exact_upcast(dtype):
+  # 16-bit maps are computed in float32 (on CPU by converting the map first): max pooling
+  # gives the same values, RoIAlign the float32 result rounded once.
+  features = jnp.asarray(np.random.default_rng(7).standard_normal((2, 12, 16, 5)), dtype)
+  b, i = _boxes(9, 8)
+  wide = features.astype(jnp.float32)
+  for op in OPS.values():
+    got = op(features, b, i)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, op(wide, b, i).astype(dtype))
