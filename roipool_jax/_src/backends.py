@@ -62,5 +62,6 @@ def sum_taps(
     wy = dense.interpolation_matrix(ty, height)
     wx = dense.interpolation_matrix(tx, width)
     return dense.separable_sum(features, wy, wx, image_index)
-  plan = tap_sum.Plan(image_index, ty.index, tx.index, ty.count, tx.count)
-  return tap_sum.tap_sum(features, ty.weight, tx.weight, plan, sparse)
+  plan = tap_sum.map_plan(image_index, ty, tx, features.shape)
+  table = features.reshape(-1, features.shape[3])
+  return tap_sum.tap_sum(table, ty.weight, tx.weight, plan, sparse)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from roipool_jax._src import backends, scaffold, validation
+from roipool_jax._src import backends, sampling, scaffold, tap_sum, validation
 from roipool_jax._src import boxes as boxes_lib
 from roipool_jax._src import roi_align as roi_align_lib
 
@@ -97,10 +97,10 @@ def multi_scale_roi_align(
   ``False``, the default here). Gradients flow to every level and to the
   boxes (the level choice itself is piecewise constant).
 
-  Cost: each level runs the RoIAlign kernel in its chunked form, where boxes
-  of other levels have no taps and are skipped, so the total work is about one
-  RoIAlign of every box at its own level (plus per-level bookkeeping), not
-  ``L`` times the work.
+  Cost (``impl="gather"``): one pass over the whole pyramid. The levels are
+  read as one ``[sum_l N * H_l * W_l, C]`` table (a copy of the pyramid), and
+  every box's taps address its own level in it, so the work is one RoIAlign of
+  every box at its own level, with no per-level pass.
 
   Dtypes: float64 features are computed in float64, all others in float32
   (boxes too); outputs keep the features' dtype. Empty inputs (``K = 0``
@@ -223,11 +223,34 @@ def _multi_scale(
 ):
   k_max = k_min + len(features) - 1
   level = fpn_levels(boxes, k_min, k_max, canonical_scale, canonical_level)
+  if impl == "gather":
+    return _pyramid_gather(features, boxes, image_index, valid, level, size, scales, ratio, aligned)
   out = None
   for index, (f, scale) in enumerate(zip(features, scales, strict=True)):
     flat = boxes_lib.FlatBoxes(boxes, image_index, valid & (level == index), boxes.shape[:1])
-    pooled = roi_align_lib.align_bins(
-      f, flat, size, scale, ratio, aligned, "avg", sparse=True, impl=impl
-    )
+    pooled = roi_align_lib.align_bins(f, flat, size, scale, ratio, aligned, "avg", impl=impl)
     out = pooled if out is None else jnp.where((level == index)[:, None, None, None], pooled, out)
   return out
+
+
+def _pyramid_gather(features, boxes, image_index, valid, level, size, scales, ratio, aligned):
+  """Every box at its own level, in one pass over the levels stacked into one table."""
+  (oh, ow), channels = size, features[0].shape[3]
+  heights = [f.shape[1] for f in features]
+  widths = [f.shape[2] for f in features]
+  starts = np.cumsum([0] + [f.shape[0] * f.shape[1] * f.shape[2] for f in features])
+  per_box = lambda values, dtype: jnp.asarray(np.asarray(values), dtype)[level]  # noqa: E731
+  height, width = per_box(heights, jnp.int32), per_box(widths, jnp.int32)
+  scale = per_box(scales, boxes.dtype)
+  rows = sampling.axis_geometry(boxes[:, 1], boxes[:, 3], valid, oh, scale, ratio, aligned)
+  cols = sampling.axis_geometry(boxes[:, 0], boxes[:, 2], valid, ow, scale, ratio, aligned)
+  if ratio > 0:
+    ty, _ = sampling.sample_taps(rows, oh, height[:, None, None], ratio, True)
+    tx, _ = sampling.sample_taps(cols, ow, width[:, None, None], ratio, True)
+  else:
+    ty = sampling.row_taps(rows, oh, max(heights), limit=height)
+    tx = sampling.row_taps(cols, ow, max(widths), limit=width)
+  origin = per_box(starts[:-1], jnp.int32) + image_index * height * width
+  plan = tap_sum.Plan(origin, width, ty.index, tx.index, ty.count, tx.count)
+  table = jnp.concatenate([f.reshape(-1, channels) for f in features])
+  return tap_sum.tap_sum(table, ty.weight, tx.weight, plan)

@@ -57,7 +57,7 @@ def _maximum(features, flat, rows, cols, output_size, sampling_ratio):
   (oh, ow), (height, width) = output_size, features.shape[1:3]
   ty, limit_y = sampling.sample_taps(rows, oh, height, _max_samples(sampling_ratio, height), False)
   tx, limit_x = sampling.sample_taps(cols, ow, width, _max_samples(sampling_ratio, width), False)
-  plan = tap_sum.Plan(flat.image_index, ty.index, tx.index, ty.count, tx.count)
+  plan = tap_sum.map_plan(flat.image_index, ty, tx, features.shape)
   return sample_max.sample_max(features, ty.weight, tx.weight, plan, (limit_y, limit_x))
 
 

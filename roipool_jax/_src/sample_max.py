@@ -49,7 +49,7 @@ def _forward(features, wy, wx, plan: tap_sum.Plan, limits):
 
   def visit(c, limit_y, limit_x, t, passes_x, state):
     best, rank = state
-    blk, (by, bx) = tap_sum.block(c, t, passes_x, slots, (height, width))
+    blk, (by, bx) = tap_sum.block(c, t, passes_x, slots)
     for ja in range(samples_y):
       jy = by * samples_y + ja
       use_y = (jy < limit_y)[:, :, None]
@@ -78,7 +78,7 @@ def _forward(features, wy, wx, plan: tap_sum.Plan, limits):
     return lax.fori_loop(0, py * px, lambda t, s: visit(c, limit_y, limit_x, t, px, s), state)
 
   # A loop even for one pass: see tap_sum._forward (no duplicated recomputation).
-  k = plan.image_index.shape[0]
+  k = plan.origin.shape[0]
   chunk = chunking.chunk_size(k, oh * ow * channels, _CHUNK_ELEMENTS)
   best, rank = chunking.map_chunks(chunk_fn, (taps, limits), cost, chunk)
   found = rank < _NO_SAMPLE
@@ -126,7 +126,7 @@ def _sample_max_bwd(residuals, cotangent):
   tap_x = [(box * ow + bin_x) * tx + 2 * jx + b for b in range(2)]
   ry, rx = plan.row.reshape(-1), plan.col.reshape(-1)
   wy_flat, wx_flat = wy.reshape(-1), wx.reshape(-1)
-  image = plan.image_index[:, None, None, None]
+  origin, stride = plan.origin[:, None, None, None], plan.stride[:, None, None, None]
   grad = jnp.zeros((n_img * height * width * channels,), acc)
   gy = jnp.zeros((k * oh * ty,), acc)
   gx = jnp.zeros((k * ow * tx,), acc)
@@ -137,7 +137,7 @@ def _sample_max_bwd(residuals, cotangent):
       w_b = wx_flat[tap_x[b]]
       row, col = ry[tap_y[a]], rx[tap_x[b]]
       used = found & (row >= 0) & (col >= 0)
-      cell = ((image * height + jnp.maximum(row, 0)) * width + jnp.maximum(col, 0)) * channels
+      cell = (origin + jnp.maximum(row, 0) * stride + jnp.maximum(col, 0)) * channels
       cell = cell + channel
       w = w_a * w_b
       grad = grad.at[jnp.where(used, cell, drop)].add(w * cot, mode="drop")

@@ -185,8 +185,11 @@ def point_taps(y: jax.Array, valid: jax.Array, length: int, nearest: bool, extra
   return Taps(index, weight, count), inside
 
 
-def sample_taps(axis: Axis, num_bins: int, length: int, max_samples: int, average: bool):
+def sample_taps(axis: Axis, num_bins: int, length, max_samples: int, average: bool):
   """Two taps (``low``, ``high``) per sample: tap ``2 j + c`` is corner ``c`` of sample ``j``.
+
+  ``length`` is the map's extent along the axis: an int, or ``[K, 1, 1]`` per box
+  (boxes on the levels of a pyramid).
 
   With ``average``, weights include the ``1 / grid`` of the average. When the grid may be larger
   than ``max_samples`` (adaptive grids), only a window of the bin's samples is
@@ -216,14 +219,16 @@ def sample_taps(axis: Axis, num_bins: int, length: int, max_samples: int, averag
   index = jnp.stack([low, high], axis=-1).reshape(low.shape[:2] + (2 * low.shape[2],))
   weight = jnp.stack([w_low * scale, w_high * scale], axis=-1).reshape(index.shape)
   # Samples past y = length contribute nothing: stop the window there (+1).
-  last_guess = sample_index_at(axis, p, float(length))
+  last_guess = sample_index_at(axis, p, jnp.asarray(length, axis.start.dtype))
   last = jnp.clip(boxes_lib.to_int(jnp.floor(last_guess)) + 2, first - 1, last_sample)
   samples_used = jnp.minimum(jnp.where(grid > 0, last - first + 1, 0), max_samples)
   count = 2 * jnp.max(samples_used, axis=(1, 2))
   return Taps(index, weight, count), (grid - first)[:, :, 0]
 
 
-def row_taps(axis: Axis, num_bins: int, length: int, dense: bool = False) -> Taps:
+def row_taps(
+  axis: Axis, num_bins: int, length: int, dense: bool = False, limit: jax.Array | None = None
+) -> Taps:
   """One tap per cell: the summed weight of all of a bin's samples on that cell.
 
   For adaptive grids, whose sample count grows with the box, this replaces
@@ -239,24 +244,28 @@ def row_taps(axis: Axis, num_bins: int, length: int, dense: bool = False) -> Tap
   cells), so ``weight`` is the dense ``[K, P, length]`` interpolation matrix
   of the gather-free backend.
 
+  ``limit`` ``[K]``: each box's own map extent (at most ``length``; boxes on
+  the levels of a pyramid), by default ``length``.
+
   Returns:
     :class:`Taps` with ``T = length``.
   """
+  extent = length if limit is None else limit[:, None, None]
   p = jnp.arange(num_bins, dtype=jnp.int32)[None, :, None]
   grid = axis.grid[:, None, None]
   last_sample = jnp.maximum(grid - 1, 0)
   zero = jnp.zeros((1, 1, 1), jnp.int32)
   y_first = sample_position(axis, p, zero)
   y_last = sample_position(axis, p, last_sample)
-  lo = jnp.clip(boxes_lib.to_int(jnp.floor(jnp.maximum(y_first, 0.0))), 0, length - 1)
-  hi = jnp.clip(boxes_lib.to_int(jnp.floor(jnp.maximum(y_last, 0.0))) + 1, 0, length - 1)
+  lo = jnp.clip(boxes_lib.to_int(jnp.floor(jnp.maximum(y_first, 0.0))), 0, extent - 1)
+  hi = jnp.clip(boxes_lib.to_int(jnp.floor(jnp.maximum(y_last, 0.0))) + 1, 0, extent - 1)
   rows_used = jnp.where(grid > 0, hi - lo + 1, 0)  # [K, P, 1]
   tap = jnp.arange(length, dtype=jnp.int32)[None, None]
   if dense:
     row = jnp.broadcast_to(tap, lo.shape[:2] + (length,))
     in_bin = (tap >= lo) & (tap <= hi) & (grid > 0)
   else:
-    row = jnp.minimum(lo + tap, length - 1)  # [K, P, L]
+    row = jnp.minimum(lo + tap, extent - 1)  # [K, P, L]
     in_bin = tap < rows_used
   # Nearest sample to each row, then its neighbours.
   nearest = sample_index_at(axis, p, row.astype(axis.start.dtype))
@@ -268,7 +277,8 @@ def row_taps(axis: Axis, num_bins: int, length: int, dense: bool = False) -> Tap
   y = sample_position(
     axis, p, sample.reshape(sample.shape[:2] + (sample.shape[2] * sample.shape[3],))
   )
-  low, high, w_low, w_high, _ = corners(y.reshape(sample.shape), length)
+  extent_4d = extent if limit is None else limit[:, None, None, None]
+  low, high, w_low, w_high, _ = corners(y.reshape(sample.shape), extent_4d)
   use = (sample >= 0) & (sample < grid[..., None])
   on_row = row[..., None]
   weight = jnp.where(use & (low == on_row), w_low, 0.0) + jnp.where(

@@ -54,9 +54,16 @@ _WEIGHT_GRAD_ELEMENTS = 1 << 18
 
 
 class Plan(NamedTuple):
-  """Integer part of the taps (no gradient): image and cells of every tap."""
+  """Integer part of the taps (no gradient): where every tap reads.
 
-  image_index: jax.Array  # [K]
+  Tap ``(a, b)`` of box ``k`` reads row ``origin[k] + row[..., a] * stride[k]
+  + col[..., b]`` of the ``[M, C]`` table: ``origin`` is the table row of the
+  box's map at ``(0, 0)`` and ``stride`` that map's width, so one table can
+  hold several images (``origin = n * H * W``) or pyramid levels.
+  """
+
+  origin: jax.Array  # [K]
+  stride: jax.Array  # [K]
   row: jax.Array  # [K, oh, Ty]
   col: jax.Array  # [K, ow, Tx]
   row_count: jax.Array  # [K]
@@ -95,6 +102,15 @@ def blocking(num_row_taps: int, num_col_taps: int, group: int = 1) -> Blocking:
   return Blocking((sy, sx), (ty, tx))
 
 
+def map_plan(image_index: jax.Array, ty, tx, map_shape) -> Plan:
+  """The :class:`Plan` of taps ``ty``, ``tx`` (:class:`sampling.Taps`) on one ``[N, H, W, C]``
+  map read as an ``[N * H * W, C]`` table."""
+  _, height, width, _ = map_shape
+  origin = image_index * (height * width)
+  stride = jnp.full_like(image_index, width)
+  return Plan(origin, stride, ty.index, tx.index, ty.count, tx.count)
+
+
 def pad_taps(x: jax.Array, padded: int, value=0) -> jax.Array:
   return jnp.pad(x, [(0, 0), (0, 0), (0, padded - x.shape[2])], constant_values=value)
 
@@ -103,7 +119,8 @@ class TapTable(NamedTuple):
   """Per-box taps padded to whole blocks: what the kernels visit, chunk by chunk.
 
   Attributes:
-    image_index: ``[K]`` int32 image of each box.
+    origin: ``[K]`` int32 table row of the box's map at ``(0, 0)``.
+    stride: ``[K]`` int32 width of the box's map.
     row: ``[K, oh, Ty']`` int32 row of each row tap, -1 if unused.
     col: ``[K, ow, Tx']`` int32 column of each column tap, -1 if unused.
     wy: ``[K, oh, Ty']`` row-tap weights in the compute dtype.
@@ -112,7 +129,8 @@ class TapTable(NamedTuple):
     col_count: ``[K]`` int32 leading column taps in use.
   """
 
-  image_index: jax.Array
+  origin: jax.Array
+  stride: jax.Array
   row: jax.Array
   col: jax.Array
   wy: jax.Array
@@ -131,16 +149,15 @@ class Block(NamedTuple):
   wx: jax.Array
 
 
-def block(c: TapTable, t, passes_x, slots: tuple[int, int], map_size: tuple[int, int]):
+def block(c: TapTable, t, passes_x, slots: tuple[int, int]):
   """Cells and weights of pass ``t`` (tap block ``(t // passes_x, t % passes_x)``)."""
   sy, sx = slots
-  height, width = map_size
   by, bx = t // passes_x, t % passes_x
   iy = lax.dynamic_slice_in_dim(c.row, by * sy, sy, axis=2)
   ix = lax.dynamic_slice_in_dim(c.col, bx * sx, sx, axis=2)
   wy = lax.dynamic_slice_in_dim(c.wy, by * sy, sy, axis=2)
   wx = lax.dynamic_slice_in_dim(c.wx, bx * sx, sx, axis=2)
-  row_base = (c.image_index[:, None, None] * height + jnp.maximum(iy, 0)) * width
+  row_base = c.origin[:, None, None] + jnp.maximum(iy, 0) * c.stride[:, None, None]
   col = jnp.maximum(ix, 0)
   cells = [[row_base[:, :, None, a] + col[:, None, :, b] for b in range(sx)] for a in range(sy)]
   used = [
@@ -162,7 +179,8 @@ def prepare(wy, wx, plan: Plan, group: int = 1):
   blk = blocking(plan.row.shape[2], plan.col.shape[2], group)
   (sy, sx), (ty, tx) = blk
   table = TapTable(
-    image_index=plan.image_index,
+    origin=plan.origin,
+    stride=plan.stride,
     row=pad_taps(plan.row, ty, -1),
     col=pad_taps(plan.col, tx, -1),
     wy=pad_taps(wy, ty),
@@ -205,15 +223,14 @@ def term(table, cell, used, weight):
   return jnp.where(used[..., None], weight * value, 0.0)
 
 
-def _forward(features: jax.Array, wy, wx, plan: Plan, sparse: bool) -> jax.Array:
-  _, height, width, channels = features.shape
-  table = features.reshape(-1, channels)
+def _forward(table: jax.Array, wy, wx, plan: Plan, sparse: bool) -> jax.Array:
+  channels = table.shape[1]
   taps, (slots, _), single, cost = prepare(wy, wx, plan)
   single = single and not sparse
   oh, ow = wy.shape[1], wx.shape[1]
 
   def accumulate(c, t, passes_x, acc):
-    blk, _ = block(c, t, passes_x, slots, (height, width))
+    blk, _ = block(c, t, passes_x, slots)
     for a in range(slots[0]):
       wya = blk.wy[:, :, None, a, None]
       row_sum = sum(
@@ -232,15 +249,15 @@ def _forward(features: jax.Array, wy, wx, plan: Plan, sparse: bool) -> jax.Array
     zero = jnp.zeros((), wy.dtype)
     out = materialized(lambda: accumulate(taps, 0, 1, zero), plan.row_count)
   else:
-    k = plan.image_index.shape[0]
+    k = plan.origin.shape[0]
     chunk = chunking.chunk_size(k, oh * ow * channels, _CHUNK_ELEMENTS)
     out = chunking.map_chunks(chunk_fn, taps, cost, chunk)
-  return out.astype(features.dtype)
+  return out.astype(table.dtype)
 
 
-def _features_grad(cotangent, wy, wx, plan: Plan, features_shape) -> jax.Array:
+def _features_grad(cotangent, wy, wx, plan: Plan, table_shape) -> jax.Array:
   """Scatter-add transpose in the weights' dtype, in a fixed (chunk, pass, tap) order."""
-  n_img, height, width, channels = features_shape
+  channels = table_shape[1]
   taps, (slots, _), _, cost = prepare(wy, wx, plan)
   k, oh, ow = cotangent.shape[:3]
   chunk = chunking.chunk_size(k, oh * ow * channels * slots[0] * slots[1], _SCATTER_ELEMENTS)
@@ -250,7 +267,7 @@ def _features_grad(cotangent, wy, wx, plan: Plan, features_shape) -> jax.Array:
     py, px = passes(c, slots)
 
     def scatter_pass(t, grad):
-      blk, _ = block(c, t, px, slots, (height, width))
+      blk, _ = block(c, t, px, slots)
       cells, updates = [], []
       for a in range(slots[0]):
         for b in range(slots[1]):
@@ -263,16 +280,14 @@ def _features_grad(cotangent, wy, wx, plan: Plan, features_shape) -> jax.Array:
 
     return lax.fori_loop(0, py * px, scatter_pass, grad)
 
-  grad = jnp.zeros((n_img * height * width, channels), wy.dtype)
+  grad = jnp.zeros(table_shape, wy.dtype)
   per_box = (taps, cotangent.astype(wy.dtype))
-  grad = chunking.fold_chunks(chunk_fn, grad, per_box, cost, chunk)
-  return grad.reshape(features_shape)
+  return chunking.fold_chunks(chunk_fn, grad, per_box, cost, chunk)
 
 
-def _weights_grad(features, cotangent, wy, wx, plan: Plan):
+def _weights_grad(table, cotangent, wy, wx, plan: Plan):
   """Gradients of the tap weights: one gather sweep reduced over channels."""
-  _, height, width, channels = features.shape
-  table = features.reshape(-1, channels)
+  channels = table.shape[1]
   taps, (slots, _), _, cost = prepare(wy, wx, plan)
   k, oh, ow = cotangent.shape[:3]
   chunk = chunking.chunk_size(k, oh * ow * channels, _WEIGHT_GRAD_ELEMENTS)
@@ -283,7 +298,7 @@ def _weights_grad(features, cotangent, wy, wx, plan: Plan):
 
     def grad_pass(t, grads):
       gy, gx = grads
-      blk, (by, bx) = block(c, t, px, slots, (height, width))
+      blk, (by, bx) = block(c, t, px, slots)
       gy_blk = [0.0] * slots[0]
       gx_blk = [0.0] * slots[1]
       for a in range(slots[0]):
@@ -311,12 +326,13 @@ def _weights_grad(features, cotangent, wy, wx, plan: Plan):
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
 def tap_sum(
-  features: jax.Array, wy: jax.Array, wx: jax.Array, plan: Plan, sparse: bool = False
+  table: jax.Array, wy: jax.Array, wx: jax.Array, plan: Plan, sparse: bool = False
 ) -> jax.Array:
   """``[K, oh, ow, C]`` separable tap sums; see the module docstring.
 
   Args:
-    features: ``[N, H, W, C]`` map.
+    table: ``[M, C]`` rows of the map(s) (an ``[N, H, W, C]`` map reshaped;
+      see :class:`Plan`).
     wy: ``[K, oh, Ty]`` row-tap weights in the compute dtype (float32 or
       float64), which is also the accumulation dtype.
     wx: ``[K, ow, Tx]`` column-tap weights, same dtype.
@@ -326,20 +342,20 @@ def tap_sum(
       nothing, instead of one fused pass over every box.
 
   Returns:
-    ``[K, oh, ow, C]`` in the features' dtype (accumulated in the weights' dtype).
+    ``[K, oh, ow, C]`` in the table's dtype (accumulated in the weights' dtype).
   """
-  return _forward(features, wy, wx, plan, sparse)
+  return _forward(table, wy, wx, plan, sparse)
 
 
-def _tap_sum_fwd(features, wy, wx, plan, sparse):
-  return _forward(features, wy, wx, plan, sparse), (features, wy, wx, plan)
+def _tap_sum_fwd(table, wy, wx, plan, sparse):
+  return _forward(table, wy, wx, plan, sparse), (table, wy, wx, plan)
 
 
 def _tap_sum_bwd(sparse, residuals, cotangent):
   del sparse  # the backward is always chunked
-  features, wy, wx, plan = residuals
-  grad = _features_grad(cotangent, wy, wx, plan, features.shape).astype(features.dtype)
-  gy, gx = _weights_grad(features, cotangent, wy, wx, plan)
+  table, wy, wx, plan = residuals
+  grad = _features_grad(cotangent, wy, wx, plan, table.shape).astype(table.dtype)
+  gy, gx = _weights_grad(table, cotangent, wy, wx, plan)
   return grad, gy, gx, None
 
 
