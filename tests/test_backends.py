@@ -12,7 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from roipool_jax import crop_and_resize, linen, multi_scale_roi_align, roi_align, roi_warp
+from roipool_jax import (
+  crop_and_resize,
+  linen,
+  multi_scale_roi_align,
+  roi_align,
+  roi_pool,
+  roi_warp,
+)
 from roipool_jax._src import backends
 from tests.quick import some
 
@@ -140,3 +147,68 @@ def test_bad_impl_is_rejected_by_name():
     roi_align(features, boxes, 2, box_indices=index, impl="pallas")
   with pytest.raises(ValueError, match='impl="einsum".*mode="max"'):
     roi_align(features, boxes, 2, box_indices=index, mode="max", impl="einsum")
+
+
+def _pool_problem(seed=0, k=30):
+  rng = np.random.default_rng(seed)
+  features = jnp.asarray(rng.integers(-3, 4, (2, 9, 11, 3)), jnp.float32)  # many ties
+  lo = rng.uniform(-20, 60, (k, 2))
+  boxes = np.concatenate([lo, lo + rng.uniform(-5, 70, (k, 2))], 1).astype(np.float32)
+  boxes[0] = [-200, -200, 400, 400]  # far larger than the map
+  boxes[1] = [np.nan, 0, 10, 10]
+  boxes[2] = [30, 30, 10, 10]  # inverted
+  boxes[3] = [100, 100, 140, 140]  # outside
+  cot = jnp.asarray(rng.integers(-2, 3, (k, 3, 2, 3)), jnp.float32)  # exact sums
+  return features, jnp.asarray(boxes), jnp.asarray(rng.integers(0, 2, k), jnp.int32), cot
+
+
+def _pool(impl, quantization="round"):
+  def op(x, b, i):
+    return roi_pool(
+      x, b, (3, 2), spatial_scale=0.25, box_indices=i, quantization=quantization, impl=impl
+    )
+
+  return op
+
+
+@pytest.mark.parametrize("quantization", ["round", "floor"])
+def test_roi_pool_einsum_equals_gather_bitwise(quantization):
+  # Same maxima and the same first-arg-max tie rule: with integer features (ties
+  # everywhere) and integer cotangents both give bit-identical values and gradients.
+  features, boxes, index, cot = _pool_problem()
+  results = {}
+  for impl in ("gather", "einsum"):
+    op = _pool(impl, quantization)
+    grad = jax.grad(lambda x, op=op: jnp.vdot(op(x, boxes, index), cot))(features)
+    results[impl] = (op(features, boxes, index), grad)
+  chex.assert_trees_all_equal(results["einsum"], results["gather"])
+  assert np.any(np.asarray(results["einsum"][1]))
+
+
+def test_roi_pool_einsum_hlo_has_no_gather_or_scatter():
+  features, boxes, index, cot = _pool_problem(k=5)
+  cot = cot[:5]
+
+  def loss(impl):
+    return lambda x: jnp.vdot(_pool(impl)(x, boxes, index), cot)
+
+  assert _hlo_ops(lambda x: _pool("einsum")(x, boxes, index), features) == set()
+  assert _hlo_ops(jax.grad(loss("einsum")), features) == set()
+  # The check can fail: the gather path has both.
+  assert _hlo_ops(jax.grad(loss("gather")), features) == {"gather", "scatter"}
+
+
+def test_roi_pool_einsum_empty_and_vmapped():
+  features, boxes, index, _ = _pool_problem(k=6)
+  op = _pool("einsum")
+  assert op(features, boxes[:0], index[:0]).shape == (0, 3, 2, 3)
+  grad = jax.grad(lambda x: jnp.sum(op(x, boxes[:0], index[:0])))(features)
+  chex.assert_trees_all_equal(grad, jnp.zeros_like(features))
+  batched = jax.vmap(lambda b: op(features, b, index))(jnp.stack([boxes, boxes + 8.0]))
+  chex.assert_trees_all_equal(batched[1], op(features, boxes + 8.0, index))
+
+
+def test_roi_pool_auto_picks_einsum_on_tpu_only(monkeypatch):
+  for platform, expected in (("tpu", "einsum"), ("gpu", "gather"), ("cpu", "gather")):
+    monkeypatch.setattr(jax, "default_backend", lambda platform=platform: platform)
+    assert backends.resolve("auto", dense_backends=("tpu",)) == expected

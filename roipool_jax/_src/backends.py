@@ -8,9 +8,12 @@
   forward or backward HLO, and its gradients are deterministic on every
   backend. It is the formulation TPUs run well. Its cost is dense in the map.
   Supported by the averaging ops (``roi_align`` with ``mode="avg"``,
-  ``crop_and_resize``, ``roi_warp``, ``multi_scale_roi_align``).
+  ``crop_and_resize``, ``roi_warp``, ``multi_scale_roi_align``) and by
+  ``roi_pool`` (masked separable maxima, :mod:`roipool_jax._src.dense_max`).
 * ``"auto"``: ``"einsum"`` on TPU and GPU (where a gather/scatter backward
   is slow or non-deterministic) when the op supports it, else ``"gather"``.
+  ``roi_pool`` picks ``"einsum"`` on TPU only: its dense form costs a factor
+  ``W * ow`` per box more than its gather form, which GPUs run well.
 
 The choice is made at trace time from ``jax.default_backend()``.
 """
@@ -26,13 +29,16 @@ IMPLS = ("auto", "gather", "einsum")
 _DENSE_BACKENDS = ("tpu", "gpu", "cuda", "rocm")
 
 
-def resolve(impl: str, einsum_supported: bool = True, why: str = "") -> str:
+def resolve(
+  impl: str, einsum_supported: bool = True, why: str = "", dense_backends=_DENSE_BACKENDS
+) -> str:
   """The concrete implementation for ``impl`` on the default backend.
 
   Args:
     impl: ``"auto"``, ``"gather"`` or ``"einsum"``.
     einsum_supported: whether the calling op and options have an einsum path.
     why: what rules the einsum path out, for the error message.
+    dense_backends: where ``"auto"`` picks ``"einsum"`` (``roi_pool``: TPU only).
 
   Raises:
     ValueError: an unknown ``impl``, or ``"einsum"`` where it is not supported.
@@ -41,7 +47,7 @@ def resolve(impl: str, einsum_supported: bool = True, why: str = "") -> str:
   if impl == "einsum" and not einsum_supported:
     raise ValueError(f'`impl="einsum"` is not available {why}; use impl="gather" or "auto".')
   if impl == "auto":
-    dense = jax.default_backend() in _DENSE_BACKENDS and einsum_supported
+    dense = jax.default_backend() in dense_backends and einsum_supported
     return "einsum" if dense else "gather"
   return impl
 

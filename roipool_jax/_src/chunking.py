@@ -19,20 +19,20 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def _split(per_box: Any, chunk: int) -> Any:
+def split(per_box: Any, chunk: int) -> Any:
   """Pads ``per_box`` leaves with zero boxes to whole chunks: ``[chunks, chunk, ...]``."""
   k = jax.tree.leaves(per_box)[0].shape[0]
   num_chunks = -(-k // chunk)
 
-  def split(x):
+  def split_leaf(x):
     x = jnp.pad(x, [(0, num_chunks * chunk - k)] + [(0, 0)] * (x.ndim - 1))
     return x.reshape((num_chunks, chunk) + x.shape[1:])
 
-  return jax.tree.map(split, per_box)
+  return jax.tree.map(split_leaf, per_box)
 
 
 def _merge(per_chunk: Any, k: int) -> Any:
-  """Inverse of :func:`_split`: ``[chunks, chunk, ...]`` leaves back to the first ``k`` boxes."""
+  """Inverse of :func:`split`: ``[chunks, chunk, ...]`` leaves back to the first ``k`` boxes."""
   return jax.tree.map(lambda y: y.reshape((y.shape[0] * y.shape[1],) + y.shape[2:])[:k], per_chunk)
 
 
@@ -43,7 +43,7 @@ def _sorted_chunks(per_box: Any, cost: jax.Array, chunk: int):
   cost/count mean "nothing to do".
   """
   order = jnp.argsort(cost)
-  return order, _split(jax.tree.map(lambda x: x[order], per_box), chunk)
+  return order, split(jax.tree.map(lambda x: x[order], per_box), chunk)
 
 
 def chunk_size(num_boxes: int, per_box_elements: int, budget: int) -> int:
@@ -72,7 +72,7 @@ def map_chunks(fn: Callable, per_box: Any, cost: jax.Array, chunk: int) -> Any:
   # Position of each sorted box, stored as k - position so that the zero
   # padding of the last chunk points past the end (and is dropped).
   rows_left = (k - order).astype(jnp.int32)
-  chunks = _split((jax.tree.map(lambda x: x[order], per_box), rows_left), chunk)
+  chunks = split((jax.tree.map(lambda x: x[order], per_box), rows_left), chunk)
   num_chunks = -(-k // chunk)
   one_chunk = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), chunks[0])
   shapes = jax.eval_shape(fn, one_chunk)
@@ -110,4 +110,4 @@ def map_in_order(fn: Callable, per_box: Any, chunk: int) -> Any:
   the chunking of the gather-free backend (:mod:`roipool_jax._src.dense`).
   """
   k = jax.tree.leaves(per_box)[0].shape[0]
-  return _merge(lax.map(fn, _split(per_box, chunk)), k)
+  return _merge(lax.map(fn, split(per_box, chunk)), k)

@@ -50,11 +50,13 @@ class RoIPoolConfig:
     output_size: ``oh`` or ``(oh, ow)``.
     spatial_scale: feature cells per image pixel.
     quantization: ``"round"`` (torchvision) or ``"floor"`` (the article).
+    impl: ``"auto"``, ``"gather"`` or ``"einsum"``.
   """
 
   output_size: Size
   spatial_scale: float = 1.0
   quantization: Literal["round", "floor"] = "round"
+  impl: Impl = "auto"
 
   def __call__(self, features, boxes, box_indices=None):
     return roi_pool(
@@ -64,6 +66,7 @@ class RoIPoolConfig:
       spatial_scale=self.spatial_scale,
       box_indices=box_indices,
       quantization=self.quantization,
+      impl=self.impl,
     )
 
 

@@ -9,9 +9,9 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from roipool_jax._src import backends, dense_max, scaffold, validation
 from roipool_jax._src import bin_max as bin_max_lib
 from roipool_jax._src import boxes as boxes_lib
-from roipool_jax._src import scaffold, validation
 
 QUANTIZATIONS = ("round", "floor")
 
@@ -85,6 +85,7 @@ def roi_pool(
   spatial_scale: float = 1.0,
   box_indices: jax.typing.ArrayLike | None = None,
   quantization: Literal["round", "floor"] = "round",
+  impl: Literal["auto", "gather", "einsum"] = "auto",
 ) -> jax.Array:
   r"""RoI max pooling (Fast R-CNN): max over a quantized ``oh x ow`` grid per box.
 
@@ -133,7 +134,20 @@ def roi_pool(
   (boxes too); outputs keep the features' dtype. Empty inputs (``K = 0``
   boxes, ``N = 0`` images) give empty outputs and zero gradients.
 
-  Cost: see :mod:`roipool_jax._src.bin_max`; no per-box copy of the map.
+  Implementations (``impl``; both give the same values and gradients):
+
+  * ``"gather"``: bins are the unit of work, sorted by cell count; each pass
+    gathers a few cells of every bin (contiguous ``C`` vectors) and the
+    backward pass is one more sweep that adds each cotangent at its arg-max
+    cell (:mod:`roipool_jax._src.bin_max`). Work is proportional to the
+    cells the bins hold inside the map: bins outside the map cost nothing.
+  * ``"einsum"``: masked separable maxima over broadcast operands, with no
+    gather or scatter in the forward or backward HLO, and a backward that
+    is bitwise deterministic on every backend
+    (:mod:`roipool_jax._src.dense_max`); its work is dense in the map. For TPUs.
+  * ``"auto"`` (default): ``"einsum"`` on TPU, ``"gather"`` elsewhere.
+
+  Neither makes a per-box copy of the map.
 
   Args:
     features: ``[N, H, W, C]`` floating feature map.
@@ -145,6 +159,7 @@ def roi_pool(
     box_indices: ``[K]`` integer image index of each box for ``[K, 4]`` boxes;
       may be omitted when ``N == 1``. Must be None for ``[N, R, 4]`` boxes.
     quantization: ``"round"`` (torchvision) or ``"floor"`` (the article).
+    impl: ``"auto"``, ``"gather"`` or ``"einsum"`` (above); static.
 
   Returns:
     ``[K, oh, ow, C]`` (flat boxes) or ``[N, R, oh, ow, C]`` (per-image boxes),
@@ -152,11 +167,11 @@ def roi_pool(
 
   Raises:
     TypeError: an option of the wrong type (``output_size`` not ints,
-      ``spatial_scale`` not a static number, ``quantization`` not a str),
+      ``spatial_scale`` not a static number, ``quantization``/``impl`` not a str),
       non-floating ``features`` or non-integer ``box_indices``.
     ValueError: a wrong rank or last dim of ``features``/``boxes`` (a
       torchvision ``[K, 5]`` rois array is named as such), a non-positive
-      ``output_size`` or ``spatial_scale``, an unknown ``quantization``,
+      ``output_size`` or ``spatial_scale``, an unknown ``quantization`` or ``impl``,
       ``box_indices`` of the wrong length or (when concrete) out of ``[0, N)``.
 
   Examples:
@@ -174,13 +189,16 @@ def roi_pool(
   size = validation.normalize_size(output_size)
   scale = validation.check_spatial_scale(spatial_scale)
   validation.check_choice("quantization", quantization, QUANTIZATIONS)
-  options = dict(size=size, scale=scale, quantization=quantization)
+  impl = backends.resolve(impl, dense_backends=("tpu",))
+  options = dict(size=size, scale=scale, quantization=quantization, impl=impl)
   return scaffold.run(_roi_pool, jnp.asarray(features), boxes, box_indices, size, **options)
 
 
 # Compiled once per shape and configuration, also when called outside `jit`.
-@partial(jax.jit, static_argnames=("size", "scale", "quantization"))
-def _roi_pool(features, boxes, image_index, valid, *, size, scale, quantization):
+@partial(jax.jit, static_argnames=("size", "scale", "quantization", "impl"))
+def _roi_pool(features, boxes, image_index, valid, *, size, scale, quantization, impl):
   flat = boxes_lib.FlatBoxes(boxes, image_index, valid, boxes.shape[:1])
   bins = pool_bins(flat, size, scale, quantization, features.shape[1:3])
+  if impl == "einsum":
+    return dense_max.dense_max(features, bins)
   return _max_over_bins(features, bins)
