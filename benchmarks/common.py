@@ -11,19 +11,30 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def proposals(rng, k, n, image_h, image_w, min_size=16.0, max_factor=1.0):
+def proposals(rng, k, n, image_h, image_w, min_size=16.0, max_factor=1.0, max_size=None):
   """Region-proposal-like boxes: centers uniform over the image, sides log-uniform
-  between ``min_size`` px and the image size, clipped to the image.
+  between ``min_size`` px and the image size (or ``max_size`` px), clipped to the image.
 
   With ``max_factor > 1`` sides reach ``max_factor`` times the image and boxes
   are not clipped (boxes larger than the map)."""
   centers = rng.uniform(0, 1, (k, 2)) * [image_w, image_h]
   top = np.log(np.array([image_w, image_h]) * max_factor)
+  if max_size is not None:
+    top = np.log(np.array([max_size, max_size]))
   sizes = np.exp(rng.uniform(np.log(min_size), top, (k, 2)))
   lo, hi = centers - sizes / 2, centers + sizes / 2
   if max_factor <= 1:
     lo, hi = np.clip(lo, 0, [image_w, image_h]), np.clip(hi, 0, [image_w, image_h])
   boxes = np.concatenate([lo, hi], 1).astype(np.float32)
+  return boxes, rng.integers(0, n, k).astype(np.int32)
+
+
+def scaled_boxes(rng, k, n, image_h, image_w, factor):
+  """Boxes ``factor`` times the image in each side, centred at a random point within
+  10% of the image centre (``factor = 10``: mostly outside the map)."""
+  centers = (0.5 + rng.uniform(-0.1, 0.1, (k, 2))) * [image_w, image_h]
+  half = np.array([image_w, image_h]) * factor / 2
+  boxes = np.concatenate([centers - half, centers + half], 1).astype(np.float32)
   return boxes, rng.integers(0, n, k).astype(np.int32)
 
 

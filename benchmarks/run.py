@@ -38,7 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import copy_bandwidth, machine, median_ms, peak_bytes, proposals  # noqa: E402
+from common import (  # noqa: E402
+  copy_bandwidth,
+  machine,
+  median_ms,
+  peak_bytes,
+  proposals,
+  scaled_boxes,
+)
 
 import roipool_jax  # noqa: E402
 
@@ -55,6 +62,9 @@ class Config:
   aligned: bool = True
   box_px: tuple[float, float] = (16.0, 1.0)  # min side in px, max side / image
   levels: int = 1  # pyramid levels (multi_scale), each half the previous
+  max_px: float | None = None  # max side in px (instead of box_px[1] * image)
+  box_factor: float | None = None  # all boxes this many times the image, centred in it
+  torch: bool = True  # also time torchvision (False: its cost would dominate the run)
 
   def quick(self):
     n, h, w, c = self.shape
@@ -68,6 +78,16 @@ class Config:
 
 CONFIGS = [
   Config("Fast R-CNN VGG16, roi_pool", "roi_pool", (2, 38, 63, 512), 128, 7, 1 / 16),
+  Config(
+    "RPN proposals 16-700 px, roi_align adaptive",
+    "roi_align",
+    (2, 50, 84, 256),
+    1000,
+    7,
+    1 / 16,
+    sampling_ratio=-1,
+    max_px=700.0,
+  ),
   Config("article 512x512, roi_pool 3x3", "roi_pool", (1, 16, 16, 512), 2000, 3, 1 / 32),
   Config("FPN P2 box head, roi_align", "roi_align", (1, 200, 304, 256), 512, 7, 1 / 4),
   Config("FPN P2 mask head 14x14, roi_align", "roi_align", (1, 200, 304, 256), 512, 14, 1 / 4),
@@ -92,6 +112,23 @@ CONFIGS = [
     aligned=False,
     levels=4,
   ),
+  # Cost bounded by the map: boxes 10x the map cost about what map-sized ones do.
+  *[
+    Config(
+      f"boxes {factor}x the map, {op}{' adaptive' if op == 'roi_align' else ''}",
+      op,
+      (2, 64, 64, 256),
+      256,
+      7,
+      1 / 8,
+      sampling_ratio=-1,
+      box_factor=float(factor),
+      # torchvision's adaptive grid samples every pixel of such a box: minutes per call.
+      torch=not (op == "roi_align" and factor > 1),
+    )
+    for op in ("roi_pool", "roi_align")
+    for factor in (1, 10)
+  ],
 ]
 
 
@@ -107,10 +144,15 @@ def make_inputs(config: Config, dtype, seed=0):
     jax.nn.relu(jax.random.normal(jax.random.fold_in(key, i), s)).astype(dtype)
     for i, s in enumerate(shapes)
   ]
-  min_px, factor = config.box_px
-  boxes, indices = proposals(
-    np.random.default_rng(seed), config.rois, n, h / config.scale, w / config.scale, min_px, factor
-  )
+  rng = np.random.default_rng(seed)
+  image_h, image_w = h / config.scale, w / config.scale
+  if config.box_factor is not None:
+    boxes, indices = scaled_boxes(rng, config.rois, n, image_h, image_w, config.box_factor)
+  else:
+    min_px, factor = config.box_px
+    boxes, indices = proposals(
+      rng, config.rois, n, image_h, image_w, min_px, factor, max_size=config.max_px
+    )
   return (maps if config.levels > 1 else maps[0]), jnp.asarray(boxes), jnp.asarray(indices)
 
 
@@ -228,7 +270,7 @@ def bench_torch(config, features, boxes, indices, dtype, repeats):
 def run_config(config, dtype, impl, repeats, bandwidth):
   features, boxes, indices = make_inputs(config, dtype)
   ours = bench_jax(config, features, boxes, indices, impl, repeats)
-  theirs = bench_torch(config, features, boxes, indices, dtype, repeats)
+  theirs = bench_torch(config, features, boxes, indices, dtype, repeats) if config.torch else None
   maps = features if isinstance(features, list) else [features]
   feature_bytes = sum(m.nbytes for m in maps)
   floor_fwd = 1e3 * (feature_bytes + ours["out_bytes"]) / bandwidth
