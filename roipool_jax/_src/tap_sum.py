@@ -9,12 +9,15 @@ computes::
 How the work is bounded
 -----------------------
 Each term gathers one contiguous ``C`` vector of the NHWC map (a fast
-gather). Taps are visited in blocks of ``S x S`` (``S = SLOTS``); a box costs
-``ceil(count_y / S) * ceil(count_x / S)`` passes, each ``oh * ow * S * S``
-gathers. When all taps fit one block (fixed ``sampling_ratio <= 2``), every box
-is done in one fused pass; otherwise boxes are sorted by cost and processed in
-small chunks (:mod:`roipool_jax._src.chunking`). Nothing of size
-``K * H * W * C`` is ever built.
+gather, indexed by a flat vector). Taps are visited in blocks of ``S x S``
+(``S = SLOTS``). When all taps fit one block (fixed ``sampling_ratio <= 2``),
+every box is done in one fused pass. Otherwise the unit of work is a *bin*
+(:class:`Units`): bin ``(i, j)`` costs ``ceil(count_y[i] / S) *
+ceil(count_x[j] / S)`` passes of ``S * S`` gathers, counting only the taps it
+uses, which lie on the map; the ``K * oh * ow`` bins are sorted by cost and
+processed in small chunks (:mod:`roipool_jax._src.chunking`). Bins outside
+the map cost nothing, so a box much larger than the map costs about what the
+map's cells cost. Nothing of size ``K * H * W * C`` is ever built.
 
 Gradients (a ``custom_vjp``)
 ----------------------------
@@ -42,15 +45,15 @@ from jax import lax
 
 from roipool_jax._src import chunking
 
-# Taps per axis gathered per pass: a pass reads [chunk, oh, ow] x SLOTS**2 cells.
+# Taps per axis gathered per pass: a pass reads [chunk, oh, ow] x SLOTS**2 cells
+# (one fused pass), or [chunk] x SLOTS**2 cells (chunks of bins).
 SLOTS = 4
-# Boxes per chunk, as elements of: the forward's accumulators (kept small so
-# they stay in cache), the backward's scatter updates, and the gathered cells
-# of one pass of the weight gradient (reduced on the fly; only [chunk, oh, T]
-# accumulators are kept, so chunks can be large). Picked by measurement.
+# Bins per chunk, as elements ([chunk, C]) of: the forward's accumulators (kept
+# small so they stay in cache), the backward's scatter updates, and one pass of
+# the weight gradient. Picked by measurement.
 _CHUNK_ELEMENTS = 1 << 16
-_SCATTER_ELEMENTS = 1 << 20
-_WEIGHT_GRAD_ELEMENTS = 1 << 18
+_SCATTER_ELEMENTS = 1 << 16
+_WEIGHT_GRAD_ELEMENTS = 1 << 16
 
 
 class Plan(NamedTuple):
@@ -223,6 +226,98 @@ def term(table, cell, used, weight):
   return jnp.where(used[..., None], weight * value, 0.0)
 
 
+class Units(NamedTuple):
+  """The bins of every box as units of work (``U = K * oh * ow``), each field ``[U]``.
+
+  Attributes:
+    row_block: first row of the bin's row-tap blocks in the ``[K * oh * By, sy]``
+      block table (``By`` blocks per bin row).
+    col_block: first row of its column-tap blocks in ``[K * ow * Bx, sx]``.
+    origin: table row of the box's map at ``(0, 0)``.
+    stride: width of the box's map.
+    passes_y: row-tap blocks the bin uses (0: the bin has no sample).
+    passes_x: column-tap blocks it uses.
+  """
+
+  row_block: jax.Array
+  col_block: jax.Array
+  origin: jax.Array
+  stride: jax.Array
+  passes_y: jax.Array
+  passes_x: jax.Array
+
+
+def _used_blocks(index: jax.Array, slots: int) -> jax.Array:
+  """``[K, P]`` blocks of ``slots`` taps up to the last used tap of each bin."""
+  t = jnp.arange(1, index.shape[2] + 1, dtype=jnp.int32)[None, None]
+  count = jnp.max(jnp.where(index >= 0, t, 0), axis=2)
+  return (count + slots - 1) // slots
+
+
+def _units(taps: TapTable, slots: tuple[int, int]) -> Units:
+  k, oh, ty = taps.row.shape
+  ow, tx = taps.col.shape[1:]
+  by, bx = ty // slots[0], tx // slots[1]
+  shape = (k, oh, ow)
+  box = jnp.arange(k, dtype=jnp.int32)[:, None, None]
+  i = jnp.arange(oh, dtype=jnp.int32)[None, :, None]
+  j = jnp.arange(ow, dtype=jnp.int32)[None, None, :]
+  flat = lambda x: jnp.broadcast_to(x, shape).reshape(-1)  # noqa: E731
+  return Units(
+    row_block=flat((box * oh + i) * by),
+    col_block=flat((box * ow + j) * bx),
+    origin=flat(taps.origin[:, None, None]),
+    stride=flat(taps.stride[:, None, None]),
+    passes_y=flat(_used_blocks(taps.row, slots[0])[:, :, None]),
+    passes_x=flat(_used_blocks(taps.col, slots[1])[:, None, :]),
+  )
+
+
+def _unit_chunk(num_units: int, per_unit: int, budget: int) -> int:
+  return chunking.chunk_size(num_units, per_unit, budget)
+
+
+def _block_taps(taps: TapTable, slots):
+  """The taps as block tables: ``[K * oh * By, sy]`` rows and weights, ``[K * ow * Bx, sx]``."""
+  sy, sx = slots
+  return (
+    taps.row.reshape(-1, sy),
+    taps.wy.reshape(-1, sy),
+    taps.col.reshape(-1, sx),
+    taps.wx.reshape(-1, sx),
+  )
+
+
+def _unit_pass(u: Units, blocks, t, passes_x):
+  """Cells ``[sy][sx]`` of ``[B]``, their use, and the ``[B, s]`` weights of pass ``t``."""
+  rows, wys, cols, wxs = blocks
+  by, bx = t // passes_x, t % passes_x
+  in_use = (by < u.passes_y) & (bx < u.passes_x)
+  iy = rows.at[u.row_block + by].get(mode="promise_in_bounds")  # [B, sy]
+  wy = wys.at[u.row_block + by].get(mode="promise_in_bounds")
+  ix = cols.at[u.col_block + bx].get(mode="promise_in_bounds")  # [B, sx]
+  wx = wxs.at[u.col_block + bx].get(mode="promise_in_bounds")
+  base = u.origin[:, None] + jnp.maximum(iy, 0) * u.stride[:, None]
+  cells = [
+    [base[:, a] + jnp.maximum(ix[:, b], 0) for b in range(ix.shape[1])] for a in range(iy.shape[1])
+  ]
+  used = [
+    [in_use & (iy[:, a] >= 0) & (ix[:, b] >= 0) for b in range(ix.shape[1])]
+    for a in range(iy.shape[1])
+  ]
+  return cells, used, wy, wx, (by, bx)
+
+
+def _unit_passes(u: Units):
+  py = jnp.max(u.passes_y, initial=0)
+  px = jnp.max(u.passes_x, initial=0)
+  return py, px
+
+
+def _unit_cost(u: Units):
+  return u.passes_y * u.passes_x
+
+
 def _forward(table: jax.Array, wy, wx, plan: Plan, sparse: bool) -> jax.Array:
   channels = table.shape[1]
   taps, (slots, _), single, cost = prepare(wy, wx, plan)
@@ -240,87 +335,96 @@ def _forward(table: jax.Array, wy, wx, plan: Plan, sparse: bool) -> jax.Array:
       acc = acc + wya * row_sum
     return acc
 
-  def chunk_fn(c):
-    acc = jnp.zeros((c.row.shape[0], oh, ow, channels), wy.dtype)
-    py, px = passes(c, slots)
-    return lax.fori_loop(0, py * px, lambda t, a: accumulate(c, t, px, a), acc)
-
   if single:  # one fused pass over all boxes
     zero = jnp.zeros((), wy.dtype)
     out = materialized(lambda: accumulate(taps, 0, 1, zero), plan.row_count)
-  else:
-    k = plan.origin.shape[0]
-    chunk = chunking.chunk_size(k, oh * ow * channels, _CHUNK_ELEMENTS)
-    out = chunking.map_chunks(chunk_fn, taps, cost, chunk)
-  return out.astype(table.dtype)
+    return out.astype(table.dtype)
+
+  blocks = _block_taps(taps, slots)
+
+  def unit_chunk(u):
+    def unit_pass(t, acc):
+      cells, used, cwy, cwx, _ = _unit_pass(u, blocks, t, px)
+      for a in range(slots[0]):
+        row_sum = sum(
+          term(table, cells[a][b], used[a][b], cwx[:, b, None]) for b in range(slots[1])
+        )
+        acc = acc + cwy[:, a, None] * row_sum
+      return acc
+
+    py, px = _unit_passes(u)
+    acc = jnp.zeros((u.origin.shape[0], channels), wy.dtype)
+    return lax.fori_loop(0, py * px, unit_pass, acc)
+
+  units = _units(taps, slots)
+  k = plan.origin.shape[0]
+  chunk = _unit_chunk(k * oh * ow, channels, _CHUNK_ELEMENTS)
+  out = chunking.map_chunks(unit_chunk, units, _unit_cost(units), chunk)
+  return out.reshape(k, oh, ow, channels).astype(table.dtype)
 
 
 def _features_grad(cotangent, wy, wx, plan: Plan, table_shape) -> jax.Array:
   """Scatter-add transpose in the weights' dtype, in a fixed (chunk, pass, tap) order."""
   channels = table_shape[1]
-  taps, (slots, _), _, cost = prepare(wy, wx, plan)
+  taps, (slots, _), _, _ = prepare(wy, wx, plan)
   k, oh, ow = cotangent.shape[:3]
-  chunk = chunking.chunk_size(k, oh * ow * channels * slots[0] * slots[1], _SCATTER_ELEMENTS)
+  blocks = _block_taps(taps, slots)
+  units = _units(taps, slots)
 
-  def chunk_fn(grad, chunk_data):
-    c, cot = chunk_data
-    py, px = passes(c, slots)
+  def unit_chunk(grad, chunk):
+    u, cot = chunk
 
     def scatter_pass(t, grad):
-      blk, _ = block(c, t, px, slots)
-      cells, updates = [], []
+      cells, used, cwy, cwx, _ = _unit_pass(u, blocks, t, px)
       for a in range(slots[0]):
         for b in range(slots[1]):
-          w = blk.wy[:, :, None, a] * blk.wx[:, None, :, b]
-          cells.append(blk.cells[a][b])
-          updates.append(w[..., None] * cot)
-      cells = jnp.stack(cells).reshape(-1)
-      updates = jnp.stack(updates).reshape(-1, channels)
-      return grad.at[cells].add(updates, mode="promise_in_bounds")
+          w = jnp.where(used[a][b], cwy[:, a] * cwx[:, b], 0.0)
+          grad = grad.at[cells[a][b]].add(w[:, None] * cot, mode="promise_in_bounds")
+      return grad
 
+    py, px = _unit_passes(u)
     return lax.fori_loop(0, py * px, scatter_pass, grad)
 
   grad = jnp.zeros(table_shape, wy.dtype)
-  per_box = (taps, cotangent.astype(wy.dtype))
-  return chunking.fold_chunks(chunk_fn, grad, per_box, cost, chunk)
+  per_unit = (units, cotangent.astype(wy.dtype).reshape(-1, channels))
+  chunk = _unit_chunk(k * oh * ow, channels, _SCATTER_ELEMENTS)
+  return chunking.fold_chunks(unit_chunk, grad, per_unit, _unit_cost(units), chunk)
 
 
 def _weights_grad(table, cotangent, wy, wx, plan: Plan):
   """Gradients of the tap weights: one gather sweep reduced over channels."""
   channels = table.shape[1]
-  taps, (slots, _), _, cost = prepare(wy, wx, plan)
+  taps, (slots, _), _, _ = prepare(wy, wx, plan)
   k, oh, ow = cotangent.shape[:3]
-  chunk = chunking.chunk_size(k, oh * ow * channels, _WEIGHT_GRAD_ELEMENTS)
+  blocks = _block_taps(taps, slots)
+  units = _units(taps, slots)
 
-  def chunk_fn(chunk_data):
-    c, cot = chunk_data
-    py, px = passes(c, slots)
+  def unit_chunk(grads, chunk):
+    u, cot = chunk
 
     def grad_pass(t, grads):
       gy, gx = grads
-      blk, (by, bx) = block(c, t, px, slots)
+      cells, used, cwy, cwx, (by, bx) = _unit_pass(u, blocks, t, px)
       gy_blk = [0.0] * slots[0]
       gx_blk = [0.0] * slots[1]
       for a in range(slots[0]):
         for b in range(slots[1]):
-          value = gather_rows(table, blk.cells[a][b]).astype(cot.dtype)
-          dot = jnp.sum(value * cot, axis=-1)  # [B, oh, ow]
-          dot = jnp.where(blk.used[a][b], dot, 0.0)
-          gy_blk[a] = gy_blk[a] + jnp.sum(dot * blk.wx[:, None, :, b], axis=2)
-          gx_blk[b] = gx_blk[b] + jnp.sum(dot * blk.wy[:, :, None, a], axis=1)
-      gy_blk, gx_blk = jnp.stack(gy_blk, -1), jnp.stack(gx_blk, -1)
-      start_y, start_x = by * slots[0], bx * slots[1]
-      gy_old = lax.dynamic_slice_in_dim(gy, start_y, slots[0], axis=2)
-      gx_old = lax.dynamic_slice_in_dim(gx, start_x, slots[1], axis=2)
-      gy = lax.dynamic_update_slice_in_dim(gy, gy_old + gy_blk, start_y, axis=2)
-      gx = lax.dynamic_update_slice_in_dim(gx, gx_old + gx_blk, start_x, axis=2)
+          value = table.at[cells[a][b]].get(mode="promise_in_bounds").astype(cot.dtype)
+          dot = jnp.where(used[a][b], jnp.sum(value * cot, axis=-1), 0.0)  # [B]
+          gy_blk[a] = gy_blk[a] + dot * cwx[:, b]
+          gx_blk[b] = gx_blk[b] + dot * cwy[:, a]
+      gy = gy.at[u.row_block + by].add(jnp.stack(gy_blk, -1), mode="promise_in_bounds")
+      gx = gx.at[u.col_block + bx].add(jnp.stack(gx_blk, -1), mode="promise_in_bounds")
       return gy, gx
 
-    init = (jnp.zeros_like(c.wy), jnp.zeros_like(c.wx))
-    return lax.fori_loop(0, py * px, grad_pass, init)
+    py, px = _unit_passes(u)
+    return lax.fori_loop(0, py * px, grad_pass, grads)
 
-  per_box = (taps, cotangent.astype(wy.dtype))
-  gy, gx = chunking.map_chunks(chunk_fn, per_box, cost, chunk)
+  init = (jnp.zeros_like(blocks[1]), jnp.zeros_like(blocks[3]))
+  per_unit = (units, cotangent.astype(wy.dtype).reshape(-1, channels))
+  chunk = _unit_chunk(k * oh * ow, channels, _WEIGHT_GRAD_ELEMENTS)
+  gy, gx = chunking.fold_chunks(unit_chunk, init, per_unit, _unit_cost(units), chunk)
+  gy, gx = gy.reshape(taps.wy.shape), gx.reshape(taps.wx.shape)
   return gy[:, :, : wy.shape[2]], gx[:, :, : wx.shape[2]]
 
 
