@@ -7,7 +7,7 @@ from roipool_jax._src.roi_pool import roi_pool
 from roipool_jax._src.roi_warp import roi_warp
 
 # The single source of the version: pyproject.toml reads it from here.
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = (
   "crop_and_resize",
