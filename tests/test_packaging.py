@@ -149,3 +149,16 @@ def test_type_checkers_resolve_the_package_and_its_literal_options(tmp_path):
   assert status == 1, stdout
   errors = [line for line in stdout.splitlines() if ": error:" in line]
   assert len(errors) == 1 and "program.py:5" in errors[0] and "mode" in errors[0], stdout
+
+
+def test_readme_shows_the_committed_benchmark_table():
+  # The README's table is benchmarks/results/cpu.md verbatim (run.py writes the latter).
+  readme = (ROOT / "README.md").read_text()
+  table = (ROOT / "benchmarks" / "results" / "cpu.md").read_text().strip()
+  start = readme.index("<!-- benchmarks/results/cpu.md -->\n") + len(
+    "<!-- benchmarks/results/cpu.md -->\n"
+  )
+  end = readme.index("\n<!-- end of benchmarks/results/cpu.md -->")
+  assert readme[start:end] == table
+  assert (ROOT / "benchmarks" / "results" / "cpu.png").stat().st_size > 10_000
+  assert "benchmarks/results/cpu.png" in readme
