@@ -56,7 +56,7 @@ import roipool_jax  # noqa: E402
 @dataclasses.dataclass(frozen=True)
 class Config:
   name: str
-  op: str  # "roi_pool" | "roi_align" | "roi_warp" | "multi_scale"
+  op: str  # "roi_pool" | "roi_align" | "roi_warp" | "multi_scale" | "ps_roi_pool" | "ps_roi_align"
   shape: tuple[int, int, int, int]  # (N, H, W, C) of the (finest) map
   rois: int
   output: int
@@ -71,9 +71,10 @@ class Config:
 
   def quick(self):
     n, h, w, c = self.shape
+    bins = self.output**2 if self.op.startswith("ps_") else 1  # C = C_out * oh * ow
     return dataclasses.replace(
       self,
-      shape=(n, max(h // 4, 4), max(w // 4, 4), max(c // 16, 4)),
+      shape=(n, max(h // 4, 4), max(w // 4, 4), max(c // bins // 16, 4) * bins),
       rois=max(self.rois // 16, 4),
       box_px=(min(self.box_px[0], 16.0), self.box_px[1]),
     )
@@ -103,6 +104,19 @@ CONFIGS = [
     1 / 16,
     sampling_ratio=-1,
     box_px=(200.0, 1.0),
+  ),
+  # R-FCN (ResNet-101, PASCAL VOC): 21 classes x 7 x 7 position-sensitive score maps.
+  Config(
+    "R-FCN 21x7x7 score maps, ps_roi_pool", "ps_roi_pool", (1, 38, 63, 21 * 49), 300, 7, 1 / 16
+  ),
+  Config(
+    "R-FCN 21x7x7 score maps, ps_roi_align",
+    "ps_roi_align",
+    (1, 38, 63, 21 * 49),
+    300,
+    7,
+    1 / 16,
+    sampling_ratio=-1,
   ),
   Config("FPN P2, roi_warp (14x14 warp)", "roi_warp", (1, 200, 304, 256), 512, 7, 1 / 4),
   Config(
@@ -172,6 +186,18 @@ def jax_op(config: Config, indices, impl: str):
       spatial_scale=scale,
       sampling_ratio=config.sampling_ratio,
       aligned=config.aligned,
+      box_indices=index,
+      impl=impl,
+    )
+  if config.op == "ps_roi_pool":
+    return lambda f, b: roipool_jax.ps_roi_pool(f, b, size, spatial_scale=scale, box_indices=index)
+  if config.op == "ps_roi_align":
+    return lambda f, b: roipool_jax.ps_roi_align(
+      f,
+      b,
+      size,
+      spatial_scale=scale,
+      sampling_ratio=config.sampling_ratio,
       box_indices=index,
       impl=impl,
     )
@@ -247,6 +273,14 @@ def bench_torch(config, features, boxes, indices, dtype, repeats):
       return torchvision.ops.roi_align(
         xs[0], rois, size, scale, config.sampling_ratio, config.aligned
       )
+  elif config.op == "ps_roi_pool":
+
+    def op(xs):
+      return torchvision.ops.ps_roi_pool(xs[0], rois, size, scale)
+  elif config.op == "ps_roi_align":
+
+    def op(xs):
+      return torchvision.ops.ps_roi_align(xs[0], rois, size, scale, config.sampling_ratio)
   elif config.op == "multi_scale":
     names = [str(i) for i in range(len(xs))]
     pooler = torchvision.ops.MultiScaleRoIAlign(names, size, config.sampling_ratio)

@@ -2,7 +2,10 @@
 
 from roipool_jax._src.crop_and_resize import crop_and_resize
 from roipool_jax._src.multiscale import multi_scale_roi_align
+from roipool_jax._src.ps_roi_align import ps_roi_align
+from roipool_jax._src.ps_roi_pool import ps_roi_pool
 from roipool_jax._src.roi_align import roi_align
+from roipool_jax._src.roi_align_rotated import roi_align_rotated
 from roipool_jax._src.roi_pool import roi_pool
 from roipool_jax._src.roi_warp import roi_warp
 
@@ -12,7 +15,10 @@ __version__ = "0.3.0"
 __all__ = (
   "crop_and_resize",
   "multi_scale_roi_align",
+  "ps_roi_align",
+  "ps_roi_pool",
   "roi_align",
+  "roi_align_rotated",
   "roi_pool",
   "roi_warp",
 )

@@ -36,4 +36,25 @@ class MultiScaleRoIAlign(layers.MultiScaleRoIAlignConfig, nn.Module):
   __doc__ = layers.module_docstring(layers.MultiScaleRoIAlignConfig, "Linen")
 
 
-__all__ = ("CropAndResize", "MultiScaleRoIAlign", "RoIAlign", "RoIPool", "RoIWarp")
+class PSRoIPool(layers.PSRoIPoolConfig, nn.Module):
+  __doc__ = layers.module_docstring(layers.PSRoIPoolConfig, "Linen")
+
+
+class PSRoIAlign(layers.PSRoIAlignConfig, nn.Module):
+  __doc__ = layers.module_docstring(layers.PSRoIAlignConfig, "Linen")
+
+
+class RoIAlignRotated(layers.RoIAlignRotatedConfig, nn.Module):
+  __doc__ = layers.module_docstring(layers.RoIAlignRotatedConfig, "Linen")
+
+
+__all__ = (
+  "CropAndResize",
+  "MultiScaleRoIAlign",
+  "PSRoIAlign",
+  "PSRoIPool",
+  "RoIAlign",
+  "RoIAlignRotated",
+  "RoIPool",
+  "RoIWarp",
+)

@@ -43,4 +43,28 @@ class MultiScaleRoIAlign(layers.MultiScaleRoIAlignConfig, nnx.Module):
   __doc__ = layers.module_docstring(layers.MultiScaleRoIAlignConfig, "NNX")
 
 
-__all__ = ("CropAndResize", "MultiScaleRoIAlign", "RoIAlign", "RoIPool", "RoIWarp")
+@dataclasses.dataclass
+class PSRoIPool(layers.PSRoIPoolConfig, nnx.Module):
+  __doc__ = layers.module_docstring(layers.PSRoIPoolConfig, "NNX")
+
+
+@dataclasses.dataclass
+class PSRoIAlign(layers.PSRoIAlignConfig, nnx.Module):
+  __doc__ = layers.module_docstring(layers.PSRoIAlignConfig, "NNX")
+
+
+@dataclasses.dataclass
+class RoIAlignRotated(layers.RoIAlignRotatedConfig, nnx.Module):
+  __doc__ = layers.module_docstring(layers.RoIAlignRotatedConfig, "NNX")
+
+
+__all__ = (
+  "CropAndResize",
+  "MultiScaleRoIAlign",
+  "PSRoIAlign",
+  "PSRoIPool",
+  "RoIAlign",
+  "RoIAlignRotated",
+  "RoIPool",
+  "RoIWarp",
+)

@@ -16,7 +16,8 @@ Everything here takes and returns what ``torchvision.ops`` does:
 * the modules are callables built with torchvision's constructor arguments.
 
 The numbers are those of :func:`roipool_jax.roi_pool`,
-:func:`roipool_jax.roi_align` and :func:`roipool_jax.multi_scale_roi_align`,
+:func:`roipool_jax.roi_align`, :func:`roipool_jax.ps_roi_pool`,
+:func:`roipool_jax.ps_roi_align` and :func:`roipool_jax.multi_scale_roi_align`,
 which match torchvision to float rounding (see their docstrings for the exact
 formulas). What the layer adds is only the layout: it transposes each map to
 NHWC and the result back to NCHW. XLA fuses these copies into the kernel's
@@ -27,7 +28,9 @@ Differences from torchvision that remain: the batch index in ``[K, 5]`` rois
 is truncated to an int32 (as torchvision's kernels do), and an index outside
 ``[0, N)`` raises a ``ValueError`` when the rois are concrete and gives zeros
 (no gradient) under ``jit``, instead of reading out of bounds.
-``ps_roi_pool`` and ``ps_roi_align`` are not provided yet.
+``ps_roi_align`` outputs 0 where torchvision outputs NaN (zero-size boxes
+with adaptive sampling), and ``ps_roi_pool``'s gradient is the exact gradient
+of its forward (see :func:`roipool_jax.ps_roi_pool`).
 
 Examples:
   >>> import jax.numpy as jnp
@@ -50,7 +53,17 @@ import numpy as np
 import roipool_jax
 from roipool_jax._src import validation
 
-__all__ = ("MultiScaleRoIAlign", "RoIAlign", "RoIPool", "roi_align", "roi_pool")
+__all__ = (
+  "MultiScaleRoIAlign",
+  "PSRoIAlign",
+  "PSRoIPool",
+  "RoIAlign",
+  "RoIPool",
+  "ps_roi_align",
+  "ps_roi_pool",
+  "roi_align",
+  "roi_pool",
+)
 
 Size = int | tuple[int, int]
 
@@ -168,6 +181,57 @@ def roi_align(
   )
 
 
+def ps_roi_pool(
+  input: jax.typing.ArrayLike,
+  boxes: jax.typing.ArrayLike | Sequence[jax.typing.ArrayLike],
+  output_size: Size,
+  spatial_scale: float = 1.0,
+) -> jax.Array:
+  """``torchvision.ops.ps_roi_pool``: :func:`roipool_jax.ps_roi_pool` on NCHW maps.
+
+  Args:
+    input: ``[N, C_out * oh * ow, H, W]`` feature maps.
+    boxes: ``[K, 5]`` rois ``(batch_index, x1, y1, x2, y2)`` or a list of
+      ``[L_i, 4]`` boxes per image.
+    output_size: ``oh`` or ``(oh, ow)``; static.
+    spatial_scale: feature cells per image pixel; static.
+
+  Returns:
+    ``[K, C_out, oh, ow]`` in the maps' dtype.
+  """
+  return _on_nchw(roipool_jax.ps_roi_pool, input, boxes, output_size, spatial_scale=spatial_scale)
+
+
+def ps_roi_align(
+  input: jax.typing.ArrayLike,
+  boxes: jax.typing.ArrayLike | Sequence[jax.typing.ArrayLike],
+  output_size: Size,
+  spatial_scale: float = 1.0,
+  sampling_ratio: int = -1,
+) -> jax.Array:
+  """``torchvision.ops.ps_roi_align``: :func:`roipool_jax.ps_roi_align` on NCHW maps.
+
+  Args:
+    input: ``[N, C_out * oh * ow, H, W]`` feature maps.
+    boxes: ``[K, 5]`` rois ``(batch_index, x1, y1, x2, y2)`` or a list of
+      ``[L_i, 4]`` boxes per image.
+    output_size: ``oh`` or ``(oh, ow)``; static.
+    spatial_scale: feature cells per image pixel; static.
+    sampling_ratio: samples per bin axis, ``<= 0`` adaptive; static.
+
+  Returns:
+    ``[K, C_out, oh, ow]`` in the maps' dtype.
+  """
+  return _on_nchw(
+    roipool_jax.ps_roi_align,
+    input,
+    boxes,
+    output_size,
+    spatial_scale=spatial_scale,
+    sampling_ratio=sampling_ratio,
+  )
+
+
 @dataclasses.dataclass(frozen=True)
 class RoIPool:
   """``torchvision.ops.RoIPool``: ``RoIPool(output_size, spatial_scale)(input, rois)``.
@@ -207,6 +271,43 @@ class RoIAlign:
     return roi_align(
       input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class PSRoIPool:
+  """``torchvision.ops.PSRoIPool``: ``PSRoIPool(output_size, spatial_scale)(input, rois)``.
+
+  Attributes:
+    output_size: ``oh`` or ``(oh, ow)``.
+    spatial_scale: feature cells per image pixel.
+  """
+
+  output_size: Size
+  spatial_scale: float
+
+  def __call__(self, input, rois):
+    """See :func:`ps_roi_pool`."""
+    return ps_roi_pool(input, rois, self.output_size, self.spatial_scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class PSRoIAlign:
+  """``torchvision.ops.PSRoIAlign``: ``PSRoIAlign(output_size, spatial_scale,
+  sampling_ratio)(input, rois)``.
+
+  Attributes:
+    output_size: ``oh`` or ``(oh, ow)``.
+    spatial_scale: feature cells per image pixel.
+    sampling_ratio: samples per bin axis, ``<= 0`` adaptive.
+  """
+
+  output_size: Size
+  spatial_scale: float
+  sampling_ratio: int
+
+  def __call__(self, input, rois):
+    """See :func:`ps_roi_align`."""
+    return ps_roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio)
 
 
 @dataclasses.dataclass(frozen=True)

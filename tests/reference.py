@@ -344,3 +344,153 @@ def central_differences(loss, x, eps):
     step = jnp.zeros(x.shape, x.dtype).at[i].set(eps)
     numeric[i] = (loss(x + step) - loss(x - step)) / (2 * eps)
   return numeric
+
+
+def _ps_pool_bins(box, scale, oh, ow, height, width, t=F32):
+  """``ps_roi_pool``'s clipped ``[start, end)`` rows and columns of every bin of one box."""
+  s = t(scale)
+  x1, y1, x2, y2 = (c_round(t(v) * s) for v in box)
+  bin_h = t(max(y2 - y1, 1)) / t(oh)
+  bin_w = t(max(x2 - x1, 1)) / t(ow)
+  clip = lambda v, limit: min(max(v, 0), limit)  # noqa: E731
+  rows = [
+    (
+      clip(math.floor(t(i) * bin_h) + y1, height - 1),
+      clip(math.ceil(t(i + 1) * bin_h) + y1, height - 1),
+    )
+    for i in range(oh)
+  ]
+  cols = [
+    (
+      clip(math.floor(t(j) * bin_w) + x1, width - 1),
+      clip(math.ceil(t(j + 1) * bin_w) + x1, width - 1),
+    )
+    for j in range(ow)
+  ]
+  return rows, cols
+
+
+def ps_channels(i, j, output_size, channels):
+  """Input channels read by bin ``(i, j)``, in output-channel order: ``(c * oh + i) * ow + j``."""
+  oh, ow = output_size
+  return [(c * oh + i) * ow + j for c in range(channels // (oh * ow))]
+
+
+def ps_roi_pool(features, boxes, box_indices, output_size, scale):
+  """torchvision's ``ps_roi_pool`` forward: the mean of each bin's cells in its own channels."""
+  features = np.asarray(features, np.float32)
+  _, height, width, channels = features.shape
+  oh, ow = output_size
+  out = np.zeros((len(boxes), oh, ow, channels // (oh * ow)), np.float32)
+  for b, box in enumerate(np.asarray(boxes, np.float32)):
+    if not np.all(np.isfinite(box)):
+      continue
+    rows, cols = _ps_pool_bins(box, scale, oh, ow, height, width)
+    for i, (r0, r1) in enumerate(rows):
+      for j, (c0, c1) in enumerate(cols):
+        if r1 > r0 and c1 > c0:
+          cells = features[box_indices[b], r0:r1, c0:c1][
+            ..., ps_channels(i, j, output_size, channels)
+          ]
+          out[b, i, j] = cells.sum(axis=(0, 1)) / np.float32((r1 - r0) * (c1 - c0))
+  return out
+
+
+def ps_roi_pool_grad(features_shape, boxes, box_indices, output_size, scale, cotangent):
+  """The exact gradient of :func:`ps_roi_pool`: each cotangent spread evenly over its bin."""
+  _, height, width, channels = features_shape
+  grad = np.zeros(features_shape, np.float64)
+  for b, box in enumerate(np.asarray(boxes, np.float32)):
+    if not np.all(np.isfinite(box)):
+      continue
+    rows, cols = _ps_pool_bins(box, scale, *output_size, height, width)
+    for i, (r0, r1) in enumerate(rows):
+      for j, (c0, c1) in enumerate(cols):
+        if r1 > r0 and c1 > c0:
+          share = cotangent[b, i, j] / ((r1 - r0) * (c1 - c0))
+          cells = grad[box_indices[b], r0:r1, c0:c1]  # a view
+          cells[..., ps_channels(i, j, output_size, channels)] += share
+  return grad
+
+
+def ps_roi_align(features, boxes, box_indices, output_size, scale, sampling_ratio):
+  """torchvision's ``ps_roi_align`` (RoIAlign sampling with the -0.5 offset), float32.
+
+  Documented deviations: inverted boxes and bins without samples (zero-size
+  boxes, adaptive) give zeros, where torchvision mirrors or gives NaN.
+  """
+  t = F32
+  features = np.asarray(features, np.float32)
+  channels = features.shape[3]
+  oh, ow = output_size
+  out = np.zeros((len(boxes), oh, ow, channels // (oh * ow)), np.float32)
+  s, half = t(scale), t(0.5)
+  for b, box in enumerate(np.asarray(boxes, np.float32)):
+    if not np.all(np.isfinite(box)):
+      continue
+    x0, y0 = box[0] * s - half, box[1] * s - half
+    roi_w, roi_h = box[2] * s - half - x0, box[3] * s - half - y0
+    if roi_w < 0 or roi_h < 0:
+      continue
+    bin_h, bin_w = roi_h / t(oh), roi_w / t(ow)
+    gh = sampling_ratio if sampling_ratio > 0 else math.ceil(bin_h)
+    gw = sampling_ratio if sampling_ratio > 0 else math.ceil(bin_w)
+    for i in range(oh):
+      for j in range(ow):
+        image = features[box_indices[b]][..., ps_channels(i, j, output_size, channels)]
+        total = np.zeros(image.shape[2], t)
+        for iy in range(gh):
+          y = y0 + t(i) * bin_h + (t(iy) + half) * bin_h / t(gh)
+          for ix in range(gw):
+            x = x0 + t(j) * bin_w + (t(ix) + half) * bin_w / t(gw)
+            total = total + bilinear(image, y, x)
+        if gh * gw > 0:
+          out[b, i, j] = total / t(gh * gw)
+  return out
+
+
+def roi_align_rotated(
+  features, boxes, box_indices, output_size, scale, sampling_ratio, aligned, clockwise, dtype=F32
+):
+  """detectron2's / mmcv's ``ROIAlignRotated`` forward as their CPU kernels write it.
+
+  ``boxes [K, 5]`` are ``(cx, cy, w, h, angle_degrees)``. Documented deviation:
+  with ``aligned=True`` a negative ``w`` or ``h`` gives zeros (the kernels
+  raise). Non-finite boxes give zeros.
+  """
+  t = np.dtype(dtype).type
+  features = np.asarray(features, dtype)
+  oh, ow = output_size
+  out = np.zeros((len(boxes), oh, ow, features.shape[3]), dtype)
+  s, offset = t(scale), t(0.5 if aligned else 0.0)
+  for k, box in enumerate(np.asarray(boxes, dtype)):
+    if not np.all(np.isfinite(box)):
+      continue
+    cx, cy = box[0] * s - offset, box[1] * s - offset
+    w, h = box[2] * s, box[3] * s
+    if aligned and (w < 0 or h < 0):
+      continue
+    if not aligned:
+      w, h = max(w, t(1)), max(h, t(1))
+    theta = t(float(box[4]) * math.pi / 180.0)
+    if clockwise:
+      theta = -theta
+    cos, sin = t(math.cos(theta)), t(math.sin(theta))
+    bin_h, bin_w = h / t(oh), w / t(ow)
+    gh = sampling_ratio if sampling_ratio > 0 else math.ceil(h / t(oh))
+    gw = sampling_ratio if sampling_ratio > 0 else math.ceil(w / t(ow))
+    count = t(max(gh * gw, 1))
+    start_h, start_w = -h / t(2), -w / t(2)
+    image = features[box_indices[k]]
+    for i in range(oh):
+      for j in range(ow):
+        total = np.zeros(features.shape[3], dtype)
+        for a in range(gh):
+          yy = start_h + t(i) * bin_h + (t(a) + t(0.5)) * bin_h / t(gh)
+          for b in range(gw):
+            xx = start_w + t(j) * bin_w + (t(b) + t(0.5)) * bin_w / t(gw)
+            y = yy * cos - xx * sin + cy
+            x = yy * sin + xx * cos + cx
+            total = total + bilinear(image, y, x)
+        out[k, i, j] = total / count
+  return out

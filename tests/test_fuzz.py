@@ -52,7 +52,11 @@ MODULES = {
   "crop_and_resize": "CropAndResize",
   "roi_warp": "RoIWarp",
   "multi_scale_roi_align": "MultiScaleRoIAlign",
+  "ps_roi_pool": "PSRoIPool",
+  "ps_roi_align": "PSRoIAlign",
+  "roi_align_rotated": "RoIAlignRotated",
 }
+NO_EINSUM = ("roi_pool", "ps_roi_pool", "roi_align_rotated")  # roi_pool's einsum path is tested in test_backends
 MAPS = [(5, 7), (1, 1), (8, 6)]
 PYRAMID_MAPS = [(8, 6), (6, 7)]  # two levels: the map and its stride-2 subsampling
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
@@ -77,7 +81,7 @@ class Op:
 
   @property
   def einsum_ok(self) -> bool:
-    return self.name != "roi_pool" and self.kwargs.get("mode", "avg") == "avg"
+    return self.name not in NO_EINSUM and self.kwargs.get("mode", "avg") == "avg"
 
   def with_impl(self, impl: str) -> Op:
     return dataclasses.replace(self, options=tuple({**self.kwargs, "impl": impl}.items()))
@@ -138,6 +142,21 @@ def ops(draw, name: str) -> Op:
     )
     if box_format == "xyxy":
       options.update(spatial_scale=draw(scale), aligned=draw(st.booleans()))
+  elif name == "ps_roi_pool":
+    options = dict(spatial_scale=draw(scale))
+  elif name == "roi_align_rotated":
+    options = dict(
+      spatial_scale=draw(scale),
+      sampling_ratio=draw(st.sampled_from([-1, 0, 1, 2, 3])),
+      aligned=draw(st.booleans()),
+      clockwise=draw(st.booleans()),
+    )
+  elif name == "ps_roi_align":
+    options = dict(
+      spatial_scale=draw(scale),
+      sampling_ratio=draw(st.sampled_from([-1, 0, 1, 2, 3])),
+      impl=draw(_impls(True)),
+    )
   elif name == "roi_warp":
     oh, ow = (size, size) if isinstance(size, int) else size
     factor = draw(st.sampled_from([None, 1, 3]))
@@ -202,6 +221,8 @@ def problems(
     draw(st.sampled_from(maps)),
     draw(st.sampled_from([1, 2])),
   )
+  if op.name.startswith("ps_"):  # C = C_out * oh * ow
+    c *= int(np.prod(_out_size(op)))
   dtype = draw(st.sampled_from(dtypes))
   per_image = draw(st.booleans()) if per_image is None else per_image
   k = draw(st.sampled_from(counts))
@@ -217,9 +238,13 @@ def problems(
   if op.name == "multi_scale_roi_align":
     extent = np.array([w, h], float)
   total = n * k if per_image else k
-  boxes = _boxes(rng, total, extent, degenerate).astype(np.float32)
+  boxes = _boxes(rng, total, extent, degenerate)
+  if op.name == "roi_align_rotated":  # (cx, cy, w, h, angle) of the same boxes, turned
+    centre, size = (boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]
+    boxes = np.concatenate([centre, size, rng.uniform(-360, 360, (total, 1))], axis=1)
+  boxes = boxes.astype(np.float32)
   if per_image:
-    return Problem(features, boxes.reshape(n, k, 4), None)
+    return Problem(features, boxes.reshape(n, k, boxes.shape[-1]), None)
   return Problem(features, boxes, rng.integers(0, max(n, 1), k).astype(np.int32))
 
 
@@ -252,6 +277,12 @@ def _out_size(op: Op) -> tuple[int, int]:
   return (op.size, op.size) if isinstance(op.size, int) else op.size
 
 
+def _out_channels(op: Op, features) -> tuple[int]:
+  """The output's channel dim: ``C``, or ``C / (oh * ow)`` for position-sensitive ops."""
+  c = features.shape[3]
+  return (c // int(np.prod(_out_size(op))) if op.name.startswith("ps_") else c,)
+
+
 # ------------------------------------------------------------------ the properties
 
 
@@ -267,7 +298,7 @@ def test_valid_input_runs_with_finite_outputs_and_gradients_and_jit_equals_eager
     features, boxes = jnp.asarray(p.features), jnp.asarray(p.boxes)
     out = op(features, boxes, p.indices)
     out_dtype = jnp.float32 if jnp.issubdtype(dtype, jnp.integer) else dtype
-    assert out.shape == boxes.shape[:-1] + _out_size(op) + features.shape[3:]
+    assert out.shape == boxes.shape[:-1] + _out_size(op) + _out_channels(op, features)
     assert out.dtype == out_dtype
     assert np.all(np.isfinite(np.asarray(out, np.float64)))
     _assert_close(jax.jit(op)(features, boxes, p.indices), out, out_dtype, "jit output")
@@ -291,7 +322,9 @@ def test_a_box_never_depends_on_the_other_boxes(name, data):
   p = data.draw(problems(op, images=(1, 3), counts=(6,), per_image=False), label="problem")
   features, boxes, indices = jnp.asarray(p.features), jnp.asarray(p.boxes), p.indices
   i = data.draw(st.integers(0, len(boxes) - 1), label="box")
-  cot = jnp.asarray(np.random.default_rng(i).standard_normal(_out_size(op) + features.shape[3:]))
+  cot = jnp.asarray(
+    np.random.default_rng(i).standard_normal(_out_size(op) + _out_channels(op, features))
+  )
 
   def loss_all(f, b):
     return jnp.vdot(op(f, b, indices)[i].astype(jnp.float32), cot)
@@ -314,7 +347,7 @@ def test_a_box_never_depends_on_the_other_boxes(name, data):
   assert np.all(others == 0), "gradient reached other boxes"
 
 
-EINSUM_OPS = [n for n in NAMES if n != "roi_pool"]
+EINSUM_OPS = [n for n in NAMES if n not in NO_EINSUM]
 
 
 @pytest.mark.parametrize("name", some(EINSUM_OPS, start=3))

@@ -29,6 +29,16 @@ CASES = [
       f, b, (2, 3), spatial_scale=1 / 16, sampling_ratio=2, aligned=True, box_indices=i
     ),
   ),
+  (  # defaults only: the module's defaults must be the function's
+    "PSRoIPool",
+    dict(output_size=(2, 3)),
+    lambda f, b, i: roipool_jax.ps_roi_pool(jnp.tile(f, (1, 1, 1, 2)), b, (2, 3), box_indices=i),
+  ),
+  (
+    "PSRoIAlign",
+    dict(output_size=(2, 3)),
+    lambda f, b, i: roipool_jax.ps_roi_align(jnp.tile(f, (1, 1, 1, 2)), b, (2, 3), box_indices=i),
+  ),
   (
     "RoIWarp",
     dict(output_size=2, spatial_scale=1 / 16),
@@ -40,12 +50,14 @@ CASES = [
 @pytest.mark.parametrize("name, options, expected", CASES)
 def test_linen_and_nnx_modules_equal_the_functions(name, options, expected):
   want = expected(FEATURES, BOXES, INDICES)
+  # Position-sensitive modules read C_out * oh * ow channels: 3 * 2 * 3 (the map tiled twice).
+  features = jnp.tile(FEATURES, (1, 1, 1, 2)) if name.startswith("PS") else FEATURES
   linen_layer = getattr(roi_linen, name)(**options)
-  np.testing.assert_array_equal(linen_layer.apply({}, FEATURES, BOXES, INDICES), want)
+  np.testing.assert_array_equal(linen_layer.apply({}, features, BOXES, INDICES), want)
   nnx_layer = getattr(roi_nnx, name)(**options)
-  np.testing.assert_array_equal(nnx_layer(FEATURES, BOXES, INDICES), want)
+  np.testing.assert_array_equal(nnx_layer(features, BOXES, INDICES), want)
   np.testing.assert_array_equal(
-    nnx.jit(lambda m, f: m(f, BOXES, INDICES))(nnx_layer, FEATURES), want
+    nnx.jit(lambda m, f: m(f, BOXES, INDICES))(nnx_layer, features), want
   )
 
 

@@ -22,6 +22,8 @@ FEATURES = jnp.ones((2, 8, 8, 3))
 BOXES = jnp.asarray([[1.0, 1.0, 6.0, 6.0], [0.0, 2.0, 4.0, 7.0]])
 INDICES = jnp.asarray([0, 1])
 PYRAMID = [jnp.ones((2, 8, 8, 3)), jnp.ones((2, 4, 4, 3))]
+ROTATED = jnp.asarray([[3.0, 3.0, 4.0, 2.0, 30.0], [4.0, 4.0, 5.0, 5.0, -10.0]])
+PS_FEATURES = jnp.ones((2, 8, 8, 12))  # C = 3 * 2 * 2: position-sensitive with 2x2 bins
 
 # Per function: the positional call and its module name.
 CALLS = {
@@ -36,6 +38,15 @@ CALLS = {
       PYRAMID, BOXES, 2, box_indices=INDICES, **{"image_size": (8, 8), **o}
     )
   ),
+  "roi_align_rotated": (
+    lambda **o: roipool_jax.roi_align_rotated(FEATURES, ROTATED, 2, box_indices=INDICES, **o)
+  ),
+  "ps_roi_pool": (
+    lambda **o: roipool_jax.ps_roi_pool(PS_FEATURES, BOXES, 2, box_indices=INDICES, **o)
+  ),
+  "ps_roi_align": (
+    lambda **o: roipool_jax.ps_roi_align(PS_FEATURES, BOXES, 2, box_indices=INDICES, **o)
+  ),
 }
 MODULES = {
   "roi_pool": ("RoIPool", dict(output_size=2)),
@@ -43,6 +54,9 @@ MODULES = {
   "crop_and_resize": ("CropAndResize", dict(crop_size=2)),
   "roi_warp": ("RoIWarp", dict(output_size=2)),
   "multi_scale_roi_align": ("MultiScaleRoIAlign", dict(output_size=2, image_size=(8, 8))),
+  "roi_align_rotated": ("RoIAlignRotated", dict(output_size=2)),
+  "ps_roi_pool": ("PSRoIPool", dict(output_size=2)),
+  "ps_roi_align": ("PSRoIAlign", dict(output_size=2)),
 }
 
 # Bad values by kind of option: (wrong types, wrong values).
@@ -63,6 +77,7 @@ OPTIONS = {
   "spatial_scale": POSITIVE,
   "sampling_ratio": INT,
   "aligned": BOOL,
+  "clockwise": BOOL,
   "quantization": choice("round", "floor"),
   "mode": choice("avg", "max"),
   "impl": choice("auto", "gather", "einsum"),
@@ -108,7 +123,15 @@ def _positional(fn, size):
   f = getattr(roipool_jax, fn)
   if fn == "multi_scale_roi_align":
     return f(PYRAMID, BOXES, size, image_size=(8, 8), box_indices=INDICES)
-  return f(FEATURES, BOXES, size, box_indices=INDICES)
+  return f(_features(fn), _boxes(fn), size, box_indices=INDICES)
+
+
+def _boxes(fn):
+  return ROTATED if fn == "roi_align_rotated" else BOXES
+
+
+def _features(fn):
+  return PS_FEATURES if fn.startswith("ps_") else FEATURES
 
 
 @pytest.mark.parametrize("fn, name, value, error", list(_cases()))
@@ -131,7 +154,7 @@ def _module_cases():
 def test_module_options(fn, name, value, error):
   cls_name, required = MODULES[fn]
   options = {**required, name: value}
-  inputs = (PYRAMID if fn == "multi_scale_roi_align" else FEATURES, BOXES, INDICES)
+  inputs = (PYRAMID if fn == "multi_scale_roi_align" else _features(fn), _boxes(fn), INDICES)
   with pytest.raises(error, match=f"`{name}`"):
     getattr(roi_linen, cls_name)(**options).apply({}, *inputs)
   with pytest.raises(error, match=f"`{name}`"):
@@ -158,9 +181,10 @@ def test_module_defaults_are_the_function_defaults(fn):
 
 @pytest.mark.parametrize("fn", sorted(CALLS))
 def test_torchvision_rois_name_the_fix(fn):
-  rois = jnp.concatenate([INDICES[:, None].astype(jnp.float32), BOXES], axis=1)  # [K, 5]
+  # torchvision's [K, 5] (detectron2's [K, 6] for rotated boxes)
+  rois = jnp.concatenate([INDICES[:, None].astype(jnp.float32), _boxes(fn)], axis=1)
   f = getattr(roipool_jax, fn)
-  first = PYRAMID if fn == "multi_scale_roi_align" else FEATURES
+  first = PYRAMID if fn == "multi_scale_roi_align" else _features(fn)
   extra = dict(image_size=(8, 8)) if fn == "multi_scale_roi_align" else {}
   with pytest.raises(ValueError, match=r"boxes=rois\[:, 1:\].*box_indices=rois\[:, 0\]"):
     f(first, rois, 2, **extra)

@@ -247,6 +247,88 @@ def multiscale_cases():
   return cases
 
 
+def position_sensitive_cases():
+  """ps_roi_pool and ps_roi_align: random, large, tiny and outside boxes, C = C_out * oh * ow.
+
+  ``ps_roi_pool`` cases named ``inside_*`` keep every bin off the map's last
+  row and column, where torchvision's backward agrees with its forward (it
+  clips bins to ``H`` while its forward clips them to ``H - 1``); the tests
+  compare gradients with torchvision there only.
+  """
+  rng = np.random.default_rng(2468)
+  cases = {}
+
+  def add(name, op, features, boxes, indices, size, scale, **extra):
+    boxes = np.asarray(boxes, np.float32)
+    indices = np.asarray(indices, np.int32)
+    out, grad, cot = _run(op, features, boxes, indices, len(cases))
+    cases[name] = dict(
+      features=features,
+      boxes=boxes,
+      box_indices=indices,
+      output_size=np.array(size),
+      spatial_scale=np.float32(scale),
+      output=out,
+      grad=grad,
+      cotangent=cot,
+      **extra,
+    )
+
+  size, scale = (3, 2), 1 / 8
+  feats = rng.standard_normal((2, 10, 13, 4 * 6)).astype(np.float32)
+  k = 24
+  xy = rng.uniform(-40, 110, (k, 2))
+  wh = rng.uniform(0, 90, (k, 2))
+  mixed = np.concatenate(
+    [
+      np.concatenate([xy, xy + wh], 1),
+      [
+        [40, 40, 40, 40],  # zero size
+        [41, 33, 42.5, 34],  # tiny
+        [-200, -150, 300, 260],  # much larger than the map
+        [-60, -60, 4, 4],  # mostly outside
+        [120, 90, 200, 150],  # partly outside, bottom-right
+        [300, 300, 400, 400],  # fully outside
+        [0, 0, 104, 80],  # the whole map
+        [4, 4, 100, 76],  # rounding halves at scale 1/8
+      ],
+    ]
+  ).astype(np.float32)
+  indices = rng.integers(0, 2, len(mixed))
+
+  def pool(x, r):
+    return torchvision.ops.ps_roi_pool(x, r, size, scale)
+
+  add("pool_mixed", pool, feats, mixed, indices, size, scale)
+  corner = rng.uniform(0, 40, (k, 2))
+  inside = np.concatenate([corner, corner + rng.uniform(0, 28, (k, 2))], 1)
+  add("pool_inside", pool, feats, inside, indices[:k], size, scale)
+  feats7 = rng.standard_normal((1, 12, 12, 2 * 49)).astype(np.float32)
+  inside7 = [[0, 0, 10, 10], [1, 2, 9, 5], [3, 3, 4, 4], [2, 0, 10, 3], [0, 0, 5, 10]]
+
+  def pool7(x, r):
+    return torchvision.ops.ps_roi_pool(x, r, 7, 1.0)
+
+  add("pool_inside_7x7", pool7, feats7, inside7, np.zeros(5), (7, 7), 1.0)
+  add("pool_edges_7x7", pool7, feats7, [[0, 0, 11, 11], [5, 5, 30, 30]], np.zeros(2), (7, 7), 1.0)
+  positive = mixed[np.all(mixed[:, 2:] > mixed[:, :2], axis=1)]  # no zero-size box
+  for ratio in (-1, 1, 2):
+    boxes = positive if ratio <= 0 else mixed
+
+    def align(x, r, ratio=ratio):
+      return torchvision.ops.ps_roi_align(x, r, size, scale, ratio)
+
+    n = len(boxes)
+    add(f"align_ratio{ratio}", align, feats, boxes, indices[:n], size, scale, sampling_ratio=ratio)
+
+  def align7(x, r):
+    return torchvision.ops.ps_roi_align(x, r, 7, 0.5, -1)
+
+  boxes7 = [[0, 0, 24, 24], [3, 5, 18, 9], [-6, -6, 40, 40], [10.3, 2.2, 11.9, 23.7]]
+  add("align_7x7", align7, feats7, boxes7, np.zeros(4), (7, 7), 0.5, sampling_ratio=-1)
+  return cases
+
+
 def _save(cases, name):
   flat = {f"{case}/{key}": value for case, d in cases.items() for key, value in d.items()}
   path = OUT / name
@@ -259,6 +341,7 @@ def main():
   _save(roi_pool_cases(), "torchvision_roi_pool.npz")
   _save(roi_align_cases(), "torchvision_roi_align.npz")
   _save(multiscale_cases(), "torchvision_multiscale.npz")
+  _save(position_sensitive_cases(), "torchvision_position_sensitive.npz")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ def prepare_boxes(
   box_indices: jax.typing.ArrayLike | None,
   num_images: int,
   pad: bool = False,
+  coords: int = 4,
 ) -> BoxArgs:
   """Validates either box form (at trace time; nothing is computed).
 
@@ -77,16 +78,17 @@ def prepare_boxes(
       there are no boxes).
     num_images: N, the batch size of the features.
     pad: for concrete (not traced) boxes only: the boxes become flat
-      ``[bucket(K), 4]`` with NaN (invalid) boxes appended, built on the host,
+      ``[bucket(K), coords]`` with NaN (invalid) boxes appended, built on the host,
       so that calls with nearby K share one compiled kernel (:func:`bucket`).
       ``batch_shape`` still names the boxes given.
+    coords: numbers per box: 4 ``(x1, y1, x2, y2)``, or 5 for rotated boxes.
 
   Raises:
     ValueError: on a wrong rank or last dimension, a per-image form whose
       leading dim is not N, or ``box_indices`` of the wrong shape or range.
     TypeError: on non-numeric boxes or non-integer ``box_indices``.
   """
-  validation.check_boxes(boxes)
+  validation.check_boxes(boxes, coords)
   shape = np.shape(boxes)
   if len(shape) == 3:
     if box_indices is not None:
@@ -114,8 +116,8 @@ def prepare_boxes(
       index[:k] = np.asarray(box_indices)
     elif len(shape) == 3:
       index[:k] = np.repeat(np.arange(num_images, dtype=np.int32), shape[1])
-    padded = np.full((pad_to, 4), np.nan, np.asarray(boxes).dtype)
-    padded[:k] = np.asarray(boxes).reshape(k, 4)
+    padded = np.full((pad_to, coords), np.nan, np.asarray(boxes).dtype)
+    padded[:k] = np.asarray(boxes).reshape(k, coords)
     boxes, box_indices = padded, index
   to_array = lambda x: x if x is None else to_device(x)  # noqa: E731
   return BoxArgs(to_array(boxes), to_array(box_indices), shape[:-1])
@@ -158,14 +160,15 @@ def bucket(k: int) -> int:
 
 
 def flat_arrays(boxes, box_indices, *, num_images, dtype):
-  """``[K, 4]`` boxes in ``dtype`` (zeros where invalid), ``[K]`` image index, ``[K]`` validity."""
+  """``[K, 4]`` (or ``[K, 5]``) boxes in ``dtype`` (zeros where invalid), ``[K]`` image index,
+  ``[K]`` validity."""
   if boxes.ndim == 3:  # per image: box r of image n
     index = jnp.repeat(jnp.arange(num_images, dtype=jnp.int32), boxes.shape[1])
   elif box_indices is None:
     index = jnp.zeros(boxes.shape[:1], jnp.int32)
   else:
     index = box_indices.astype(jnp.int32)
-  flat = boxes.reshape(-1, 4).astype(dtype)
+  flat = boxes.reshape(-1, boxes.shape[-1]).astype(dtype)
   valid = jnp.all(jnp.isfinite(flat), axis=-1) & (index >= 0) & (index < num_images)
   flat = jnp.where(valid[:, None], flat, 0.0)
   return flat, jnp.clip(index, 0, max(num_images - 1, 0)), valid

@@ -52,6 +52,22 @@ def interpolation_matrix(taps: Taps, length: int) -> jax.Array:
   return jnp.sum(jnp.where(hit, taps.weight[..., None], 0.0), axis=-2)
 
 
+def _image_rows(wy: jax.Array, image_index: jax.Array, num_images: int) -> jax.Array:
+  """``[K, oh, N * H]``: ``wy`` placed in the rows of each box's image (zeros elsewhere)."""
+  images = jnp.arange(num_images, dtype=image_index.dtype)
+  one_hot = (image_index[:, None] == images[None, :]).astype(wy.dtype)  # [K, N]
+  rows = one_hot[:, None, :, None] * wy[:, :, None, :]  # [K, oh, N, H]
+  return rows.reshape(wy.shape[:2] + (-1,))
+
+
+def _chunked(chunk_fn, wy, wx, image_index, per_box: int, out_shape, dtype):
+  """``chunk_fn`` over consecutive chunks of boxes whose intermediate holds ``per_box`` floats."""
+  if wy.shape[0] == 0:
+    return jnp.zeros(out_shape, dtype)
+  chunk = chunking.chunk_size(wy.shape[0], per_box, _CHUNK_ELEMENTS)
+  return chunking.map_in_order(chunk_fn, (wy, wx, image_index), chunk).astype(dtype)
+
+
 def separable_sum(features: jax.Array, wy: jax.Array, wx: jax.Array, image_index: jax.Array):
   """``[K, oh, ow, C]``: ``sum_y sum_x wy[k, i, y] wx[k, j, x] F[n_k, y, x]`` (module docstring).
 
@@ -68,18 +84,39 @@ def separable_sum(features: jax.Array, wy: jax.Array, wx: jax.Array, image_index
   n, h, w, c = features.shape
   k, oh, ow = wy.shape[0], wy.shape[1], wx.shape[1]
   table = features.astype(wy.dtype).reshape(n * h, w * c)
-  images = jnp.arange(n, dtype=image_index.dtype)
 
   def chunk_fn(chunk):
     cwy, cwx, cindex = chunk
-    one_hot = (cindex[:, None] == images[None, :]).astype(wy.dtype)  # [Kc, N]
-    rows = (one_hot[:, None, :, None] * cwy[:, :, None, :]).reshape(-1, n * h)  # [Kc*oh, N*H]
+    rows = _image_rows(cwy, cindex, n).reshape(-1, n * h)  # [Kc*oh, N*H]
     a = jnp.dot(rows, table, precision=lax.Precision.HIGHEST)  # [Kc*oh, W*C]
     a = a.reshape(cwy.shape[0], oh, w, c)
     return jnp.einsum("kjx,kixc->kijc", cwx, a, precision=lax.Precision.HIGHEST)
 
-  if k == 0:
-    return jnp.zeros((0, oh, ow, c), features.dtype)
-  chunk = chunking.chunk_size(k, oh * w * c, _CHUNK_ELEMENTS)
-  out = chunking.map_in_order(chunk_fn, (wy, wx, image_index), chunk)
-  return out.astype(features.dtype)
+  return _chunked(chunk_fn, wy, wx, image_index, oh * w * c, (k, oh, ow, c), features.dtype)
+
+
+def position_sensitive_sum(
+  features: jax.Array, wy: jax.Array, wx: jax.Array, image_index: jax.Array
+) -> jax.Array:
+  """``[K, oh, ow, C_out]``: :func:`separable_sum` where bin ``(i, j)`` of output channel ``c``
+  reads input channel ``(c * oh + i) * ow + j`` (R-FCN; ``C = C_out * oh * ow``).
+
+  The map is read as ``oh`` matrices ``[N * H, W * C_out * ow]``, one per bin
+  row ``i`` (the channels that row's bins read), so the first contraction is
+  a matmul batched over ``i`` and never computes channels a bin does not read.
+  """
+  n, h, w, c = features.shape
+  k, oh, ow = wy.shape[0], wy.shape[1], wx.shape[1]
+  c_out = c // (oh * ow)
+  grouped = features.astype(wy.dtype).reshape(n, h, w, c_out, oh, ow)
+  table = jnp.moveaxis(grouped, 4, 0).reshape(oh, n * h, w * c_out * ow)
+
+  def chunk_fn(chunk):
+    cwy, cwx, cindex = chunk
+    rows = _image_rows(cwy, cindex, n)  # [Kc, oh, N*H]
+    a = jnp.einsum("kiy,iyz->kiz", rows, table, precision=lax.Precision.HIGHEST)
+    a = a.reshape(cwy.shape[0], oh, w, c_out, ow)
+    return jnp.einsum("kjx,kixcj->kijc", cwx, a, precision=lax.Precision.HIGHEST)
+
+  per_box = oh * w * c_out * ow
+  return _chunked(chunk_fn, wy, wx, image_index, per_box, (k, oh, ow, c_out), features.dtype)

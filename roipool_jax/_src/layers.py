@@ -16,7 +16,10 @@ from typing import Literal
 
 from roipool_jax._src.crop_and_resize import crop_and_resize
 from roipool_jax._src.multiscale import multi_scale_roi_align
+from roipool_jax._src.ps_roi_align import ps_roi_align
+from roipool_jax._src.ps_roi_pool import ps_roi_pool
 from roipool_jax._src.roi_align import roi_align
+from roipool_jax._src.roi_align_rotated import roi_align_rotated
 from roipool_jax._src.roi_pool import roi_pool
 from roipool_jax._src.roi_warp import roi_warp
 
@@ -206,4 +209,81 @@ class MultiScaleRoIAlignConfig:
       canonical_scale=self.canonical_scale,
       canonical_level=self.canonical_level,
       impl=self.impl,
+    )
+
+
+@dataclasses.dataclass
+class PSRoIPoolConfig:
+  """Options of :func:`roipool_jax.ps_roi_pool`.
+
+  Attributes:
+    output_size: ``oh`` or ``(oh, ow)``; the map has ``C_out * oh * ow`` channels.
+    spatial_scale: feature cells per image pixel.
+  """
+
+  output_size: Size
+  spatial_scale: float = 1.0
+
+  def __call__(self, features, boxes, box_indices=None):
+    return ps_roi_pool(
+      features, boxes, self.output_size, spatial_scale=self.spatial_scale, box_indices=box_indices
+    )
+
+
+@dataclasses.dataclass
+class PSRoIAlignConfig:
+  """Options of :func:`roipool_jax.ps_roi_align`.
+
+  Attributes:
+    output_size: ``oh`` or ``(oh, ow)``; the map has ``C_out * oh * ow`` channels.
+    spatial_scale: feature cells per image pixel.
+    sampling_ratio: samples per bin axis; ``<= 0`` adaptive.
+    impl: ``"auto"``, ``"gather"`` or ``"einsum"``.
+  """
+
+  output_size: Size
+  spatial_scale: float = 1.0
+  sampling_ratio: int = -1
+  impl: Impl = "auto"
+
+  def __call__(self, features, boxes, box_indices=None):
+    return ps_roi_align(
+      features,
+      boxes,
+      self.output_size,
+      spatial_scale=self.spatial_scale,
+      sampling_ratio=self.sampling_ratio,
+      box_indices=box_indices,
+      impl=self.impl,
+    )
+
+
+@dataclasses.dataclass
+class RoIAlignRotatedConfig:
+  """Options of :func:`roipool_jax.roi_align_rotated`.
+
+  Attributes:
+    output_size: ``oh`` or ``(oh, ow)``.
+    spatial_scale: feature cells per image pixel.
+    sampling_ratio: samples per bin axis; ``<= 0`` adaptive.
+    aligned: half-pixel offset (detectron2: always).
+    clockwise: the angle turns clockwise (mmcv's option).
+  """
+
+  output_size: Size
+  spatial_scale: float = 1.0
+  sampling_ratio: int = -1
+  aligned: bool = True
+  clockwise: bool = False
+
+  def __call__(self, features, boxes, box_indices=None):
+    return roi_align_rotated(
+      features,
+      boxes,
+      self.output_size,
+      spatial_scale=self.spatial_scale,
+      sampling_ratio=self.sampling_ratio,
+      aligned=self.aligned,
+      clockwise=self.clockwise,
+      box_indices=box_indices,
     )

@@ -37,19 +37,31 @@ def _max_samples(sampling_ratio: int, length: int) -> int:
   return sampling_ratio if sampling_ratio > 0 else 2 * length + 7
 
 
-def _average(features, flat, rows, cols, output_size, sampling_ratio, sparse, impl):
-  """``mode="avg"``: fixed grids as two taps per sample, adaptive ones as merged per-cell taps."""
-  (oh, ow), (height, width) = output_size, features.shape[1:3]
+def average_weights(rows, cols, output_size, map_size, sampling_ratio, impl):
+  """Per-axis weights of ``mode="avg"`` for a resolved ``impl``.
+
+  ``"gather"``: :class:`sampling.Taps` ``(ty, tx)``: two taps per sample for
+  fixed grids, merged per-cell taps for adaptive ones. ``"einsum"``: the dense
+  interpolation matrices ``Wy [K, oh, H]``, ``Wx [K, ow, W]``.
+  """
+  (oh, ow), (height, width) = output_size, map_size
   if sampling_ratio > 0:
     ty, _ = sampling.sample_taps(rows, oh, height, sampling_ratio, True)
     tx, _ = sampling.sample_taps(cols, ow, width, sampling_ratio, True)
-    return backends.sum_taps(features, ty, tx, flat.image_index, impl, sparse)
+    if impl == "einsum":
+      return dense.interpolation_matrix(ty, height), dense.interpolation_matrix(tx, width)
+    return ty, tx
   if impl == "einsum":  # row_taps builds the dense matrices directly
     wy = sampling.row_taps(rows, oh, height, dense=True).weight
-    wx = sampling.row_taps(cols, ow, width, dense=True).weight
+    return wy, sampling.row_taps(cols, ow, width, dense=True).weight
+  return sampling.row_taps(rows, oh, height), sampling.row_taps(cols, ow, width)
+
+
+def _average(features, flat, rows, cols, output_size, sampling_ratio, sparse, impl):
+  wy, wx = average_weights(rows, cols, output_size, features.shape[1:3], sampling_ratio, impl)
+  if impl == "einsum":
     return dense.separable_sum(features, wy, wx, flat.image_index)
-  ty, tx = sampling.row_taps(rows, oh, height), sampling.row_taps(cols, ow, width)
-  return backends.sum_taps(features, ty, tx, flat.image_index, impl, sparse)
+  return backends.sum_taps(features, wy, wx, flat.image_index, impl, sparse)
 
 
 def _maximum(features, flat, rows, cols, output_size, sampling_ratio):
@@ -72,7 +84,7 @@ def align_bins(
   sparse=False,
   impl="gather",
 ):
-  """RoIAlign of flat boxes, ``[K, oh, ow, C]``; shared by ``roi_align``, ``roi_warp`` and
+  """RoIAlign of flat boxes, ``[K, oh, ow, C]``; shared by ``roi_align`` and
   ``multi_scale_roi_align``.
 
   ``impl`` is a resolved backend (``"gather"`` or ``"einsum"``, see

@@ -16,18 +16,30 @@ from roipool_jax._src import boxes as boxes_lib
 QUANTIZATIONS = ("round", "floor")
 
 
-def _round_mode_edges(lo, hi, _size, num_bins, extent):
-  """torchvision / Caffe bin edges along one axis; see :func:`roi_pool`."""
+def quantized_edges(lo, hi, num_bins, extra, limit):
+  """Caffe-style integer bin edges ``[first, last)`` ``[K, P]`` along one axis.
+
+  ``start = round(lo)``, ``end = round(hi)`` (C round), ``roi = max(end - start
+  + extra, 1)`` cells, ``bin = roi / P`` (correctly rounded); bin ``j`` is
+  ``[floor(j * bin) + start, ceil((j + 1) * bin) + start)`` clipped to ``[0,
+  limit]``. ``roi_pool`` uses ``extra = 1, limit = L``; ``ps_roi_pool``
+  ``extra = 0, limit = L - 1``.
+  """
   start = boxes_lib.to_int(boxes_lib.round_half_away(lo))
   end = boxes_lib.to_int(boxes_lib.round_half_away(hi))
-  roi = jnp.maximum(end - start + 1, 1)
+  roi = jnp.maximum(end - start + extra, 1)
   bin_size = boxes_lib.exact_div(roi.astype(lo.dtype), num_bins)[:, None]
   # Separate iotas for j and j + 1: no add that could be fused into an FMA.
   j = jnp.arange(num_bins, dtype=lo.dtype)
   j_next = jnp.arange(1, num_bins + 1, dtype=lo.dtype)
   first = boxes_lib.to_int(jnp.floor(j[None] * bin_size)) + start[:, None]
   last = boxes_lib.to_int(jnp.ceil(j_next[None] * bin_size)) + start[:, None]
-  return jnp.clip(first, 0, extent), jnp.clip(last, 0, extent)
+  return jnp.clip(first, 0, limit), jnp.clip(last, 0, limit)
+
+
+def _round_mode_edges(lo, hi, _size, num_bins, extent):
+  """torchvision / Caffe bin edges along one axis; see :func:`roi_pool`."""
+  return quantized_edges(lo, hi, num_bins, 1, extent)
 
 
 def _floor_mode_edges(lo, _hi, size, num_bins, extent):

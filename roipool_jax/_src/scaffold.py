@@ -2,7 +2,7 @@
 
 An op validates its options, then calls :func:`run`, which
 
-1. flattens either box form into ``[K, 4]`` boxes in the compute dtype, with
+1. flattens either box form into ``[K, 4]`` (or rotated ``[K, 5]``) boxes in the compute dtype, with
    each box's image and validity (:func:`boxes.flatten_boxes`). Outside
    ``jit`` (concrete boxes and features) K is padded with invalid boxes to a
    bucket (:func:`boxes.bucket`, at most 25% more), so a notebook that
@@ -40,9 +40,15 @@ def run(
   boxes: jax.typing.ArrayLike,
   box_indices: jax.typing.ArrayLike | None,
   output_size: tuple[int, int],
+  out_channels: int | None = None,
+  coords: int = 4,
   **options,
 ) -> jax.Array:
   """Runs ``kernel`` on validated ``features`` (a map, or a list of pyramid levels).
+
+  ``out_channels`` is the kernel's output channel count when it is not the
+  map's ``C`` (position-sensitive ops), ``coords`` the numbers per box (5 for
+  rotated boxes); static ``options`` go to the kernel.
 
   Returns:
     ``[K, oh, ow, C]`` or ``[N, R, oh, ow, C]`` in the features' dtype.
@@ -50,11 +56,12 @@ def run(
   levels = list(features) if isinstance(features, (list, tuple)) else [features]
   first = levels[0]
   eager = not any(isinstance(x, jax.core.Tracer) for x in [*levels, boxes, box_indices])
-  args = boxes_lib.prepare_boxes(boxes, box_indices, first.shape[0], pad=eager)
+  args = boxes_lib.prepare_boxes(boxes, box_indices, first.shape[0], pad=eager, coords=coords)
   k = int(np.prod(args.batch_shape))
   n, _, _, c = first.shape
   if k == 0 or n == 0 or c == 0:  # nothing to pool (an empty map cannot be gathered from)
-    return jnp.zeros(args.batch_shape + output_size + first.shape[3:], first.dtype)
+    channels = c if out_channels is None else out_channels
+    return jnp.zeros(args.batch_shape + output_size + (channels,), first.dtype)
   out = _flatten_and_pool(
     features,
     args.boxes,

@@ -22,6 +22,10 @@ import numpy as np
 
 # How to move from torchvision's conventions, quoted in errors where a shape
 # gives the habit away.
+ROTATED_ROIS_HINT = (
+  "detectron2's and mmcv's rotated rois [K, 6] hold (batch_index, cx, cy, w, h, angle): pass "
+  "`boxes=rois[:, 1:]` and `box_indices=rois[:, 0].astype(jnp.int32)` instead"
+)
 TORCHVISION_ROIS_HINT = (
   "torchvision's rois [K, 5] hold (batch_index, x1, y1, x2, y2): pass "
   "`boxes=rois[:, 1:]` and `box_indices=rois[:, 0].astype(jnp.int32)` instead, or call the "
@@ -84,10 +88,13 @@ def check_boxes(boxes: object, coords: int = 4) -> None:
       f"`boxes` must have a floating (or integer) dtype; got {dtype} with shape {shape}."
     )
   if len(shape) not in (2, 3) or shape[-1] != coords:
-    hint = f"; {TORCHVISION_ROIS_HINT}" if len(shape) == 2 and shape[-1] == coords + 1 else ""
+    hint = ""
+    if len(shape) == 2 and shape[-1] == coords + 1:
+      hint = f"; {TORCHVISION_ROIS_HINT}" if coords == 4 else f"; {ROTATED_ROIS_HINT}"
+    layout = "(x1, y1, x2, y2)" if coords == 4 else "(cx, cy, w, h, angle_degrees)"
     raise ValueError(
-      "`boxes` must be [K, 4] (with `box_indices`) or [N, R, 4] (per image), as "
-      f"(x1, y1, x2, y2); got shape {shape}{hint}."
+      f"`boxes` must be [K, {coords}] (with `box_indices`) or [N, R, {coords}] (per image), as "
+      f"{layout}; got shape {shape}{hint}."
     )
 
 

@@ -1,0 +1,135 @@
+"""``ps_roi_pool``: position-sensitive RoI average pooling (R-FCN)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from roipool_jax._src import boxes as boxes_lib
+from roipool_jax._src import position_sensitive, scaffold, validation
+from roipool_jax._src import roi_pool as roi_pool_lib
+from roipool_jax._src.sampling import Taps
+
+
+def ps_roi_pool(
+  features: jax.typing.ArrayLike,
+  boxes: jax.typing.ArrayLike,
+  output_size: int | Sequence[int],
+  *,
+  spatial_scale: float = 1.0,
+  box_indices: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+  r"""Position-sensitive RoI pooling (R-FCN): bin ``(i, j)`` averages its own channels.
+
+  The map has ``C = C_out * oh * ow`` channels; output channel ``c`` of bin
+  ``(i, j)`` is the mean of input channel ``(c * oh + i) * ow + j`` over the
+  bin's cells (torchvision's layout). The bins are whole cells, as in
+  ``torchvision.ops.ps_roi_pool`` (bit for bit in the edges). Per axis (x
+  shown; y is the same with rows, ``H`` and ``oh``), with ``s =
+  spatial_scale``, in the compute dtype and then int32::
+
+      x1' = round(x1 * s)        x2' = round(x2 * s)   # C round: halves away from 0
+      roi_w = max(x2' - x1', 1)                        # no +1, unlike roi_pool
+      bin_w = roi_w / ow                               # correctly rounded
+      bin j: columns [floor(j * bin_w) + x1', ceil((j + 1) * bin_w) + x1')
+             with both edges clipped to [0, W - 1]
+
+  The bin's value is the sum of its cells divided by their number; a bin
+  with no cell outputs 0. Clipping both edges to ``W - 1`` (torchvision's
+  forward) means the last column and row of the map are never read. Boxes
+  with non-finite coordinates, or (under ``jit``) an out-of-range
+  ``box_indices`` entry, output 0; no box affects another.
+
+  Gradient (hand-written ``custom_vjp`` of the summing kernel): each output
+  cotangent is divided by the bin's cell count and added to every cell of
+  the bin, in its channel; accumulated in the compute dtype in a fixed
+  order, so bitwise reproducible on CPU. This is the exact gradient of the
+  forward above. It differs from torchvision's backward only for bins that
+  the ``W - 1`` clip shortens: torchvision's backward clips to ``W`` and so
+  spreads the cotangent over cells its forward did not read (a known
+  inconsistency of its kernel). The gradient with respect to ``boxes`` is zero
+  (the bins are quantized).
+
+  Dtypes: float64 features are computed in float64, all others in float32;
+  outputs keep the features' dtype. ``K = 0`` boxes or ``N = 0`` images give
+  empty outputs and zero gradients.
+
+  Cost: each bin gathers its cells (``C_out`` values each) from the map
+  transposed once to ``[N, H, W, oh * ow, C_out]``; bins outside the map
+  cost nothing.
+
+  Args:
+    features: ``[N, H, W, C_out * oh * ow]`` floating feature map.
+    boxes: ``[K, 4]`` (with ``box_indices``) or ``[N, R, 4]`` (per image) boxes
+      ``(x1, y1, x2, y2)`` in input-image pixels.
+    output_size: ``oh`` (square) or ``(oh, ow)``; static.
+    spatial_scale: static feature cells per image pixel.
+    box_indices: ``[K]`` integer image index of each box for ``[K, 4]`` boxes;
+      may be omitted when ``N == 1``. Must be None for ``[N, R, 4]`` boxes.
+
+  Returns:
+    ``[K, oh, ow, C_out]`` (flat boxes) or ``[N, R, oh, ow, C_out]`` (per-image
+    boxes) in the dtype of ``features``.
+
+  Raises:
+    TypeError: an option of the wrong type, non-floating ``features`` or
+      non-integer ``box_indices``.
+    ValueError: a wrong rank or last dim of ``features``/``boxes``, ``C`` not a
+      multiple of ``oh * ow``, a non-positive ``output_size`` or
+      ``spatial_scale``, or ``box_indices`` of the wrong length or (when
+      concrete) out of ``[0, N)``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from roipool_jax import ps_roi_pool
+    >>> x = jnp.arange(3 * 3 * 4.0).reshape(1, 3, 3, 4)  # C = 4 = 1 channel * 2 * 2 bins
+    >>> ps_roi_pool(x, jnp.array([[0.0, 0.0, 2.0, 2.0]]), 2)[0, :, :, 0]
+    Array([[ 0.,  5.],
+           [14., 19.]], dtype=float32)
+
+  References:
+    Dai, Li, He, Sun, "R-FCN: Object Detection via Region-based Fully
+    Convolutional Networks", NeurIPS 2016. https://arxiv.org/abs/1605.06409
+  """
+  validation.check_features(features)
+  size = validation.normalize_size(output_size)
+  scale = validation.check_spatial_scale(spatial_scale)
+  features = jnp.asarray(features)
+  c_out = position_sensitive.check_channels(features, size)
+  options = dict(size=size, scale=scale)
+  return scaffold.run(_ps_roi_pool, features, boxes, box_indices, size, c_out, **options)
+
+
+def cell_taps(first: jax.Array, last: jax.Array, length: int, dtype) -> Taps:
+  """Weight-1 taps on the cells ``[first, last)`` of each bin (``[K, P]`` edges)."""
+  t = jnp.arange(max(length - 1, 1), dtype=jnp.int32)[None, None]
+  used = t < (last - first)[..., None]
+  index = jnp.where(used, first[..., None] + t, -1)
+  count = jnp.max(last - first, axis=1, initial=0)
+  return Taps(index, used.astype(dtype), count)
+
+
+def ps_pool_edges(flat: boxes_lib.FlatBoxes, output_size, spatial_scale: float, map_size):
+  """``(row_first, row_last, col_first, col_last)`` ``[K, P]`` bin edges (see ``ps_roi_pool``)."""
+  (oh, ow), (height, width) = output_size, map_size
+  scaled = boxes_lib.scale_coords(flat.boxes, spatial_scale)
+  rs, re = roi_pool_lib.quantized_edges(scaled[:, 1], scaled[:, 3], oh, 0, height - 1)
+  cs, ce = roi_pool_lib.quantized_edges(scaled[:, 0], scaled[:, 2], ow, 0, width - 1)
+  re = jnp.where(flat.valid[:, None], re, rs)  # invalid boxes: empty bins
+  return rs, re, cs, ce
+
+
+# Compiled once per shape and configuration, also when called outside `jit`.
+@partial(jax.jit, static_argnames=("size", "scale"))
+def _ps_roi_pool(features, boxes, image_index, valid, *, size, scale):
+  flat = boxes_lib.FlatBoxes(boxes, image_index, valid, boxes.shape[:1])
+  height, width = features.shape[1:3]
+  rs, re, cs, ce = ps_pool_edges(flat, size, scale, (height, width))
+  ty = cell_taps(rs, re, height, boxes.dtype)
+  tx = cell_taps(cs, ce, width, boxes.dtype)
+  sums = position_sensitive.pooled_sum(features, ty, tx, image_index)
+  area = ((re - rs)[:, :, None] * (ce - cs)[:, None, :])[..., None]
+  return jnp.where(area > 0, sums / jnp.maximum(area, 1).astype(sums.dtype), 0.0)

@@ -1,0 +1,327 @@
+"""ps_roi_pool and ps_roi_align: torchvision fixtures, NumPy reference, properties, gradients."""
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import roipool_jax
+from roipool_jax import torchvision as tv
+from tests import fixtures_io, reference
+from tests.quick import some
+
+CASES = fixtures_io.load_cases("torchvision_position_sensitive.npz")
+POOL = sorted(name for name in CASES if name.startswith("pool"))
+ALIGN = sorted(name for name in CASES if name.startswith("align"))
+
+
+def size_of(c):
+  return tuple(int(s) for s in np.broadcast_to(c["output_size"], (2,)))
+
+
+def call(c, impl=None):
+  """The op of fixture case ``c`` as a function of the features (NHWC API)."""
+  size, scale, indices = size_of(c), float(c["spatial_scale"]), c["box_indices"]
+  if "sampling_ratio" in c:
+    options = dict(sampling_ratio=int(c["sampling_ratio"]))
+    if impl:
+      options["impl"] = impl
+    return lambda x: roipool_jax.ps_roi_align(
+      x, c["boxes"], size, spatial_scale=scale, box_indices=indices, **options
+    )
+  return lambda x: roipool_jax.ps_roi_pool(
+    x, c["boxes"], size, spatial_scale=scale, box_indices=indices
+  )
+
+
+@pytest.mark.parametrize("name", POOL)
+def test_ps_roi_pool_matches_torchvision(name):
+  c = CASES[name]
+  out, vjp = jax.vjp(call(c), jnp.asarray(c["features"]))
+  np.testing.assert_allclose(out, c["output"], rtol=1e-6, atol=1e-6)
+  (grad,) = vjp(jnp.asarray(c["cotangent"]))
+  if "inside" in name:  # torchvision's backward agrees with its forward here
+    np.testing.assert_allclose(grad, c["grad"], rtol=1e-6, atol=1e-6)
+  # Everywhere: the exact gradient of the forward.
+  expected = reference.ps_roi_pool_grad(
+    c["features"].shape,
+    c["boxes"],
+    c["box_indices"],
+    size_of(c),
+    float(c["spatial_scale"]),
+    c["cotangent"],
+  )
+  np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_ps_roi_pool_gradient_differs_from_torchvision_only_where_it_clips_to_h_minus_1():
+  """torchvision's backward clips bins to H (its forward to H - 1): the documented difference."""
+  c = CASES["pool_edges_7x7"]
+  _, vjp = jax.vjp(call(c), jnp.asarray(c["features"]))
+  (grad,) = vjp(jnp.asarray(c["cotangent"]))
+  assert np.all(np.asarray(grad)[:, -1, :] == 0) and np.all(np.asarray(grad)[:, :, -1] == 0)
+  assert np.any(c["grad"][:, -1, :] != 0)  # torchvision sends gradient to cells it never read
+
+
+@pytest.mark.parametrize("impl", ["gather", "einsum"])
+@pytest.mark.parametrize("name", some(ALIGN, 2))
+def test_ps_roi_align_matches_torchvision(name, impl):
+  c = CASES[name]
+  out, vjp = jax.vjp(call(c, impl), jnp.asarray(c["features"]))
+  np.testing.assert_allclose(out, c["output"], rtol=1e-5, atol=1e-5)
+  (grad,) = vjp(jnp.asarray(c["cotangent"]))
+  np.testing.assert_allclose(grad, c["grad"], rtol=1e-5, atol=1e-5)
+
+
+def nchw(x):
+  return np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("name", ["pool_inside", "align_ratio2"])
+def test_torchvision_layer_and_modules(name):
+  c = CASES[name]
+  rois = np.concatenate([c["box_indices"][:, None].astype(np.float32), c["boxes"]], 1)
+  size, scale = size_of(c), float(c["spatial_scale"])
+  if name.startswith("pool"):
+    fn, module = tv.ps_roi_pool(nchw(c["features"]), rois, size, scale), tv.PSRoIPool(size, scale)
+  else:
+    ratio = int(c["sampling_ratio"])
+    fn = tv.ps_roi_align(nchw(c["features"]), rois, size, scale, ratio)
+    module = tv.PSRoIAlign(size, scale, ratio)
+  np.testing.assert_allclose(fn, nchw(c["output"]), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(module(nchw(c["features"]), rois), fn)
+
+
+@st.composite
+def problems(draw):
+  """A small map with C_out * oh * ow channels and boxes of every kind (degenerate included)."""
+  n = draw(st.sampled_from([1, 2]))
+  height, width = draw(st.sampled_from([(1, 1), (5, 7), (9, 6)]))
+  oh, ow = draw(st.sampled_from([(1, 1), (2, 3), (3, 3)]))
+  c_out = draw(st.sampled_from([1, 2]))
+  k = draw(st.sampled_from([1, 5]))
+  scale = draw(st.sampled_from([1.0, 0.5, 0.25]))
+  seed = draw(st.integers(0, 2**16))
+  rng = np.random.default_rng(seed)
+  features = rng.standard_normal((n, height, width, c_out * oh * ow)).astype(np.float32)
+  lo = rng.uniform(-8, 2 * max(height, width) / scale, (k, 2))
+  boxes = np.concatenate([lo, lo + rng.uniform(-3, 3 * max(height, width) / scale, (k, 2))], 1)
+  if draw(st.booleans()):  # exact halves and integers, and a zero-size box
+    boxes = np.round(boxes * 2) / 2
+    boxes[0, 2:] = boxes[0, :2]
+  indices = rng.integers(0, n, k).astype(np.int32)
+  return features, boxes.astype(np.float32), indices, (oh, ow), scale
+
+
+@hypothesis.given(problems())
+def test_ps_roi_pool_matches_the_reference(problem):
+  features, boxes, indices, size, scale = problem
+  out = roipool_jax.ps_roi_pool(features, boxes, size, spatial_scale=scale, box_indices=indices)
+  expected = reference.ps_roi_pool(features, boxes, indices, size, scale)
+  np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+
+
+@hypothesis.given(problems(), st.sampled_from([-1, 1, 2]), st.sampled_from(["gather", "einsum"]))
+def test_ps_roi_align_matches_the_reference(problem, ratio, impl):
+  features, boxes, indices, size, scale = problem
+  out = roipool_jax.ps_roi_align(
+    features, boxes, size, spatial_scale=scale, sampling_ratio=ratio, box_indices=indices, impl=impl
+  )
+  expected = reference.ps_roi_align(features, boxes, indices, size, scale, ratio)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@hypothesis.given(problems(), st.sampled_from([-1, 2]))
+def test_ps_roi_align_of_a_repeated_map_is_roi_align(problem, ratio):
+  """When every bin's channel group holds the same map, position sensitivity is invisible:
+  ps_roi_align is roi_align with aligned=True."""
+  features, boxes, indices, (oh, ow), scale = problem
+  base = features[..., : features.shape[3] // (oh * ow)]
+  repeated = np.repeat(base, oh * ow, axis=3)  # channel c * P + p holds base channel c
+  options = dict(spatial_scale=scale, sampling_ratio=ratio, box_indices=indices)
+  out = roipool_jax.ps_roi_align(repeated, boxes, (oh, ow), **options)
+  expected = roipool_jax.roi_align(base, boxes, (oh, ow), aligned=True, **options)
+  np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def _inputs(seed=0, dtype=np.float32):
+  rng = np.random.default_rng(seed)
+  features = rng.standard_normal((2, 8, 9, 2 * 6)).astype(dtype)
+  boxes = np.array(
+    [[1.3, 0.7, 6.3, 5.7], [2.7, 1.3, 4.9, 6.45], [-1.2, 2.2, 7.9, 8.4], [0.45, 0.6, 8.6, 7.4]],
+    dtype,
+  )
+  return features, boxes, np.array([0, 1, 1, 0], np.int32)
+
+
+OPS = {
+  "ps_roi_pool": lambda f, b, i: roipool_jax.ps_roi_pool(f, b, (2, 3), box_indices=i),
+  "ps_roi_align gather": lambda f, b, i: roipool_jax.ps_roi_align(
+    f, b, (2, 3), box_indices=i, impl="gather"
+  ),
+  "ps_roi_align einsum": lambda f, b, i: roipool_jax.ps_roi_align(
+    f, b, (2, 3), box_indices=i, impl="einsum"
+  ),
+  "ps_roi_align ratio 2": lambda f, b, i: roipool_jax.ps_roi_align(
+    f, b, (2, 3), sampling_ratio=2, box_indices=i
+  ),
+}
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_jit_vmap_and_per_image_boxes_agree(op):
+  features, boxes, indices = _inputs()
+  fn = OPS[op]
+  eager = fn(features, boxes, indices)
+  np.testing.assert_array_equal(jax.jit(fn)(features, boxes, indices), eager)
+  # vmap over two box sets.
+  stacked = np.stack([boxes, boxes[::-1]])
+  mapped = jax.vmap(fn, in_axes=(None, 0, None))(features, stacked, indices)
+  np.testing.assert_array_equal(mapped[0], eager)
+  np.testing.assert_allclose(mapped[1], fn(features, boxes[::-1], indices), rtol=1e-6)
+  # Per-image [N, R, 4] boxes: box r of image n.
+  per_image = np.stack([boxes[:2], boxes[2:]])
+  out = fn(features, per_image, None)
+  flat = fn(features, per_image.reshape(4, 4), np.array([0, 0, 1, 1], np.int32))
+  assert out.shape == (2, 2) + flat.shape[1:]
+  np.testing.assert_array_equal(out.reshape(flat.shape), flat)
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_float64_gradients_pass_check_grads(op):
+  with jax.enable_x64(True):
+    features, boxes, indices = _inputs(1, np.float64)
+    fn = OPS[op]
+    out = fn(features, boxes, indices)
+    assert out.dtype == jnp.float64
+    f = lambda x, b: fn(x, b, indices)  # noqa: E731
+    check_grads(f, (jnp.asarray(features), jnp.asarray(boxes)), order=1, modes=("rev",))
+    check_grads(f, (jnp.asarray(features), jnp.asarray(boxes)), order=1, modes=("rev",), eps=1e-6)
+
+
+def test_ps_roi_align_box_gradients_match_central_differences():
+  with jax.enable_x64(True):
+    features, boxes, indices = _inputs(2, np.float64)
+    cot = np.random.default_rng(3).standard_normal((4, 2, 3, 2))
+
+    def loss(b):
+      return jnp.vdot(roipool_jax.ps_roi_align(features, b, (2, 3), box_indices=indices), cot)
+
+    numeric = reference.central_differences(loss, jnp.asarray(boxes), 1e-6)
+    np.testing.assert_allclose(jax.grad(loss)(jnp.asarray(boxes)), numeric, rtol=1e-7, atol=1e-8)
+
+
+def test_ps_roi_pool_has_no_box_gradient():
+  features, boxes, indices = _inputs()
+  grad = jax.grad(lambda b: jnp.sum(OPS["ps_roi_pool"](features, b, indices)))(boxes)
+  np.testing.assert_array_equal(grad, np.zeros_like(boxes))
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_degenerate_boxes_give_zeros_and_do_not_touch_other_boxes(op):
+  features, boxes, indices = _inputs()
+  bad = np.array(
+    [
+      [np.nan, 1, 5, 5],
+      [1, np.inf, 5, 5],
+      [6, 6, 2, 2],  # inverted
+      [3, 3, 3, 3],  # zero size
+      [1e30, 1e30, 2e30, 2e30],  # huge, far outside
+      [-50, -50, -40, -40],  # outside
+    ],
+    np.float32,
+  )
+  fn = OPS[op]
+  mixed = np.concatenate([boxes, bad])
+  mixed_indices = np.concatenate([indices, np.zeros(len(bad), np.int32)])
+  out = fn(features, mixed, mixed_indices)
+  assert np.all(np.isfinite(out))
+  np.testing.assert_array_equal(out[:4], fn(features, boxes, indices))
+  np.testing.assert_array_equal(out[4:6], 0.0)  # non-finite boxes
+  if op != "ps_roi_pool":  # ps_roi_pool makes an inverted box 1 cell, as torchvision
+    np.testing.assert_array_equal(out[6], 0.0)
+  np.testing.assert_array_equal(out[-2:], 0.0)  # outside the map
+
+  def loss(f, b, rows):
+    return jnp.sum(fn(f, b, mixed_indices)[rows] ** 2)
+
+  good, dead = np.arange(4), np.array([4, 5, 10, 11])  # dead: non-finite and outside boxes
+  grad_f, grad_b = jax.grad(loss, (0, 1))(features, mixed, good)
+  assert np.all(np.isfinite(grad_f)) and np.all(np.isfinite(grad_b))
+  clean = jax.grad(lambda f: jnp.sum(fn(f, boxes, indices) ** 2))(features)
+  np.testing.assert_allclose(grad_f, clean, rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(grad_b[4:], 0.0)
+  grad_f, grad_b = jax.grad(loss, (0, 1))(features, mixed, dead)
+  np.testing.assert_array_equal(grad_f, 0.0)
+  np.testing.assert_array_equal(grad_b, 0.0)
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_empty_inputs_work_forward_and_backward(op):
+  features, boxes, indices = _inputs()
+  fn = OPS[op]
+  none = np.zeros((0, 4), np.float32)
+  out = fn(features, none, np.zeros(0, np.int32))
+  assert out.shape == (0, 2, 3, 2)
+  grad = jax.grad(lambda f: jnp.sum(fn(f, none, np.zeros(0, np.int32))))(features)
+  np.testing.assert_array_equal(grad, 0.0)
+  out = fn(features[:0], np.zeros((0, 3, 4), np.float32), None)
+  assert out.shape == (0, 3, 2, 3, 2)
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_feature_gradient_is_bitwise_reproducible(op):
+  features, boxes, indices = _inputs(4)
+  boxes = np.concatenate([boxes] * 8)  # many bins share cells
+  indices = np.concatenate([indices] * 8)
+  grad = jax.jit(jax.grad(lambda f: jnp.sum(OPS[op](f, boxes, indices) ** 2)))
+  np.testing.assert_array_equal(grad(features), grad(features))
+
+
+def test_bf16_features_keep_their_dtype():
+  features, boxes, indices = _inputs()
+  for fn in OPS.values():
+    out = fn(features.astype(jnp.bfloat16), boxes, indices)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+      out.astype(np.float32), fn(features, boxes, indices), rtol=2e-2, atol=2e-2
+    )
+
+
+def test_einsum_ps_roi_align_has_no_gather_or_scatter():
+  features, boxes, indices = _inputs()
+
+  def loss(f, b, impl):
+    return jnp.sum(roipool_jax.ps_roi_align(f, b, (2, 3), box_indices=indices, impl=impl) ** 2)
+
+  for impl, expect in (("einsum", False), ("gather", True)):  # the check can fail
+    hlo = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2).lower(features, boxes, impl)
+    text = hlo.as_text()
+    assert (("gather" in text) or ("scatter" in text)) == expect, impl
+
+
+@pytest.mark.parametrize(
+  "call, message",
+  [
+    (lambda: roipool_jax.ps_roi_pool(np.ones((1, 4, 4, 5)), np.ones((1, 4)), 2), "multiple of"),
+    (lambda: roipool_jax.ps_roi_align(np.ones((1, 4, 4, 8)), np.ones((1, 4)), (3, 1)), r"3 \* 1"),
+    (lambda: roipool_jax.ps_roi_pool(np.ones((4, 4, 4)), np.ones((1, 4)), 2), "features"),
+    (lambda: roipool_jax.ps_roi_align(np.ones((1, 4, 4, 4)), np.ones((1, 5)), 2), "boxes"),
+    (lambda: roipool_jax.ps_roi_align(np.ones((1, 4, 4, 4)), np.ones((1, 4)), 0), "output_size"),
+    (
+      lambda: roipool_jax.ps_roi_pool(np.ones((1, 4, 4, 4)), np.ones((1, 4)), 2, spatial_scale=0),
+      "spatial_scale",
+    ),
+  ],
+)
+def test_bad_arguments_raise_naming_them(call, message):
+  with pytest.raises(ValueError, match=message):
+    call()
+
+
+def test_integer_features_are_rejected():
+  with pytest.raises(TypeError, match="features"):
+    roipool_jax.ps_roi_pool(np.ones((1, 4, 4, 4), np.int32), np.ones((1, 4)), 2)
