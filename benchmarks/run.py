@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import baselines  # noqa: E402
 from common import (  # noqa: E402
   copy_bandwidth,
   machine,
@@ -56,7 +57,9 @@ import roipool_jax  # noqa: E402
 @dataclasses.dataclass(frozen=True)
 class Config:
   name: str
-  op: str  # "roi_pool" | "roi_align" | "roi_warp" | "multi_scale" | "ps_roi_pool" | "ps_roi_align"
+  # "roi_pool" | "roi_align" | "roi_warp" | "multi_scale" | "ps_roi_pool" | "ps_roi_align" |
+  # "roi_align_rotated"
+  op: str
   shape: tuple[int, int, int, int]  # (N, H, W, C) of the (finest) map
   rois: int
   output: int
@@ -118,6 +121,15 @@ CONFIGS = [
     1 / 16,
     sampling_ratio=-1,
   ),
+  # Oriented text / aerial boxes; the reference is a plain JAX gather (no torchvision op).
+  Config(
+    "rotated boxes (P3), roi_align_rotated",
+    "roi_align_rotated",
+    (1, 100, 152, 256),
+    512,
+    7,
+    1 / 8,
+  ),
   Config("FPN P2, roi_warp (14x14 warp)", "roi_warp", (1, 200, 304, 256), 512, 7, 1 / 4),
   Config(
     "MultiScaleRoIAlign P2-P5, 1000 RoIs",
@@ -170,6 +182,10 @@ def make_inputs(config: Config, dtype, seed=0):
     boxes, indices = proposals(
       rng, config.rois, n, image_h, image_w, min_px, factor, max_size=config.max_px
     )
+  if config.op == "roi_align_rotated":  # the same boxes as (cx, cy, w, h, angle), turned
+    centre, size = (boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]
+    angle = rng.uniform(-90, 90, (len(boxes), 1)).astype(np.float32)
+    boxes = np.concatenate([centre, size, angle], axis=1)
   return (maps if config.levels > 1 else maps[0]), jnp.asarray(boxes), jnp.asarray(indices)
 
 
@@ -200,6 +216,10 @@ def jax_op(config: Config, indices, impl: str):
       sampling_ratio=config.sampling_ratio,
       box_indices=index,
       impl=impl,
+    )
+  if config.op == "roi_align_rotated":
+    return lambda f, b: roipool_jax.roi_align_rotated(
+      f, b, size, spatial_scale=scale, sampling_ratio=config.sampling_ratio, box_indices=index
     )
   if config.op == "roi_warp":
     return lambda f, b: roipool_jax.roi_warp(
@@ -240,6 +260,24 @@ def bench_jax(config, features, boxes, indices, impl, repeats):
     peak_mb=(peak_bytes(grad, features, boxes) or 0) / 2**20,
     out_bytes=out.nbytes,
     first_call_s=first,
+  )
+
+
+def bench_baseline(config, features, boxes, indices, repeats):
+  """The plain JAX formulation of an op torchvision lacks (:mod:`baselines`), jitted."""
+  if config.op != "roi_align_rotated":
+    return None
+  size, scale, ratio = config.output, config.scale, config.sampling_ratio
+
+  def op(f, b):
+    return baselines.roi_align_rotated(f, b, indices, size, scale, ratio)
+
+  fwd = jax.jit(op)
+  cot = jnp.ones(fwd(features, boxes).shape, features.dtype)
+  grad = jax.jit(jax.grad(lambda f, b: jnp.vdot(op(f, b), cot).astype(jnp.float32)))
+  return dict(
+    fwd_ms=median_ms(lambda: jax.block_until_ready(fwd(features, boxes)), repeats),
+    fwd_bwd_ms=median_ms(lambda: jax.block_until_ready(grad(features, boxes)), repeats),
   )
 
 
@@ -318,7 +356,12 @@ def bench_torch(config, features, boxes, indices, dtype, repeats):
 def run_config(config, dtype, impl, repeats, bandwidth):
   features, boxes, indices = make_inputs(config, dtype)
   ours = bench_jax(config, features, boxes, indices, impl, repeats)
-  theirs = bench_torch(config, features, boxes, indices, dtype, repeats) if config.torch else None
+  if config.op == "roi_align_rotated":
+    theirs = bench_baseline(config, features, boxes, indices, repeats)
+  elif config.torch:
+    theirs = bench_torch(config, features, boxes, indices, dtype, repeats)
+  else:
+    theirs = None
   maps = features if isinstance(features, list) else [features]
   feature_bytes = sum(m.nbytes for m in maps)
   floor_fwd = 1e3 * (feature_bytes + ours["out_bytes"]) / bandwidth
@@ -358,7 +401,10 @@ def markdown(rows, header):
   lines = [
     header,
     "",
-    "| config | dtype | jax fwd ms | tv fwd ms | speed-up | jax fwd+bwd ms | tv fwd+bwd ms "
+    "ref: torchvision in the same process; for `roi_align_rotated`, which torchvision lacks, "
+    "a plain JAX formulation (every sample gathered, autodiff; `benchmarks/baselines.py`).",
+    "",
+    "| config | dtype | jax fwd ms | ref fwd ms | speed-up | jax fwd+bwd ms | ref fwd+bwd ms "
     "| speed-up | floor fwd / fwd+bwd ms | jax / floor (fwd, fwd+bwd) | jax peak MB (K*H*W*C MB) "
     "| first call s |",
     "|---|---|---|---|---|---|---|---|---|---|---|---|",

@@ -56,7 +56,11 @@ MODULES = {
   "ps_roi_align": "PSRoIAlign",
   "roi_align_rotated": "RoIAlignRotated",
 }
-NO_EINSUM = ("roi_pool", "ps_roi_pool", "roi_align_rotated")  # roi_pool's einsum path is tested in test_backends
+NO_EINSUM = (
+  "roi_pool",
+  "ps_roi_pool",
+  "roi_align_rotated",
+)  # roi_pool's einsum path is tested in test_backends
 MAPS = [(5, 7), (1, 1), (8, 6)]
 PYRAMID_MAPS = [(8, 6), (6, 7)]  # two levels: the map and its stride-2 subsampling
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]

@@ -56,9 +56,9 @@ def test_linen_and_nnx_modules_equal_the_functions(name, options, expected):
   np.testing.assert_array_equal(linen_layer.apply({}, features, BOXES, INDICES), want)
   nnx_layer = getattr(roi_nnx, name)(**options)
   np.testing.assert_array_equal(nnx_layer(features, BOXES, INDICES), want)
-  np.testing.assert_array_equal(
-    nnx.jit(lambda m, f: m(f, BOXES, INDICES))(nnx_layer, features), want
-  )
+  # Under jit the boxes are not padded to a bucket: another program, the same values.
+  jitted = nnx.jit(lambda m, f: m(f, BOXES, INDICES))(nnx_layer, features)
+  np.testing.assert_allclose(jitted, want, rtol=1e-6, atol=1e-7)
 
 
 def test_linen_module_inside_a_compact_model_under_jit_and_vmap():

@@ -36,13 +36,27 @@ def _merge(per_chunk: Any, k: int) -> Any:
   return jax.tree.map(lambda y: y.reshape((y.shape[0] * y.shape[1],) + y.shape[2:])[:k], per_chunk)
 
 
+def sort_order(cost: jax.Array) -> jax.Array:
+  """``argsort(cost)`` for ``[K]`` int costs, ties in box order, as one key-only sort.
+
+  The key ``cost * K + box`` packs both into one int32 (costs are clipped so
+  it fits; the order only groups boxes of similar cost, so clipping very
+  large costs changes nothing but their grouping). XLA:CPU sorts plain keys
+  3x faster than (key, index) pairs.
+  """
+  k = cost.shape[0]
+  top = max((2**31 - 1) // max(k, 1) - 1, 0)
+  key = jnp.clip(cost, 0, top).astype(jnp.int32) * k + jnp.arange(k, dtype=jnp.int32)
+  return lax.sort(key) % k if k else key
+
+
 def _sorted_chunks(per_box: Any, cost: jax.Array, chunk: int):
   """Sorts ``per_box`` leaves by ``cost`` and splits them into ``[chunks, chunk, ...]``.
 
   Padding boxes (to fill the last chunk) are zeros; callers must make a zero
   cost/count mean "nothing to do".
   """
-  order = jnp.argsort(cost)
+  order = sort_order(cost)
   return order, split(jax.tree.map(lambda x: x[order], per_box), chunk)
 
 
@@ -68,7 +82,7 @@ def map_chunks(fn: Callable, per_box: Any, cost: jax.Array, chunk: int) -> Any:
     ``fn``'s outputs with leading dim K, in the original box order.
   """
   k = cost.shape[0]
-  order = jnp.argsort(cost)
+  order = sort_order(cost)
   # Position of each sorted box, stored as k - position so that the zero
   # padding of the last chunk points past the end (and is dropped).
   rows_left = (k - order).astype(jnp.int32)

@@ -208,9 +208,7 @@ def crop_and_resize(
 )
 def _crop_and_resize(
   features,
-  boxes,
-  image_index,
-  valid,
+  flat,
   *,
   size,
   scale,
@@ -221,6 +219,7 @@ def _crop_and_resize(
   impl,
 ):
   (ch, cw), (height, width) = size, features.shape[1:3]
+  boxes, image_index, valid = flat
   if box_format == "tf":
     ys = _tf_positions(boxes[:, 0], boxes[:, 2], ch, height)
     xs = _tf_positions(boxes[:, 1], boxes[:, 3], cw, width)

@@ -208,9 +208,7 @@ def multi_scale_roi_align(
 )
 def _multi_scale(
   features,
-  boxes,
-  image_index,
-  valid,
+  flat,
   *,
   size,
   scales,
@@ -222,19 +220,20 @@ def _multi_scale(
   impl,
 ):
   k_max = k_min + len(features) - 1
-  level = fpn_levels(boxes, k_min, k_max, canonical_scale, canonical_level)
+  level = fpn_levels(flat.boxes, k_min, k_max, canonical_scale, canonical_level)
   if impl == "gather":
-    return _pyramid_gather(features, boxes, image_index, valid, level, size, scales, ratio, aligned)
+    return _pyramid_gather(features, flat, level, size, scales, ratio, aligned)
   out = None
   for index, (f, scale) in enumerate(zip(features, scales, strict=True)):
-    flat = boxes_lib.FlatBoxes(boxes, image_index, valid & (level == index), boxes.shape[:1])
-    pooled = roi_align_lib.align_bins(f, flat, size, scale, ratio, aligned, "avg", impl=impl)
+    on_level = flat._replace(valid=flat.valid & (level == index))
+    pooled = roi_align_lib.align_bins(f, on_level, size, scale, ratio, aligned, "avg", impl=impl)
     out = pooled if out is None else jnp.where((level == index)[:, None, None, None], pooled, out)
   return out
 
 
-def _pyramid_gather(features, boxes, image_index, valid, level, size, scales, ratio, aligned):
+def _pyramid_gather(features, flat, level, size, scales, ratio, aligned):
   """Every box at its own level, in one pass over the levels stacked into one table."""
+  boxes, image_index, valid = flat
   (oh, ow), channels = size, features[0].shape[3]
   heights = [f.shape[1] for f in features]
   widths = [f.shape[2] for f in features]

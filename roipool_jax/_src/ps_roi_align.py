@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 
 from roipool_jax._src import backends, dense, position_sensitive, scaffold, validation
-from roipool_jax._src import boxes as boxes_lib
 from roipool_jax._src import roi_align as roi_align_lib
 
 
@@ -119,11 +118,10 @@ def ps_roi_align(
 
 # Compiled once per shape and configuration, also when called outside `jit`.
 @partial(jax.jit, static_argnames=("size", "scale", "ratio", "impl"))
-def _ps_roi_align(features, boxes, image_index, valid, *, size, scale, ratio, impl):
-  flat = boxes_lib.FlatBoxes(boxes, image_index, valid, boxes.shape[:1])
+def _ps_roi_align(features, flat, *, size, scale, ratio, impl):
   rows, cols = roi_align_lib.align_geometry(flat, size, scale, ratio, aligned=True)
   map_size = features.shape[1:3]
   wy, wx = roi_align_lib.average_weights(rows, cols, size, map_size, ratio, impl)
   if impl == "einsum":
-    return dense.position_sensitive_sum(features, wy, wx, image_index)
-  return position_sensitive.pooled_sum(features, wy, wx, image_index)
+    return dense.position_sensitive_sum(features, wy, wx, flat.image_index)
+  return position_sensitive.pooled_sum(features, wy, wx, flat.image_index)

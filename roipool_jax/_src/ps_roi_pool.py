@@ -124,12 +124,11 @@ def ps_pool_edges(flat: boxes_lib.FlatBoxes, output_size, spatial_scale: float, 
 
 # Compiled once per shape and configuration, also when called outside `jit`.
 @partial(jax.jit, static_argnames=("size", "scale"))
-def _ps_roi_pool(features, boxes, image_index, valid, *, size, scale):
-  flat = boxes_lib.FlatBoxes(boxes, image_index, valid, boxes.shape[:1])
+def _ps_roi_pool(features, flat, *, size, scale):
   height, width = features.shape[1:3]
   rs, re, cs, ce = ps_pool_edges(flat, size, scale, (height, width))
-  ty = cell_taps(rs, re, height, boxes.dtype)
-  tx = cell_taps(cs, ce, width, boxes.dtype)
-  sums = position_sensitive.pooled_sum(features, ty, tx, image_index)
+  ty = cell_taps(rs, re, height, flat.boxes.dtype)
+  tx = cell_taps(cs, ce, width, flat.boxes.dtype)
+  sums = position_sensitive.pooled_sum(features, ty, tx, flat.image_index)
   area = ((re - rs)[:, :, None] * (ce - cs)[:, None, :])[..., None]
   return jnp.where(area > 0, sums / jnp.maximum(area, 1).astype(sums.dtype), 0.0)

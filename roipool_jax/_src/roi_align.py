@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 
 from roipool_jax._src import backends, dense, sample_max, sampling, scaffold, tap_sum, validation
-from roipool_jax._src import boxes as boxes_lib
 
 MODES = ("avg", "max")
 
@@ -237,6 +236,5 @@ def roi_align(
 
 # Compiled once per shape and configuration, also when called outside `jit`.
 @partial(jax.jit, static_argnames=("size", "scale", "ratio", "aligned", "mode", "impl"))
-def _roi_align(features, boxes, image_index, valid, *, size, scale, ratio, aligned, mode, impl):
-  flat = boxes_lib.FlatBoxes(boxes, image_index, valid, boxes.shape[:1])
+def _roi_align(features, flat, *, size, scale, ratio, aligned, mode, impl):
   return align_bins(features, flat, size, scale, ratio, aligned, mode, impl=impl)

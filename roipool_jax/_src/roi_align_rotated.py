@@ -129,8 +129,9 @@ def roi_align_rotated(
   )
 
 
-def rotated_geometry(boxes, image_index, valid, map_shape, size, scale, ratio, aligned, clockwise):
+def rotated_geometry(flat, map_shape, size, scale, ratio, aligned, clockwise):
   """:class:`rotated.Geometry` of flat ``[K, 5]`` boxes (see ``roi_align_rotated``)."""
+  boxes, image_index, valid = flat
   _, height, width, _ = map_shape
   oh, ow = size
   dtype = boxes.dtype
@@ -158,17 +159,13 @@ def rotated_geometry(boxes, image_index, valid, map_shape, size, scale, ratio, a
   floats = jnp.stack([cy, cx, jnp.cos(theta), jnp.sin(theta), -h / 2, -w / 2, bin_h, bin_w], axis=1)
   floats = jnp.where(valid[:, None], floats, 0.0)
   origin = image_index * (height * width)
-  return rotated.Geometry(floats, grid, origin)
+  return rotated.Geometry(*boxes_lib.per_box((floats, grid, origin)))
 
 
 # Compiled once per shape and configuration, also when called outside `jit`.
 @partial(jax.jit, static_argnames=("size", "scale", "ratio", "aligned", "clockwise"))
-def _roi_align_rotated(
-  features, boxes, image_index, valid, *, size, scale, ratio, aligned, clockwise
-):
-  geometry = rotated_geometry(
-    boxes, image_index, valid, features.shape, size, scale, ratio, aligned, clockwise
-  )
+def _roi_align_rotated(features, flat, *, size, scale, ratio, aligned, clockwise):
+  geometry = rotated_geometry(flat, features.shape, size, scale, ratio, aligned, clockwise)
   table = features.reshape(-1, features.shape[3])
   return rotated.rotated_sum(
     table, geometry.floats, geometry.grid, geometry.origin, size, features.shape[1:3]

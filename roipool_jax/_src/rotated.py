@@ -141,12 +141,12 @@ def _block(floats, grid, origin, u: _Units, t, passes_x, map_size):
   yy = (
     start_h
     + u.i[:, None].astype(dtype) * bin_h
-    + ((iy + 0.5) * bin_h) / jnp.maximum(g_h, 1).astype(dtype)
+    + boxes_lib.divide((iy + 0.5) * bin_h, jnp.maximum(g_h, 1).astype(dtype))
   )
   xx = (
     start_w
     + u.j[:, None].astype(dtype) * bin_w
-    + ((ix + 0.5) * bin_w) / jnp.maximum(g_w, 1).astype(dtype)
+    + boxes_lib.divide((ix + 0.5) * bin_w, jnp.maximum(g_w, 1).astype(dtype))
   )
   yy, xx = yy[:, :, None], xx[:, None, :]  # [B, S, 1], [B, 1, S]
   y = yy * cos[:, :, None] - xx * sin[:, :, None] + cy[:, :, None]

@@ -10,8 +10,9 @@ An op validates its options, then calls :func:`run`, which
 2. returns zeros of the output shape without running a kernel when there is
    nothing to pool (``K = 0``, ``N = 0`` or ``C = 0``; the gradients are then
    zeros too);
-3. calls the op's kernel ``kernel(features, boxes, image_index, valid,
-   **options)``, whose options are static and passed by name. Flattening and
+3. calls the op's kernel ``kernel(features, flat, **options)``, with
+   ``flat`` a :class:`boxes.FlatBoxes`; the options are static and passed
+   by name. Flattening and
    the kernel are one jitted program, so an eager call compiles at most one
    program (none for a K whose bucket was seen);
 4. gives the ``[K, ...]`` result the box form of the call.
@@ -81,10 +82,8 @@ def _flatten_and_pool(features, boxes, box_indices, *, kernel, upcast, options):
   levels = list(features) if isinstance(features, (list, tuple)) else [features]
   dtype = levels[0].dtype
   compute = dtypes.compute_dtype(dtype)
-  flat, index, valid = boxes_lib.flat_arrays(
-    boxes, box_indices, num_images=levels[0].shape[0], dtype=compute
-  )
+  flat = boxes_lib.flat_arrays(boxes, box_indices, num_images=levels[0].shape[0], dtype=compute)
   if upcast:  # XLA:CPU emulates 16-bit float arithmetic op by op
     levels = [f.astype(compute) for f in levels]
   maps = levels if isinstance(features, (list, tuple)) else levels[0]
-  return kernel(maps, flat, index, valid, **dict(options)).astype(dtype)
+  return kernel(maps, flat, **dict(options)).astype(dtype)

@@ -273,10 +273,6 @@ def _units(taps: TapTable, slots: tuple[int, int]) -> Units:
   )
 
 
-def _unit_chunk(num_units: int, per_unit: int, budget: int) -> int:
-  return chunking.chunk_size(num_units, per_unit, budget)
-
-
 def _block_taps(taps: TapTable, slots):
   """The taps as block tables: ``[K * oh * By, sy]`` rows and weights, ``[K * ow * Bx, sx]``."""
   sy, sx = slots
@@ -320,7 +316,7 @@ def _unit_cost(u: Units):
 
 def _forward(table: jax.Array, wy, wx, plan: Plan, sparse: bool) -> jax.Array:
   channels = table.shape[1]
-  taps, (slots, _), single, cost = prepare(wy, wx, plan)
+  taps, (slots, _), single, _ = prepare(wy, wx, plan)
   single = single and not sparse
   oh, ow = wy.shape[1], wx.shape[1]
 
@@ -358,7 +354,7 @@ def _forward(table: jax.Array, wy, wx, plan: Plan, sparse: bool) -> jax.Array:
 
   units = _units(taps, slots)
   k = plan.origin.shape[0]
-  chunk = _unit_chunk(k * oh * ow, channels, _CHUNK_ELEMENTS)
+  chunk = chunking.chunk_size(k * oh * ow, channels, _CHUNK_ELEMENTS)
   out = chunking.map_chunks(unit_chunk, units, _unit_cost(units), chunk)
   return out.reshape(k, oh, ow, channels).astype(table.dtype)
 
@@ -387,7 +383,7 @@ def _features_grad(cotangent, wy, wx, plan: Plan, table_shape) -> jax.Array:
 
   grad = jnp.zeros(table_shape, wy.dtype)
   per_unit = (units, cotangent.astype(wy.dtype).reshape(-1, channels))
-  chunk = _unit_chunk(k * oh * ow, channels, _SCATTER_ELEMENTS)
+  chunk = chunking.chunk_size(k * oh * ow, channels, _SCATTER_ELEMENTS)
   return chunking.fold_chunks(unit_chunk, grad, per_unit, _unit_cost(units), chunk)
 
 
@@ -422,7 +418,7 @@ def _weights_grad(table, cotangent, wy, wx, plan: Plan):
 
   init = (jnp.zeros_like(blocks[1]), jnp.zeros_like(blocks[3]))
   per_unit = (units, cotangent.astype(wy.dtype).reshape(-1, channels))
-  chunk = _unit_chunk(k * oh * ow, channels, _WEIGHT_GRAD_ELEMENTS)
+  chunk = chunking.chunk_size(k * oh * ow, channels, _WEIGHT_GRAD_ELEMENTS)
   gy, gx = chunking.fold_chunks(unit_chunk, init, per_unit, _unit_cost(units), chunk)
   gy, gx = gy.reshape(taps.wy.shape), gx.reshape(taps.wx.shape)
   return gy[:, :, : wy.shape[2]], gx[:, :, : wx.shape[2]]
