@@ -247,16 +247,24 @@ def first_call_s(config, features, boxes, indices, impl):
   return time.perf_counter() - start
 
 
-def bench_jax(config, features, boxes, indices, impl, repeats):
-  first = first_call_s(config, features, boxes, indices, impl)
-  op = jax_op(config, indices, impl)
+def _time_jitted(op, features, boxes, repeats):
+  """Median ms of ``jit(op)`` and of its jitted feature gradient, and the compiled pieces."""
   fwd = jax.jit(op)
   out = fwd(features, boxes)
   cot = jnp.ones(out.shape, out.dtype)
   grad = jax.jit(jax.grad(lambda f, b: jnp.vdot(op(f, b), cot).astype(jnp.float32)))
-  return dict(
+  times = dict(
     fwd_ms=median_ms(lambda: jax.block_until_ready(fwd(features, boxes)), repeats),
     fwd_bwd_ms=median_ms(lambda: jax.block_until_ready(grad(features, boxes)), repeats),
+  )
+  return times, grad, out
+
+
+def bench_jax(config, features, boxes, indices, impl, repeats):
+  first = first_call_s(config, features, boxes, indices, impl)
+  times, grad, out = _time_jitted(jax_op(config, indices, impl), features, boxes, repeats)
+  return dict(
+    **times,
     peak_mb=(peak_bytes(grad, features, boxes) or 0) / 2**20,
     out_bytes=out.nbytes,
     first_call_s=first,
@@ -272,13 +280,7 @@ def bench_baseline(config, features, boxes, indices, repeats):
   def op(f, b):
     return baselines.roi_align_rotated(f, b, indices, size, scale, ratio)
 
-  fwd = jax.jit(op)
-  cot = jnp.ones(fwd(features, boxes).shape, features.dtype)
-  grad = jax.jit(jax.grad(lambda f, b: jnp.vdot(op(f, b), cot).astype(jnp.float32)))
-  return dict(
-    fwd_ms=median_ms(lambda: jax.block_until_ready(fwd(features, boxes)), repeats),
-    fwd_bwd_ms=median_ms(lambda: jax.block_until_ready(grad(features, boxes)), repeats),
-  )
+  return _time_jitted(op, features, boxes, repeats)[0]
 
 
 def bench_torch(config, features, boxes, indices, dtype, repeats):

@@ -35,25 +35,31 @@ def _run(op, features, boxes, indices, seed):
   )
 
 
+def _case(op, features, boxes, indices, output_size, scale, seed, **extra):
+  """One fixture case: the inputs, the options and torchvision's output and gradient."""
+  boxes = np.asarray(boxes, np.float32)
+  indices = np.asarray(indices, np.int32)
+  out, grad, cot = _run(op, features, boxes, indices, seed)
+  return dict(
+    features=features,
+    boxes=boxes,
+    box_indices=indices,
+    output_size=np.array(output_size),
+    spatial_scale=np.float32(scale),
+    output=out,
+    grad=grad,
+    cotangent=cot,
+    **extra,
+  )
+
+
 def roi_pool_cases():
   rng = np.random.default_rng(1234)
   cases = {}
 
   def add(name, features, boxes, indices, output_size, scale):
-    boxes = np.asarray(boxes, np.float32)
-    indices = np.asarray(indices, np.int32)
     op = lambda x, r: torchvision.ops.roi_pool(x, r, output_size, scale)  # noqa: E731
-    out, grad, cot = _run(op, features, boxes, indices, len(cases))
-    cases[name] = dict(
-      features=features,
-      boxes=boxes,
-      box_indices=indices,
-      output_size=np.array(output_size),
-      spatial_scale=np.float32(scale),
-      output=out,
-      grad=grad,
-      cotangent=cot,
-    )
+    cases[name] = _case(op, features, boxes, indices, output_size, scale, len(cases))
 
   # Random boxes on several images, VGG-like scale.
   feats = rng.standard_normal((2, 12, 15, 3)).astype(np.float32)
@@ -259,20 +265,7 @@ def position_sensitive_cases():
   cases = {}
 
   def add(name, op, features, boxes, indices, size, scale, **extra):
-    boxes = np.asarray(boxes, np.float32)
-    indices = np.asarray(indices, np.int32)
-    out, grad, cot = _run(op, features, boxes, indices, len(cases))
-    cases[name] = dict(
-      features=features,
-      boxes=boxes,
-      box_indices=indices,
-      output_size=np.array(size),
-      spatial_scale=np.float32(scale),
-      output=out,
-      grad=grad,
-      cotangent=cot,
-      **extra,
-    )
+    cases[name] = _case(op, features, boxes, indices, size, scale, len(cases), **extra)
 
   size, scale = (3, 2), 1 / 8
   feats = rng.standard_normal((2, 10, 13, 4 * 6)).astype(np.float32)
