@@ -21,8 +21,10 @@ def roi_align_rotated(features, boxes, box_indices, output_size, spatial_scale, 
   w, h = boxes[:, 2] * spatial_scale, boxes[:, 3] * spatial_scale
   theta = boxes[:, 4] * (math.pi / 180)
   frac = (jnp.arange(g) + 0.5) / g
-  yy = -h[:, None, None] / 2 + (jnp.arange(oh)[:, None] + frac[None]) * (h / oh)[:, None, None]
-  xx = -w[:, None, None] / 2 + (jnp.arange(ow)[:, None] + frac[None]) * (w / ow)[:, None, None]
+  grid_h = (jnp.arange(oh)[:, None] + frac[None])[None]  # [1, oh, g], in bins
+  grid_w = (jnp.arange(ow)[:, None] + frac[None])[None]
+  yy = -h[:, None, None] / 2 + grid_h * (h / oh)[:, None, None]
+  xx = -w[:, None, None] / 2 + grid_w * (w / ow)[:, None, None]
   yy, xx = yy[:, :, None, :, None], xx[:, None, :, None, :]  # [K, oh, 1, g, 1], [K, 1, ow, 1, g]
   cos, sin = (v[:, None, None, None, None] for v in (jnp.cos(theta), jnp.sin(theta)))
   y = yy * cos - xx * sin + cy[:, None, None, None, None]

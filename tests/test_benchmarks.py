@@ -17,7 +17,17 @@ def test_quick_suite_writes_markdown_json_and_plot(only, tmp_path):
   if only:
     assert [r["config"] for r in rows] == [c.name for c in suite.CONFIGS if only in c.name]
   else:
-    assert ops == {"roi_pool", "roi_align", "roi_warp", "multi_scale"}
+    assert ops == {
+      "roi_pool",
+      "roi_align",
+      "roi_warp",
+      "multi_scale",
+      "ps_roi_pool",
+      "ps_roi_align",
+      "roi_align_rotated",
+    }
+    rotated = [r for r in rows if r["op"] == "roi_align_rotated"]
+    assert rotated[0]["torch_fwd_ms"] > 0  # its reference, the plain JAX gather, always runs
     assert len(rows) == len(suite.CONFIGS)
   for r in rows:
     assert r["jax_fwd_ms"] > 0 and r["jax_fwd_bwd_ms"] > 0
