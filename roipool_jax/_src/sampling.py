@@ -24,11 +24,15 @@ import jax.numpy as jnp
 
 from roipool_jax._src import boxes as boxes_lib
 
-# Candidate samples examined per (bin, row) when merging adaptive samples into
-# row weights: with adaptive grids the sample spacing is > 0.5 cell (or there is
-# a single sample per bin), so at most 4 samples lie within one cell of a row,
-# all within +-3 indices of the nearest one.
-_NEIGHBOURS = 3
+# Candidate samples examined per (bin, row) on each side of the nearest one when
+# merging adaptive samples into row weights. Adaptive grids space samples by
+# s = bin / ceil(bin) > 0.5 cell (or have one sample per bin). A sample weighs on
+# row r only within one cell of it (clamped samples too: [-1, 1) for row 0,
+# (H - 2, H] for row H - 1); the nearest sample is within s / 2 of r, so the others
+# that count are m < 1 / s + 1 / 2 < 2.5 indices away. When r falls halfway between
+# two samples and rounding picks either, the ones that count still lie within 2 of
+# it, so +-2 covers every case.
+_NEIGHBOURS = 2
 
 
 class Axis(NamedTuple):
