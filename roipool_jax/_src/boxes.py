@@ -173,19 +173,21 @@ def flat_arrays(boxes, box_indices, *, num_images, dtype) -> FlatBoxes:
 _flat_arrays = jax.jit(flat_arrays, static_argnames=("num_images", "dtype"))
 
 
-def per_box(tree):
-  """``tree`` (per-box geometry: ``[K]`` or ``[K, P]`` arrays) computed once, into buffers.
+def materialize(tree):
+  """``tree`` (a pytree of arrays) computed once, into buffers of its own.
 
-  Box geometry is cheap per box but long (C rounding, :func:`exact_div`'s
-  long division). Left to itself, XLA fuses it into every consumer that
-  broadcasts it to ``[K, P, T]`` taps, recomputing it for each of their
-  elements (measured: 3x slower ops on small maps). XLA:CPU drops
-  ``optimization_barrier`` before fusion, but keeps a conditional as a
-  fusion boundary: its predicate here is data-dependent and always true.
+  XLA fuses a cheap-looking producer into each of its consumers and
+  recomputes it there. For box geometry (C rounding, :func:`exact_div`'s long
+  division) broadcast to ``[K, P, T]`` taps, that costs the geometry once per
+  tap element (measured: 3x slower ops on small maps); and two fused copies
+  can round differently (FMA contraction), which breaks consumers that
+  compare values. XLA:CPU drops ``optimization_barrier`` before fusion, but
+  keeps a conditional as a fusion boundary: its predicate here is
+  data-dependent and always true.
   """
-  first = jax.tree.leaves(tree)[0]
-  # min(|x|, 0) is 0, or NaN when x holds one: "not > 0" is true either way.
-  key = ~(jnp.min(jnp.abs(first).astype(jnp.float32), initial=0.0) > 0.0)
+  sample = jax.tree.leaves(tree)[0].reshape(-1)[:1]  # one element is data enough
+  # min(|x|, 0) is 0, or NaN when x is: "not > 0" is true either way.
+  key = ~(jnp.min(jnp.abs(sample).astype(jnp.float32), initial=0.0) > 0.0)
   return lax.cond(key, lambda: tree, lambda: jax.tree.map(jnp.zeros_like, tree))
 
 
@@ -199,7 +201,7 @@ def divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
   denominator materialized at the result's shape keeps a true division.
   """
   shape = jnp.broadcast_shapes(numerator.shape, denominator.shape)
-  return numerator / per_box(jnp.broadcast_to(denominator, shape))
+  return numerator / materialize(jnp.broadcast_to(denominator, shape))
 
 
 def scale_coords(coords: jax.Array, spatial_scale: float) -> jax.Array:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from roipool_jax._src import backends, sampling, scaffold, tap_sum, validation
+from roipool_jax._src import backends, sampling, scaffold, validation
 from roipool_jax._src import boxes as boxes_lib
 
 BOX_FORMATS = ("xyxy", "tf")
@@ -34,8 +34,8 @@ def _tf_positions(lo, hi, num, length):
   # Both products rounded on their own, as TensorFlow's kernel computes them: fused
   # into the sum, XLA:CPU may contract one into an FMA, and a point on the map's
   # edge (0 or H - 1) then lands 1e-9 off the map.
-  first = tap_sum.materialized(lambda: lo * extent, jnp.abs(lo))
-  offset = tap_sum.materialized(lambda: index[None, :] * step[:, None], jnp.abs(step))
+  first = boxes_lib.materialize(lo * extent)
+  offset = boxes_lib.materialize(index[None, :] * step[:, None])
   return first[:, None] + offset
 
 

@@ -159,7 +159,7 @@ def rotated_geometry(flat, map_shape, size, scale, ratio, aligned, clockwise):
   floats = jnp.stack([cy, cx, jnp.cos(theta), jnp.sin(theta), -h / 2, -w / 2, bin_h, bin_w], axis=1)
   floats = jnp.where(valid[:, None], floats, 0.0)
   origin = image_index * (height * width)
-  return rotated.Geometry(*boxes_lib.per_box((floats, grid, origin)))
+  return rotated.Geometry(*boxes_lib.materialize((floats, grid, origin)))
 
 
 # Compiled once per shape and configuration, also when called outside `jit`.

@@ -34,7 +34,7 @@ def quantized_edges(lo, hi, num_bins, extra, limit):
   j_next = jnp.arange(1, num_bins + 1, dtype=lo.dtype)
   first = boxes_lib.to_int(jnp.floor(j[None] * bin_size)) + start[:, None]
   last = boxes_lib.to_int(jnp.ceil(j_next[None] * bin_size)) + start[:, None]
-  return boxes_lib.per_box((jnp.clip(first, 0, limit), jnp.clip(last, 0, limit)))
+  return boxes_lib.materialize((jnp.clip(first, 0, limit), jnp.clip(last, 0, limit)))
 
 
 def _round_mode_edges(lo, hi, _size, num_bins, extent):
@@ -48,7 +48,7 @@ def _floor_mode_edges(lo, _hi, size, num_bins, extent):
   length = boxes_lib.to_int(jnp.floor(size))
   bin_size = jnp.maximum(length // num_bins, 1)[:, None]
   first = start[:, None] + jnp.arange(num_bins, dtype=jnp.int32)[None] * bin_size
-  return boxes_lib.per_box((jnp.clip(first, 0, extent), jnp.clip(first + bin_size, 0, extent)))
+  return boxes_lib.materialize((jnp.clip(first, 0, extent), jnp.clip(first + bin_size, 0, extent)))
 
 
 def pool_bins(

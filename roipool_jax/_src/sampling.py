@@ -111,7 +111,7 @@ def axis_geometry(
     grid = boxes_lib.to_int(jnp.ceil(bin_size))
   # Inverted boxes give zeros unless flipped, as do invalid ones.
   grid = jnp.where(valid if flip else valid & ~inverted, grid, 0)
-  return Axis(*boxes_lib.per_box((start, bin_size, grid)))
+  return Axis(*boxes_lib.materialize((start, bin_size, grid)))
 
 
 def sample_position(axis: Axis, bin_index: jax.Array, sample: jax.Array) -> jax.Array:
@@ -126,7 +126,7 @@ def sample_position(axis: Axis, bin_index: jax.Array, sample: jax.Array) -> jax.
 def _product(a: jax.Array, b: jax.Array) -> jax.Array:
   """``a * b`` rounded on its own, as C computes ``ph * bin_size + roi_start``: XLA:CPU
   contracts a product feeding an add into one FMA when they share a fusion."""
-  return boxes_lib.per_box(a * b)
+  return boxes_lib.materialize(a * b)
 
 
 def sample_index_at(axis: Axis, bin_index: jax.Array, y) -> jax.Array:

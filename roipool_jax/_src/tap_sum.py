@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from roipool_jax._src import boxes as boxes_lib
 from roipool_jax._src import chunking
 
 # Taps per axis gathered per pass: a pass reads [chunk, oh, ow] x SLOTS**2 cells
@@ -196,20 +197,6 @@ def prepare(wy, wx, plan: Plan, group: int = 1):
   return table, blk, single, cost
 
 
-def materialized(compute, data):
-  """``compute()``, evaluated once into its own buffer.
-
-  XLA may fuse (duplicate) a cheap-looking computation into each of its
-  consumers, and two copies can round differently (FMA contraction). That
-  breaks consumers that compare values, such as the gradient of a later
-  ``jnp.max`` (it tests ``x == max(x)``). A conditional on a data-dependent
-  (always true) predicate is a fusion boundary XLA keeps, at no cost.
-  """
-  result = jax.eval_shape(compute)
-  zeros = lambda: jnp.zeros(result.shape, result.dtype)  # noqa: E731
-  return lax.cond(jnp.min(data, initial=0) >= 0, compute, zeros)
-
-
 def gather_rows(table: jax.Array, cells: jax.Array) -> jax.Array:
   """``table[cells]``, ``cells.shape + (C,)``, as one gather indexed by a flat vector.
 
@@ -333,7 +320,8 @@ def _forward(table: jax.Array, wy, wx, plan: Plan, sparse: bool) -> jax.Array:
 
   if single:  # one fused pass over all boxes
     zero = jnp.zeros((), wy.dtype)
-    out = materialized(lambda: accumulate(taps, 0, 1, zero), plan.row_count)
+    # One buffer: consumers that compare values (a later max) see one rounding.
+    out = boxes_lib.materialize(accumulate(taps, 0, 1, zero))
     return out.astype(table.dtype)
 
   blocks = _block_taps(taps, slots)
