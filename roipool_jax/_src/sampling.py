@@ -9,10 +9,12 @@ builds *taps*: for each bin, a short list of ``(cell index, weight)`` pairs
 that the kernels gather and combine (:class:`Taps`).
 
 All arithmetic is in the compute dtype of the boxes (float32, or float64 for
-float64 features; :mod:`roipool_jax._src.dtypes`) and follows torchvision's
-``roi_align`` kernel expression by expression, so sample positions match it
-to the last bit except where XLA's division is not correctly rounded
-(``((i + 0.5) * bin) / grid``), which moves a sample by at most one ulp.
+float64 features) and follows torchvision's ``roi_align`` kernel expression by
+expression. The bin offset ``p * bin`` and the quotient ``((i + 0.5) * bin) /
+grid`` are rounded on their own, as in C (:func:`boxes.materialize` keeps XLA
+from contracting the product into an FMA, :func:`boxes.divide` from replacing
+the division by a reciprocal multiply), so that samples on a cell edge or on
+the map's border fall where the C kernel puts them.
 """
 
 from __future__ import annotations
