@@ -62,9 +62,9 @@ def bin_plan(image_index: jax.Array, ty: Taps, tx: Taps, map_shape) -> tap_sum.P
   return tap_sum.Plan(origin, stride, row, col, ty.count, tx.count)
 
 
-def pooled_sum(features: jax.Array, ty: Taps, tx: Taps, image_index: jax.Array, sparse=False):
+def pooled_sum(features: jax.Array, ty: Taps, tx: Taps, image_index: jax.Array):
   """``[K, oh, ow, C_out]``: ``sum_a sum_b wy * wx * F[n, ry, rx, (c * oh + i) * ow + j]``."""
   output_size = (ty.index.shape[1], tx.index.shape[1])
   table = channel_table(features, output_size)
   plan = bin_plan(image_index, ty, tx, features.shape)
-  return tap_sum.tap_sum(table, ty.weight, tx.weight, plan, sparse)
+  return tap_sum.tap_sum(table, ty.weight, tx.weight, plan)

@@ -239,11 +239,11 @@ def _geometry_grad(table, cotangent, geometry: Geometry, output_size, map_size):
     passes_x = jnp.max(px, initial=0)
 
     def one_pass(t, grad):
-      def weights(f):
-        return _block(f, grid, origin, u, t, passes_x, map_size)[2]
+      def weights(f):  # differentiable weights; the integer cells ride along
+        cells, used, w = _block(f, grid, origin, u, t, passes_x, map_size)
+        return w, (cells, used)
 
-      w, pull = jax.vjp(weights, floats)
-      cells, used, _ = _block(floats, grid, origin, u, t, passes_x, map_size)
+      w, pull, (cells, used) = jax.vjp(weights, floats, has_aux=True)
       value = tap_sum.gather_rows(table, cells).astype(dtype)
       dot = jnp.where(used, jnp.sum(value * cot[:, None, :], axis=-1), 0.0)  # [B, 4 S S]
       (g,) = pull(dot.astype(w.dtype))
