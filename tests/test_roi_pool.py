@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import roipool_jax
 from roipool_jax import roi_pool
+from roipool_jax._src import bin_max
 from tests import fixtures_io, reference
 from tests.quick import some
 
@@ -215,6 +216,27 @@ def test_gradient_is_bitwise_deterministic():
   first = np.asarray(g(features))
   for _ in range(3):
     np.testing.assert_array_equal(np.asarray(g(features)), first)
+
+
+@pytest.mark.parametrize("element_cells", [0, 10**9], ids=["elements", "rows"])
+def test_both_backward_paths_send_ties_to_the_first_cell(element_cells, monkeypatch):
+  # Bins of 1 to ~100 cells; integer features tie everywhere, integer
+  # cotangents make every sum exact, so both paths must equal the reference.
+  monkeypatch.setattr(bin_max, "ELEMENT_PATH_CELLS", element_cells)
+  jax.clear_caches()
+  rng = np.random.default_rng(3)
+  features = rng.integers(-2, 3, (2, 20, 24, 5)).astype(np.float32)
+  features[0, 3, 4, 1] = -np.inf
+  lo = rng.uniform(-5, 20, (40, 2))
+  boxes = np.concatenate([lo, lo + rng.uniform(0, 30, (40, 2))], 1).astype(np.float32)
+  indices = rng.integers(0, 2, 40).astype(np.int32)
+  _, argmax = reference.roi_pool(features, boxes, indices, (3, 2), 1.0)
+  cot = rng.integers(-3, 4, argmax.shape).astype(np.float32)
+  op = lambda x: roi_pool(x, boxes, (3, 2), box_indices=indices)  # noqa: E731
+  got = jax.vjp(op, jnp.asarray(features))[1](jnp.asarray(cot))[0]
+  want = reference.roi_pool_grad(features.shape, indices, argmax, cot)
+  np.testing.assert_array_equal(np.asarray(got), want)
+  jax.clear_caches()
 
 
 # ------------------------------------------------------------------ degenerate boxes

@@ -23,16 +23,23 @@ materialized besides the output.
 
 Gradient
 --------
-The forward pass keeps only its output. The backward pass is one more sweep
-over the same chunks and cells, carrying each bin's *pending* cotangent: a
-cell that holds the bin's maximum (per channel) takes what is pending and
-leaves 0, so only the first maximal cell in row-major order (earlier passes,
-then earlier slots) receives it. Each pass adds its ``S``
-cells' rows (``C`` values each, mostly zeros) into a ``[N * H * W, C]``
-buffer in the compute dtype, float32 or float64. There is no scatter of
-single elements, and the additions happen in an order fixed by the inputs
-(chunks, then passes, then slots); XLA:CPU executes them sequentially, so the
-gradient is bitwise reproducible.
+Under differentiation the forward pass also returns each bin's arg-max cell
+per channel (``[K, oh, ow, C]`` int32, the residual torchvision keeps too),
+found by a second sweep over the same cells that visits them last to first,
+so that the first maximal cell in row-major order is the one that stays.
+(Tracking the arg-max inside the max sweep was measured 2x slower on XLA:CPU.)
+The backward pass then adds each cotangent at its arg-max, per chunk in one
+of two ways, both into a ``[N * H * W, C]`` buffer in the compute dtype:
+
+* chunks of small bins (at most ``ELEMENT_PATH_CELLS`` cells) add one ``C``
+  row per cell of each bin (the cotangent where the cell is the arg-max, 0
+  elsewhere): row adds are cheap per element;
+* chunks of larger bins add one element per bin and channel at its arg-max,
+  which costs the same however large the bins are.
+
+The additions happen in an order fixed by the inputs (chunks, then passes,
+then slots or elements); XLA:CPU executes them sequentially, so the gradient
+is bitwise reproducible.
 
 Every gather and scatter is indexed by a ``[B]`` vector (one slot of every
 bin of a chunk at a time): on XLA:CPU these move whole ``C`` rows several
@@ -47,7 +54,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from roipool_jax._src import chunking, dtypes
+from roipool_jax._src import chunking
 
 # Cells gathered per bin and pass (one pass reads [chunk, SLOTS, C]).
 SLOTS = 4
@@ -55,6 +62,9 @@ SLOTS = 4
 # stay in cache; bins are sorted by size first, so each chunk loops only about
 # as long as its own bins need. Both constants were picked by measurement.
 _CHUNK_ELEMENTS = 1 << 16
+# Backward: chunks whose largest bin holds more cells than this add one
+# element per bin and channel instead of one row per cell (measured).
+ELEMENT_PATH_CELLS = 8
 
 
 class Bins(NamedTuple):
@@ -123,19 +133,24 @@ def _chunk(num_bins: int, channels: int) -> int:
   return chunking.chunk_size(num_bins, channels, _CHUNK_ELEMENTS)
 
 
-def bin_max(features: jax.Array, bins: Bins) -> jax.Array:
+def bin_max(features: jax.Array, bins: Bins, *, with_argmax: bool = False):
   """Max over every bin rectangle; see the module docstring.
 
   Args:
     features: ``[N, H, W, C]`` map.
     bins: :class:`Bins` for K boxes with ``oh`` x ``ow`` bins.
+    with_argmax: also return each bin's first maximal cell (static).
 
   Returns:
-    ``[K, oh, ow, C]`` in the features' dtype, 0 for empty bins.
+    ``[K, oh, ow, C]`` in the features' dtype, 0 for empty bins. With
+    ``with_argmax``, also ``[K, oh, ow, C]`` int32: the flat cell ``(n * H + h)
+    * W + w`` of the first maximal cell in row-major order, or ``N * H * W``
+    (no cell) for empty bins and bins whose maximum is NaN.
   """
-  _, height, width, channels = features.shape
+  n_img, height, width, channels = features.shape
   table = features.reshape(-1, channels)
   neg_inf = jnp.array(-jnp.inf, features.dtype)
+  nowhere = n_img * height * width
 
   def pool_chunk(p: CellPlan):
     def max_pass(t, best):
@@ -145,55 +160,81 @@ def bin_max(features: jax.Array, bins: Bins) -> jax.Array:
         best = jnp.maximum(best, jnp.where(valid[:, s, None], v, neg_inf))
       return best
 
-    init = jnp.full((p.cells.shape[0], channels), neg_inf)
-    best = lax.fori_loop(0, _passes(p), max_pass, init)
-    return jnp.where(p.cells[:, None] > 0, best, jnp.zeros((), features.dtype))
+    b = p.cells.shape[0]
+    passes = _passes(p)
+    best = lax.fori_loop(0, passes, max_pass, jnp.full((b, channels), neg_inf))
+    full = p.cells[:, None] > 0
+    values = jnp.where(full, best, jnp.zeros((), features.dtype))
+    if not with_argmax:
+      return values
+
+    # A second sweep, last cell first, so the first maximal cell writes last.
+    # (Tracking the arg-max during the max sweep is 2x slower on XLA:CPU.)
+    def arg_pass(u, arg):
+      t = passes - 1 - u
+      cell, valid = _cells_of_pass(p, t, width)
+      for s in reversed(range(SLOTS)):
+        v = table.at[cell[:, s]].get(mode="promise_in_bounds")
+        arg = jnp.where((v == best) & valid[:, s, None], cell[:, s, None], arg)
+      return arg
+
+    arg = lax.fori_loop(0, passes, arg_pass, jnp.full((b, channels), nowhere, jnp.int32))
+    return values, arg
 
   k, oh = bins.row_start.shape
   ow = bins.col_start.shape[1]
   plan = _plan(bins, height, width)
-  values = chunking.map_chunks(pool_chunk, plan, plan.cells, _chunk(k * oh * ow, channels))
-  return values.reshape(k, oh, ow, channels)
+  out = chunking.map_chunks(pool_chunk, plan, plan.cells, _chunk(k * oh * ow, channels))
+  return jax.tree.map(lambda x: x.reshape(k, oh, ow, channels), out)
 
 
 def bin_max_grad(
-  features: jax.Array, bins: Bins, values: jax.Array, cotangent: jax.Array
+  map_shape: tuple[int, ...], bins: Bins, argmax: jax.Array, cotangent: jax.Array
 ) -> jax.Array:
-  """Transpose of :func:`bin_max` at ``features``: each cotangent goes to its bin's first max.
+  """Transpose of :func:`bin_max`: each cotangent goes to its bin's first maximal cell.
 
   Args:
-    features: ``[N, H, W, C]`` map the forward pass read.
+    map_shape: ``(N, H, W, C)`` of the map the forward pass read.
     bins: the same :class:`Bins`.
-    values: ``[K, oh, ow, C]`` output of :func:`bin_max`.
-    cotangent: ``[K, oh, ow, C]`` output cotangent.
+    argmax: ``[K, oh, ow, C]`` arg-max cells from ``bin_max(..., with_argmax=True)``.
+    cotangent: ``[K, oh, ow, C]`` output cotangent, in the compute dtype.
 
   Returns:
-    ``[N, H, W, C]`` gradient in the compute dtype (float32 or float64). A
-    bin whose maximum is NaN sends nothing; empty bins send nothing.
+    ``[N, H, W, C]`` gradient in the cotangent's dtype.
   """
-  n_img, height, width, channels = features.shape
-  acc = dtypes.compute_dtype(features.dtype)
-  table = features.reshape(-1, channels)
-  k, oh, ow = values.shape[:3]
+  n_img, height, width, channels = map_shape
+  nowhere = n_img * height * width
+  dtype = cotangent.dtype
   plan = _plan(bins, height, width)
-  per_bin = (plan, values.reshape(-1, channels), cotangent.astype(acc).reshape(-1, channels))
+  per_bin = (plan, argmax.reshape(-1, channels), cotangent.reshape(-1, channels))
+  lanes = jnp.arange(channels, dtype=jnp.int32)
+
+  def by_rows(grad, p, arg, cot):
+    # One [B]-indexed row add per cell of the bins: cheap per element, but
+    # it moves every cell's C values, mostly zeros.
+    def grad_pass(t, grad):
+      cell, valid = _cells_of_pass(p, t, width)
+      for s in range(SLOTS):
+        hit = (arg == cell[:, s, None]) & valid[:, s, None]
+        update = jnp.where(hit, cot, jnp.zeros((), dtype))
+        grad = grad.at[cell[:, s]].add(update, mode="promise_in_bounds")
+      return grad
+
+    return lax.fori_loop(0, _passes(p), grad_pass, grad)
+
+  def by_elements(grad, p, arg, cot):
+    # One element add per bin and channel, at its arg-max: dearer per
+    # element, but independent of the bins' size.
+    del p
+    update = jnp.where(arg < nowhere, cot, jnp.zeros((), dtype))
+    return grad.at[jnp.minimum(arg, nowhere - 1), lanes].add(update, mode="promise_in_bounds")
 
   def chunk_fn(grad, chunk):
-    p, best, cot = chunk
+    p, arg, cot = chunk
+    large = jnp.max(p.cells, initial=0) > ELEMENT_PATH_CELLS
+    return lax.cond(large, by_elements, by_rows, grad, p, arg, cot)
 
-    def grad_pass(t, state):
-      grad, pending = state
-      cell, valid = _cells_of_pass(p, t, width)
-      for s in range(SLOTS):  # slots in row-major order: the first hit takes the cotangent
-        v = table.at[cell[:, s]].get(mode="promise_in_bounds")  # [B, C]
-        hit = (v == best) & valid[:, s, None]
-        update = jnp.where(hit, pending, jnp.zeros((), acc))
-        grad = grad.at[cell[:, s]].add(update, mode="promise_in_bounds")
-        pending = jnp.where(hit, jnp.zeros((), acc), pending)
-      return grad, pending
-
-    return lax.fori_loop(0, _passes(p), grad_pass, (grad, cot))[0]
-
-  grad = jnp.zeros((n_img * height * width, channels), acc)
-  grad = chunking.fold_chunks(chunk_fn, grad, per_bin, plan.cells, _chunk(k * oh * ow, channels))
-  return grad.reshape(features.shape)
+  k = plan.cells.shape[0]
+  grad = jnp.zeros((nowhere, channels), dtype)
+  grad = chunking.fold_chunks(chunk_fn, grad, per_bin, plan.cells, _chunk(k, channels))
+  return grad.reshape(map_shape)

@@ -9,7 +9,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from roipool_jax._src import backends, dense_max, scaffold, validation
+from roipool_jax._src import backends, dense_max, dtypes, scaffold, validation
 from roipool_jax._src import bin_max as bin_max_lib
 from roipool_jax._src import boxes as boxes_lib
 
@@ -76,14 +76,17 @@ def _max_over_bins(features: jax.Array, bins: bin_max_lib.Bins) -> jax.Array:
 
 
 def _max_over_bins_fwd(features, bins):
-  values = bin_max_lib.bin_max(features, bins)
-  return values, (features, bins, values)
+  values, argmax = bin_max_lib.bin_max(features, bins, with_argmax=True)
+  # A zero-size stand-in carries the map's shape and dtype, not its values.
+  like = jnp.zeros((0,) + features.shape, features.dtype)
+  return values, (like, bins, argmax)
 
 
 def _max_over_bins_bwd(residuals, cotangent):
-  features, bins, values = residuals
-  grad = bin_max_lib.bin_max_grad(features, bins, values, cotangent)
-  return grad.astype(features.dtype), None
+  like, bins, argmax = residuals
+  cotangent = cotangent.astype(dtypes.compute_dtype(like.dtype))
+  grad = bin_max_lib.bin_max_grad(like.shape[1:], bins, argmax, cotangent)
+  return grad.astype(like.dtype), None
 
 
 _max_over_bins.defvjp(_max_over_bins_fwd, _max_over_bins_bwd)
@@ -149,9 +152,10 @@ def roi_pool(
   Implementations (``impl``; both give the same values and gradients):
 
   * ``"gather"``: bins are the unit of work, sorted by cell count; each pass
-    gathers a few cells of every bin (contiguous ``C`` vectors) and the
-    backward pass is one more sweep that adds each cotangent at its arg-max
-    cell (:mod:`roipool_jax._src.bin_max`). Work is proportional to the
+    gathers a few cells of every bin (contiguous ``C`` vectors). Under
+    differentiation the forward pass also records each bin's arg-max cell
+    per channel (as torchvision does), and the backward pass adds each
+    cotangent there (:mod:`roipool_jax._src.bin_max`). Work is proportional to the
     cells the bins hold inside the map: bins outside the map cost nothing.
   * ``"einsum"``: masked separable maxima over broadcast operands, with no
     gather or scatter in the forward or backward HLO, and a backward that
