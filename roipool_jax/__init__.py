@@ -1,7 +1,9 @@
 """roipool_jax: RoI pooling ops for JAX (NHWC features, (x1, y1, x2, y2) boxes)."""
 
 from roipool_jax._src.crop_and_resize import crop_and_resize
+from roipool_jax._src.deform_roi_pool import deform_roi_pool
 from roipool_jax._src.multiscale import multi_scale_roi_align
+from roipool_jax._src.precise_roi_pool import precise_roi_pool
 from roipool_jax._src.ps_roi_align import ps_roi_align
 from roipool_jax._src.ps_roi_pool import ps_roi_pool
 from roipool_jax._src.roi_align import roi_align
@@ -14,7 +16,9 @@ __version__ = "0.3.0"
 
 __all__ = (
   "crop_and_resize",
+  "deform_roi_pool",
   "multi_scale_roi_align",
+  "precise_roi_pool",
   "ps_roi_align",
   "ps_roi_pool",
   "roi_align",

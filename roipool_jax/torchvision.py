@@ -70,7 +70,7 @@ Size = int | tuple[int, int]
 
 def _nhwc(name: str, input: jax.typing.ArrayLike) -> jax.Array:
   """``[N, C, H, W]`` to ``[N, H, W, C]``, with errors that speak of NCHW."""
-  validation._array_dtype(name, input)
+  validation.array_dtype(name, input)
   shape = np.shape(input)
   if len(shape) != 4:
     raise ValueError(f"`{name}` must be NCHW [N, C, H, W] (rank 4); got shape {shape}.")
@@ -106,7 +106,7 @@ def convert_boxes(boxes: object) -> tuple[jax.Array, jax.Array]:
     if not boxes:
       raise ValueError("`boxes` as a list must hold one [L, 4] array per image; got an empty list.")
     for i, b in enumerate(boxes):
-      validation._array_dtype(f"boxes[{i}]", b)
+      validation.array_dtype(f"boxes[{i}]", b)
       if np.ndim(b) != 2 or np.shape(b)[1] != 4:
         raise ValueError(
           f"`boxes[{i}]` must be [L, 4] (x1, y1, x2, y2) boxes of image {i}; got shape "
@@ -117,7 +117,7 @@ def convert_boxes(boxes: object) -> tuple[jax.Array, jax.Array]:
     counts = [a.shape[0] for a in arrays]
     indices = np.repeat(np.arange(len(arrays), dtype=np.int32), counts)
     return jnp.concatenate([a.astype(dtype) for a in arrays]), jnp.asarray(indices)
-  dtype = validation._array_dtype("boxes", boxes)
+  dtype = validation.array_dtype("boxes", boxes)
   if np.ndim(boxes) != 2 or np.shape(boxes)[1] != 5:
     raise ValueError(
       "`boxes` must be torchvision's rois [K, 5] (batch_index, x1, y1, x2, y2) or a list of "

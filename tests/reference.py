@@ -494,3 +494,107 @@ def roi_align_rotated(
             total = total + bilinear(image, y, x)
         out[k, i, j] = total / count
   return out
+
+
+# ------------------------------------------------------------------ Precise RoI pooling
+
+
+def _cell(image, h, w):
+  """``image[h, w]``, or zeros outside the map (PrRoI pooling's convention)."""
+  height, width = image.shape[:2]
+  if 0 <= h < height and 0 <= w < width:
+    return image[h, w].astype(np.float64)
+  return np.zeros(image.shape[2])
+
+
+def _unit_cell_integral(image, h, w, y0, x0, y1, x1):
+  """Integral of the bilinear patch on cell ``[h, h+1] x [w, w+1]`` over ``[y0, y1] x [x0, x1]``.
+
+  On the patch, ``f = sum of corner values * (1 - |dy|) * (1 - |dx|)``; each
+  corner's factor integrates in closed form: ``int (1 - u) du = u - u^2 / 2``.
+  """
+
+  def side(lo, hi):  # integral of (1 - u) for u from lo to hi
+    return (hi - hi * hi / 2) - (lo - lo * lo / 2)
+
+  total = np.zeros(image.shape[2])
+  for ch, dy0, dy1 in ((h, y0 - h, y1 - h), (h + 1, (h + 1) - y1, (h + 1) - y0)):
+    for cw, dx0, dx1 in ((w, x0 - w, x1 - w), (w + 1, (w + 1) - x1, (w + 1) - x0)):
+      total += _cell(image, ch, cw) * side(dy0, dy1) * side(dx0, dx1)
+  return total
+
+
+def _prroi_bins(box, scale, oh, ow):
+  """``(ay, by, ax, bx)`` edges of every bin of one box, mmcv's PrRoIPool geometry, float64."""
+  x0, y0 = box[0] * scale, box[1] * scale
+  bin_w = max(box[2] * scale - x0, 0.0) / ow
+  bin_h = max(box[3] * scale - y0, 0.0) / oh
+  for i in range(oh):
+    for j in range(ow):
+      ay, ax = y0 + i * bin_h, x0 + j * bin_w
+      yield i, j, ay, ay + bin_h, ax, ax + bin_w
+
+
+def precise_roi_pool(features, boxes, box_indices, output_size, scale):
+  """PrRoI pooling in closed form, cell by cell (mmcv's kernel structure), in float64."""
+  features = np.asarray(features, np.float64)
+  oh, ow = output_size
+  out = np.zeros((len(boxes), oh, ow, features.shape[3]))
+  for k, box in enumerate(np.asarray(boxes, np.float64)):
+    if not np.all(np.isfinite(box)):
+      continue
+    image = features[box_indices[k]]
+    for i, j, ay, by, ax, bx in _prroi_bins(box, scale, oh, ow):
+      area = (by - ay) * (bx - ax)
+      if area <= 0:
+        continue
+      total = np.zeros(features.shape[3])
+      for h in range(math.floor(ay), math.ceil(by)):
+        for w in range(math.floor(ax), math.ceil(bx)):
+          y0, y1 = max(ay, h), min(by, h + 1)
+          x0, x1 = max(ax, w), min(bx, w + 1)
+          total += _unit_cell_integral(image, h, w, y0, x0, y1, x1)
+      out[k, i, j] = total / area
+  return out
+
+
+def interpolate_zero_outside(image, y, x):
+  """The continuous map of PrRoI pooling at ``(y, x)``: bilinear, cell ``(h, w)`` at ``(h, w)``,
+  zero outside the map (no clamping)."""
+  h, w = math.floor(y), math.floor(x)
+  dy, dx = y - h, x - w
+  return (
+    _cell(image, h, w) * (1 - dy) * (1 - dx)
+    + _cell(image, h, w + 1) * (1 - dy) * dx
+    + _cell(image, h + 1, w) * dy * (1 - dx)
+    + _cell(image, h + 1, w + 1) * dy * dx
+  )
+
+
+def precise_roi_pool_quadrature(features, boxes, box_indices, output_size, scale, points=4):
+  """PrRoI pooling by numerical integration: Gauss-Legendre with ``points`` nodes per axis on
+  every piece of the bin between integer lines (exact for the piecewise bilinear map)."""
+  features = np.asarray(features, np.float64)
+  oh, ow = output_size
+  nodes, weights = np.polynomial.legendre.leggauss(points)
+  out = np.zeros((len(boxes), oh, ow, features.shape[3]))
+
+  def pieces(a, b):
+    cuts = [a] + [float(c) for c in range(math.floor(a) + 1, math.ceil(b))] + [b]
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+      yield from zip(lo + (nodes + 1) * (hi - lo) / 2, weights * (hi - lo) / 2)
+
+  for k, box in enumerate(np.asarray(boxes, np.float64)):
+    if not np.all(np.isfinite(box)):
+      continue
+    image = features[box_indices[k]]
+    for i, j, ay, by, ax, bx in _prroi_bins(box, scale, oh, ow):
+      area = (by - ay) * (bx - ax)
+      if area <= 0:
+        continue
+      total = np.zeros(features.shape[3])
+      for y, wy in pieces(ay, by):
+        for x, wx in pieces(ax, bx):
+          total += wy * wx * interpolate_zero_outside(image, y, x)
+      out[k, i, j] = total / area
+  return out

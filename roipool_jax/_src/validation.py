@@ -43,7 +43,7 @@ def _describe(value: object) -> str:
   return f"{value!r} of type {type(value).__name__}"
 
 
-def _array_dtype(name: str, value: object) -> np.dtype:
+def array_dtype(name: str, value: object) -> np.dtype:
   """The dtype of an array argument, or a TypeError naming it."""
   if isinstance(value, (list, tuple)):
     try:
@@ -65,7 +65,7 @@ def _array_dtype(name: str, value: object) -> np.dtype:
 
 def check_features(features: object, name: str = "features", allow_integer: bool = False) -> None:
   """Checks ``features`` is a floating (or, if allowed, integer) ``[N, H, W, C]`` array."""
-  dtype = _array_dtype(name, features)
+  dtype = array_dtype(name, features)
   shape = np.shape(features)
   if len(shape) != 4:
     raise ValueError(
@@ -81,7 +81,7 @@ def check_features(features: object, name: str = "features", allow_integer: bool
 
 def check_boxes(boxes: object, coords: int = 4) -> None:
   """Checks ``boxes`` is a numeric ``[K, coords]`` or ``[N, R, coords]`` array."""
-  dtype = _array_dtype("boxes", boxes)
+  dtype = array_dtype("boxes", boxes)
   shape = np.shape(boxes)
   if not (jnp.issubdtype(dtype, np.floating) or jnp.issubdtype(dtype, np.integer)):
     raise TypeError(
@@ -178,7 +178,7 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
 
 def check_box_indices(box_indices: object, num_boxes: int, num_images: int) -> None:
   """Checks ``box_indices`` is an integer ``[K]`` array, and in ``[0, N)`` when concrete."""
-  dtype = _array_dtype("box_indices", box_indices)
+  dtype = array_dtype("box_indices", box_indices)
   shape = np.shape(box_indices)
   if not jnp.issubdtype(dtype, np.integer):
     raise TypeError(
