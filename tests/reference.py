@@ -581,8 +581,8 @@ def precise_roi_pool_quadrature(features, boxes, box_indices, output_size, scale
 
   def pieces(a, b):
     cuts = [a] + [float(c) for c in range(math.floor(a) + 1, math.ceil(b))] + [b]
-    for lo, hi in zip(cuts[:-1], cuts[1:]):
-      yield from zip(lo + (nodes + 1) * (hi - lo) / 2, weights * (hi - lo) / 2)
+    for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+      yield from zip(lo + (nodes + 1) * (hi - lo) / 2, weights * (hi - lo) / 2, strict=True)
 
   for k, box in enumerate(np.asarray(boxes, np.float64)):
     if not np.all(np.isfinite(box)):
@@ -597,4 +597,40 @@ def precise_roi_pool_quadrature(features, boxes, box_indices, output_size, scale
         for x, wx in pieces(ax, bx):
           total += wy * wx * interpolate_zero_outside(image, y, x)
       out[k, i, j] = total / area
+  return out
+
+
+# ------------------------------------------------------------------ deformable RoI pooling
+
+
+def deform_roi_pool(
+  features, boxes, box_indices, offsets, output_size, scale, sampling_ratio, gamma
+):
+  """mmcv's ``deform_roi_pool`` forward as its kernel writes it (``offsets [K, oh, ow, 2]``
+  as ``(dx, dy)``), in float64. Documented deviation: inverted boxes give zeros."""
+  features = np.asarray(features, np.float64)
+  oh, ow = output_size
+  out = np.zeros((len(boxes), oh, ow, features.shape[3]))
+  for k, box in enumerate(np.asarray(boxes, np.float64)):
+    if not (np.all(np.isfinite(box)) and np.all(np.isfinite(offsets[k]))):
+      continue
+    x0, y0 = box[0] * scale - 0.5, box[1] * scale - 0.5
+    roi_w, roi_h = (box[2] * scale - 0.5) - x0, (box[3] * scale - 0.5) - y0
+    if roi_w < 0 or roi_h < 0:
+      continue
+    bin_h, bin_w = roi_h / oh, roi_w / ow
+    gh = sampling_ratio if sampling_ratio > 0 else math.ceil(bin_h)
+    gw = sampling_ratio if sampling_ratio > 0 else math.ceil(bin_w)
+    image = features[box_indices[k]]
+    for i in range(oh):
+      for j in range(ow):
+        start_x = x0 + gamma * roi_w * float(offsets[k, i, j, 0])
+        start_y = y0 + gamma * roi_h * float(offsets[k, i, j, 1])
+        total = np.zeros(features.shape[3])
+        for iy in range(gh):
+          y = start_y + i * bin_h + (iy + 0.5) * bin_h / gh
+          for ix in range(gw):
+            x = start_x + j * bin_w + (ix + 0.5) * bin_w / gw
+            total += bilinear(image, np.float64(y), np.float64(x))
+        out[k, i, j] = total / max(gh * gw, 1)
   return out
