@@ -170,7 +170,11 @@ def deform_roi_pool(
   dtype = jnp.result_type(boxes, offsets)
   # The offsets travel with their box (padding, flattening, validity) as extra coordinates.
   joined = jnp.concatenate(
-    [boxes.astype(dtype), (gamma * offsets.astype(dtype)).reshape(boxes.shape[:-1] + (-1,))], -1
+    [
+      boxes.astype(dtype),
+      (gamma * offsets.astype(dtype)).reshape(boxes.shape[:-1] + (2 * size[0] * size[1],)),
+    ],
+    -1,
   )
   options = dict(size=size, scale=scale, ratio=ratio)
   coords = 4 + 2 * size[0] * size[1]
