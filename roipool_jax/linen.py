@@ -1,4 +1,7 @@
-"""Flax Linen modules (``flax.linen``) for the RoI ops; parameter-free, usable in ``nn.compact``.
+"""Flax Linen modules (``flax.linen``) for the RoI ops, usable in ``nn.compact``.
+
+The modules of the ops are parameter-free; :class:`DeformRoIPool` and
+:class:`ModulatedDeformRoIPool` learn their offsets (and mask).
 
 Example:
   >>> import jax.numpy as jnp
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from roipool_jax._src import layers
+from roipool_jax._src import deform_modules, layers
 
 
 class RoIPool(layers.RoIPoolConfig, nn.Module):
@@ -48,11 +51,50 @@ class RoIAlignRotated(layers.RoIAlignRotatedConfig, nn.Module):
   __doc__ = layers.module_docstring(layers.RoIAlignRotatedConfig, "Linen")
 
 
+class PreciseRoIPool(layers.PreciseRoIPoolConfig, nn.Module):
+  __doc__ = layers.module_docstring(layers.PreciseRoIPoolConfig, "Linen")
+
+
+class DeformRoIPool(deform_modules.DeformRoIPoolOptions, nn.Module):
+  __doc__ = deform_modules.docstring(False, "Linen", "module(features, boxes, box_indices=None)")
+
+  def _dense(self, features: int, name: str, zero: bool = False) -> nn.Dense:
+    init = dict(kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros) if zero else {}
+    return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name, **init)
+
+  def _offsets(self, flat):
+    width, (oh, ow) = self.hidden(), self.size()
+    x = nn.relu(self._dense(width, "offset_fc1")(flat))
+    x = nn.relu(self._dense(width, "offset_fc2")(x))
+    return deform_modules.as_offsets(self._dense(oh * ow * 2, "offset_fc3", True)(x), (oh, ow))
+
+  @nn.compact
+  def __call__(self, features, boxes, box_indices=None):
+    flat = deform_modules.flat(self.pool(features, boxes, box_indices, None))
+    return self.pool(features, boxes, box_indices, self._offsets(flat))
+
+
+class ModulatedDeformRoIPool(DeformRoIPool):
+  __doc__ = deform_modules.docstring(True, "Linen", "module(features, boxes, box_indices=None)")
+
+  @nn.compact
+  def __call__(self, features, boxes, box_indices=None):
+    flat = deform_modules.flat(self.pool(features, boxes, box_indices, None))
+    pooled = self.pool(features, boxes, box_indices, self._offsets(flat))
+    width, (oh, ow) = self.hidden(), self.size()
+    x = nn.relu(self._dense(width, "mask_fc1")(flat))
+    mask = deform_modules.as_mask(self._dense(oh * ow, "mask_fc2", True)(x), (oh, ow))
+    return pooled * mask.astype(pooled.dtype)
+
+
 __all__ = (
   "CropAndResize",
+  "DeformRoIPool",
+  "ModulatedDeformRoIPool",
   "MultiScaleRoIAlign",
   "PSRoIAlign",
   "PSRoIPool",
+  "PreciseRoIPool",
   "RoIAlign",
   "RoIAlignRotated",
   "RoIPool",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import partial
 
@@ -139,7 +140,7 @@ def deform_roi_pool(
       ``offsets``, or non-integer ``box_indices``.
     ValueError: a wrong rank or last dim of ``features``/``boxes``,
       ``offsets`` of the wrong shape, a non-positive ``output_size`` or
-      ``spatial_scale``, or ``box_indices`` of the wrong length or (when
+      ``spatial_scale``, a non-finite ``gamma``, or ``box_indices`` of the wrong length or (when
       concrete) out of ``[0, N)``.
 
   Examples:
@@ -161,6 +162,8 @@ def deform_roi_pool(
   scale = validation.check_spatial_scale(spatial_scale)
   ratio = validation.check_sampling_ratio(sampling_ratio)
   gamma = validation.check_real("gamma", gamma)
+  if not math.isfinite(gamma):
+    raise ValueError(f"`gamma` must be finite; got {gamma!r}.")
   validation.check_boxes(boxes)
   boxes = jnp.asarray(boxes)
   if offsets is None:

@@ -16,6 +16,7 @@ from typing import Literal
 
 from roipool_jax._src.crop_and_resize import crop_and_resize
 from roipool_jax._src.multiscale import multi_scale_roi_align
+from roipool_jax._src.precise_roi_pool import precise_roi_pool
 from roipool_jax._src.ps_roi_align import ps_roi_align
 from roipool_jax._src.ps_roi_pool import ps_roi_pool
 from roipool_jax._src.roi_align import roi_align
@@ -286,4 +287,29 @@ class RoIAlignRotatedConfig:
       aligned=self.aligned,
       clockwise=self.clockwise,
       box_indices=box_indices,
+    )
+
+
+@dataclasses.dataclass
+class PreciseRoIPoolConfig:
+  """Options of :func:`roipool_jax.precise_roi_pool`.
+
+  Attributes:
+    output_size: ``oh`` or ``(oh, ow)``.
+    spatial_scale: feature cells per image pixel.
+    impl: ``"auto"``, ``"gather"`` or ``"einsum"``.
+  """
+
+  output_size: Size
+  spatial_scale: float = 1.0
+  impl: Impl = "auto"
+
+  def __call__(self, features, boxes, box_indices=None):
+    return precise_roi_pool(
+      features,
+      boxes,
+      self.output_size,
+      spatial_scale=self.spatial_scale,
+      box_indices=box_indices,
+      impl=self.impl,
     )
