@@ -30,6 +30,9 @@ for impl in ("gather", "einsum"):
   OPS[f"crop_and_resize {impl}"] = lambda f, b, i, impl=impl: roipool_jax.crop_and_resize(
     f, b, (2, 3), box_indices=i, impl=impl
   )
+  OPS[f"precise_roi_pool {impl}"] = lambda f, b, i, impl=impl: roipool_jax.precise_roi_pool(
+    f, b, (2, 3), box_indices=i, impl=impl
+  )
   OPS[f"roi_warp {impl}"] = lambda f, b, i, impl=impl: roipool_jax.roi_warp(
     f, b, (2, 3), box_indices=i, impl=impl
   )
@@ -41,6 +44,11 @@ for impl in ("gather", "einsum"):
 for ratio in (-1, 2):
   OPS[f"roi_align max ratio {ratio}"] = lambda f, b, i, ratio=ratio: roipool_jax.roi_align(
     f, b, (2, 3), sampling_ratio=ratio, box_indices=i, mode="max"
+  )
+
+for ratio in (0, 2):
+  OPS[f"deform_roi_pool ratio {ratio}"] = lambda f, b, i, ratio=ratio: roipool_jax.deform_roi_pool(
+    f, b, jnp.ones(b.shape[:-1] + (2, 3, 2)), (2, 3), sampling_ratio=ratio, box_indices=i
   )
 
 CASES = {

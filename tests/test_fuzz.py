@@ -55,11 +55,13 @@ MODULES = {
   "ps_roi_pool": "PSRoIPool",
   "ps_roi_align": "PSRoIAlign",
   "roi_align_rotated": "RoIAlignRotated",
-}
+  "precise_roi_pool": "PreciseRoIPool",
+}  # deform_roi_pool's modules learn their offsets: tests/test_deform_modules.py
 NO_EINSUM = (
   "roi_pool",
   "ps_roi_pool",
   "roi_align_rotated",
+  "deform_roi_pool",
 )  # roi_pool's einsum path is tested in test_backends
 MAPS = [(5, 7), (1, 1), (8, 6)]
 PYRAMID_MAPS = [(8, 6), (6, 7)]  # two levels: the map and its stride-2 subsampling
@@ -98,7 +100,18 @@ class Op:
   def __call__(self, features, boxes, box_indices=None):
     features, extra = self._inputs(features)
     fn = getattr(roipool_jax, self.name)
+    if self.name == "deform_roi_pool":  # the same offsets for every box
+      return fn(
+        features, boxes, self.offsets(boxes), self.size, box_indices=box_indices, **self.kwargs
+      )
     return fn(features, boxes, self.size, box_indices=box_indices, **self.kwargs, **extra)
+
+  def offsets(self, boxes):
+    """A fixed pattern of ``deform_roi_pool`` offsets, ``boxes.shape[:-1] + (oh, ow, 2)``."""
+    oh, ow = (self.size, self.size) if isinstance(self.size, int) else self.size
+    i, j, c = np.meshgrid(np.arange(oh), np.arange(ow), np.arange(2), indexing="ij")
+    pattern = (0.7 * np.sin(3 * i + 5 * j + c)).astype(np.float32)
+    return np.broadcast_to(pattern, boxes.shape[:-1] + pattern.shape)
 
   def module(self, kind: str):
     """The Linen or NNX module with the same options, as a function."""
@@ -160,6 +173,14 @@ def ops(draw, name: str) -> Op:
       spatial_scale=draw(scale),
       sampling_ratio=draw(st.sampled_from([-1, 0, 1, 2, 3])),
       impl=draw(_impls(True)),
+    )
+  elif name == "precise_roi_pool":
+    options = dict(spatial_scale=draw(scale), impl=draw(_impls(True)))
+  elif name == "deform_roi_pool":
+    options = dict(
+      spatial_scale=draw(scale),
+      sampling_ratio=draw(st.sampled_from([-1, 0, 1, 2, 3])),
+      gamma=draw(st.sampled_from([0.1, 0.5])),
     )
   elif name == "roi_warp":
     oh, ow = (size, size) if isinstance(size, int) else size
@@ -419,7 +440,7 @@ def test_float64_gradients_pass_check_grads(name, data):
     check_grads(lambda f, b: op(f, b, p.indices), (features, boxes), 1, modes=("rev",), eps=1e-7)
 
 
-@pytest.mark.parametrize("name", some(NAMES, start=1))
+@pytest.mark.parametrize("name", some(sorted(MODULES), start=1))
 @settings(max_examples=EXAMPLES)
 @given(data=st.data())
 def test_modules_equal_the_functions(name, data):

@@ -40,6 +40,11 @@ CASES = [
     lambda f, b, i: roipool_jax.ps_roi_align(jnp.tile(f, (1, 1, 1, 2)), b, (2, 3), box_indices=i),
   ),
   (
+    "PreciseRoIPool",
+    dict(output_size=(2, 3), spatial_scale=1 / 16),
+    lambda f, b, i: roipool_jax.precise_roi_pool(f, b, (2, 3), spatial_scale=1 / 16, box_indices=i),
+  ),
+  (
     "RoIWarp",
     dict(output_size=2, spatial_scale=1 / 16),
     lambda f, b, i: roipool_jax.roi_warp(f, b, 2, spatial_scale=1 / 16, box_indices=i),

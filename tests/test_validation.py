@@ -47,6 +47,12 @@ CALLS = {
   "ps_roi_align": (
     lambda **o: roipool_jax.ps_roi_align(PS_FEATURES, BOXES, 2, box_indices=INDICES, **o)
   ),
+  "precise_roi_pool": (
+    lambda **o: roipool_jax.precise_roi_pool(FEATURES, BOXES, 2, box_indices=INDICES, **o)
+  ),
+  "deform_roi_pool": (
+    lambda **o: roipool_jax.deform_roi_pool(FEATURES, BOXES, None, 2, box_indices=INDICES, **o)
+  ),
 }
 MODULES = {
   "roi_pool": ("RoIPool", dict(output_size=2)),
@@ -57,7 +63,8 @@ MODULES = {
   "roi_align_rotated": ("RoIAlignRotated", dict(output_size=2)),
   "ps_roi_pool": ("PSRoIPool", dict(output_size=2)),
   "ps_roi_align": ("PSRoIAlign", dict(output_size=2)),
-}
+  "precise_roi_pool": ("PreciseRoIPool", dict(output_size=2)),
+}  # deform_roi_pool's modules have parameters: tests/test_deform_modules.py
 
 # Bad values by kind of option: (wrong types, wrong values).
 SIZE = ([2.0, "7", None, (2, 2.5), (True, 2), jnp.asarray(2)], [0, -3, (2, 0), (2, 2, 2)])
@@ -88,9 +95,10 @@ OPTIONS = {
   "image_size": ([(8.0, 8.0), "8", None], [(0, 8), (8, 8, 3)]),
   "canonical_scale": POSITIVE,
   "canonical_level": ([4.5, True, "4", None], []),
+  "gamma": (["0.1", None, True, jnp.asarray(0.1)], [math.inf, math.nan]),
 }
 # Array arguments, checked by the per-op tests and below.
-ARRAYS = {"features", "boxes", "box_indices"}
+ARRAYS = {"features", "boxes", "box_indices", "offsets"}
 
 
 def _cases():
@@ -123,6 +131,8 @@ def _positional(fn, size):
   f = getattr(roipool_jax, fn)
   if fn == "multi_scale_roi_align":
     return f(PYRAMID, BOXES, size, image_size=(8, 8), box_indices=INDICES)
+  if fn == "deform_roi_pool":
+    return f(FEATURES, BOXES, None, size, box_indices=INDICES)
   return f(_features(fn), _boxes(fn), size, box_indices=INDICES)
 
 
@@ -147,6 +157,8 @@ def test_function_options(fn, name, value, error):
 
 def _module_cases():
   for fn, name, value, error in (p.values for p in _cases()):
+    if fn not in MODULES:
+      continue
     yield pytest.param(fn, name, value, error, id=f"{MODULES[fn][0]}-{name}-{value!r}")
 
 
@@ -186,8 +198,9 @@ def test_torchvision_rois_name_the_fix(fn):
   f = getattr(roipool_jax, fn)
   first = PYRAMID if fn == "multi_scale_roi_align" else _features(fn)
   extra = dict(image_size=(8, 8)) if fn == "multi_scale_roi_align" else {}
+  arrays = (first, rois, None) if fn == "deform_roi_pool" else (first, rois)
   with pytest.raises(ValueError, match=r"boxes=rois\[:, 1:\].*box_indices=rois\[:, 0\]"):
-    f(first, rois, 2, **extra)
+    f(*arrays, 2, **extra)
 
 
 def test_float_batch_column_as_box_indices_names_the_fix():
