@@ -1,4 +1,5 @@
-"""The Fast R-CNN example trains (loss falls) and its data-parallel step equals one device."""
+"""The examples: Fast R-CNN trains (loss falls; its data-parallel step equals one device), and
+box refinement through precise_roi_pool reaches its target."""
 
 import io
 import os
@@ -10,16 +11,32 @@ import numpy as np
 import pytest
 
 from examples import fast_rcnn as example
+from examples import refine_box
 from tests.quick import some
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("pool", some(["align", "pool"]))
+@pytest.mark.parametrize("pool", some(["align", "pool", "deform"]))
 def test_loss_falls_on_a_tiny_run(pool):
   _, history = example.train(steps=40, pool=pool, batch=4, log_every=1, out=io.StringIO())
   losses = [loss for _, loss, _ in history]
   assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8]), losses
+
+
+def test_deform_head_learns_offsets():
+  params, _ = example.train(steps=20, pool="deform", batch=4, log_every=5, out=io.StringIO())
+  offsets = params["params"]["DeformRoIPool_0"]["offset_fc3"]["kernel"]
+  assert np.abs(np.asarray(offsets)).max() > 0  # starts at zero; training moves it
+  assert 0.0 <= example.evaluate(example.FastRCNN(pool="deform"), params, batches=1) <= 1.0
+
+
+def test_box_refinement_reaches_the_target_only_with_precise_roi_pool():
+  boxes = refine_box.refine(steps=60)
+  assert refine_box.iou(boxes[0], refine_box.TARGET) < 0.25
+  assert refine_box.iou(boxes[-1], refine_box.TARGET) > 0.99
+  assert np.all(refine_box.mean_gradient(refine_box.roipool_jax.precise_roi_pool) != 0)
+  np.testing.assert_array_equal(refine_box.mean_gradient(refine_box.roipool_jax.roi_pool), 0.0)
 
 
 def test_decode_inverts_encode():
