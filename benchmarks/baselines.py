@@ -1,9 +1,10 @@
 """Straightforward JAX formulations, timed where torchvision has no such op.
 
-Written as a JAX user would first write them: every sample's position
-computed at once, its four neighbour cells gathered from the map with
-advanced indexing, gradients by autodiff. They materialize ``[K, oh, ow, g,
-g, C]`` samples, so they need a fixed ``sampling_ratio``.
+Written as a JAX user would first write them, gradients by autodiff. The
+sampling ops compute every sample's position at once and gather its four
+neighbour cells with advanced indexing: they materialize ``[K, oh, ow, g, g,
+C]`` samples, so they need a fixed ``sampling_ratio``. Precise RoI pooling
+applies dense per-axis integral weights with einsums.
 """
 
 from __future__ import annotations
@@ -38,5 +39,68 @@ def roi_align_rotated(features, boxes, box_indices, output_size, spatial_scale, 
   value = 0.0
   for row, wy in ((y0, 1 - ly), (y1, ly)):
     for col, wx in ((x0, 1 - lx), (x1, lx)):
+      value = value + (wy * wx * inside)[..., None] * features[n, row, col]
+  return jnp.mean(value, axis=(3, 4))
+
+
+def _hat_integral(t):
+  """Integral of ``max(0, 1 - |u|)`` from -inf to ``t``."""
+  t = jnp.clip(t, -1.0, 1.0)
+  return jnp.where(t <= 0, 0.5 * (t + 1) ** 2, 1 - 0.5 * (1 - t) ** 2)
+
+
+def precise_roi_pool(features, boxes, box_indices, output_size, spatial_scale):
+  """PrRoI pooling of a one-image map as dense per-axis integral weights and two einsums.
+
+  The weight of row ``h`` in bin ``[a, b]`` is ``(G(b - h) - G(a - h)) / (b - a)``
+  for every row of the map; the intermediate is ``[K, oh, W, C]``.
+  """
+  del box_indices  # one image
+  _, height, width, _ = features.shape
+
+  def weights(lo, hi, length):
+    start, size = lo * spatial_scale, jnp.maximum((hi - lo) * spatial_scale, 0.0)
+    bin_size = size[:, None, None] / output_size
+    a = start[:, None, None] + jnp.arange(output_size)[None, :, None] * bin_size
+    r = jnp.arange(length)[None, None]
+    safe = jnp.where(bin_size > 0, bin_size, 1.0)
+    return jnp.where(
+      bin_size > 0, (_hat_integral(a + bin_size - r) - _hat_integral(a - r)) / safe, 0.0
+    )
+
+  wy = weights(boxes[:, 1], boxes[:, 3], height)
+  wx = weights(boxes[:, 0], boxes[:, 2], width)
+  rows = jnp.einsum("kih,hwc->kiwc", wy, features[0])
+  return jnp.einsum("kjw,kiwc->kijc", wx, rows)
+
+
+def deform_roi_pool(
+  features, boxes, offsets, box_indices, output_size, spatial_scale, ratio, gamma
+):
+  """mmcv's ``deform_roi_pool`` (``offsets [K, oh, ow, 2]``), sample by sample."""
+  _, height, width, _ = features.shape
+  p, g = output_size, ratio
+  x0, y0 = boxes[:, 0] * spatial_scale - 0.5, boxes[:, 1] * spatial_scale - 0.5
+  roi_w, roi_h = (
+    (boxes[:, 2] - boxes[:, 0]) * spatial_scale,
+    (boxes[:, 3] - boxes[:, 1]) * spatial_scale,
+  )
+  frac = (jnp.arange(g) + 0.5) / g
+  cells = (jnp.arange(p)[:, None] + frac[None])[None]  # [1, P, g], in bins
+  shift_x = gamma * roi_w[:, None, None] * offsets[..., 0]  # [K, oh, ow]
+  shift_y = gamma * roi_h[:, None, None] * offsets[..., 1]
+  y = (y0[:, None, None] + cells * (roi_h / p)[:, None, None])[:, :, None, :, None]
+  x = (x0[:, None, None] + cells * (roi_w / p)[:, None, None])[:, None, :, None, :]
+  y = y + shift_y[..., None, None]  # [K, oh, ow, g, 1]
+  x = x + shift_x[..., None, None]  # [K, oh, ow, 1, g]
+  inside = (y >= -1) & (y <= height) & (x >= -1) & (x <= width)
+  y, x = jnp.clip(y, 0, height - 1), jnp.clip(x, 0, width - 1)
+  ya, xa = jnp.floor(y).astype(jnp.int32), jnp.floor(x).astype(jnp.int32)
+  yb, xb = jnp.minimum(ya + 1, height - 1), jnp.minimum(xa + 1, width - 1)
+  ly, lx = y - ya, x - xa
+  n = box_indices[:, None, None, None, None]
+  value = 0.0
+  for row, wy in ((ya, 1 - ly), (yb, ly)):
+    for col, wx in ((xa, 1 - lx), (xb, lx)):
       value = value + (wy * wx * inside)[..., None] * features[n, row, col]
   return jnp.mean(value, axis=(3, 4))

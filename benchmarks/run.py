@@ -58,7 +58,7 @@ import roipool_jax  # noqa: E402
 class Config:
   name: str
   # "roi_pool" | "roi_align" | "roi_warp" | "multi_scale" | "ps_roi_pool" | "ps_roi_align" |
-  # "roi_align_rotated"
+  # "roi_align_rotated" | "precise_roi_pool" | "deform_roi_pool"
   op: str
   shape: tuple[int, int, int, int]  # (N, H, W, C) of the (finest) map
   rois: int
@@ -130,6 +130,9 @@ CONFIGS = [
     7,
     1 / 8,
   ),
+  # IoU-Net's refinement pools P3-like features; no torchvision op: plain JAX references.
+  Config("IoU-Net (P3), precise_roi_pool", "precise_roi_pool", (1, 100, 152, 256), 512, 7, 1 / 8),
+  Config("deformable (P3), deform_roi_pool", "deform_roi_pool", (1, 100, 152, 256), 512, 7, 1 / 8),
   Config("FPN P2, roi_warp (14x14 warp)", "roi_warp", (1, 200, 304, 256), 512, 7, 1 / 4),
   Config(
     "MultiScaleRoIAlign P2-P5, 1000 RoIs",
@@ -221,6 +224,21 @@ def jax_op(config: Config, indices, impl: str):
     return lambda f, b: roipool_jax.roi_align_rotated(
       f, b, size, spatial_scale=scale, sampling_ratio=config.sampling_ratio, box_indices=index
     )
+  if config.op == "precise_roi_pool":
+    return lambda f, b: roipool_jax.precise_roi_pool(
+      f, b, size, spatial_scale=scale, box_indices=index, impl=impl
+    )
+  if config.op == "deform_roi_pool":
+    offsets = deform_offsets(config)
+    return lambda f, b: roipool_jax.deform_roi_pool(
+      f,
+      b,
+      offsets,
+      size,
+      spatial_scale=scale,
+      sampling_ratio=config.sampling_ratio,
+      box_indices=index,
+    )
   if config.op == "roi_warp":
     return lambda f, b: roipool_jax.roi_warp(
       f, b, size, spatial_scale=scale, box_indices=index, impl=impl
@@ -236,6 +254,16 @@ def jax_op(config: Config, indices, impl: str):
     box_indices=index,
     impl=impl,
   )
+
+
+# Ops timed against a plain JAX formulation (:mod:`baselines`) instead of torchvision.
+BASELINE_OPS = ("roi_align_rotated", "precise_roi_pool", "deform_roi_pool")
+
+
+def deform_offsets(config: Config):
+  """Fixed learned-looking offsets ``[K, out, out, 2]`` for ``deform_roi_pool``."""
+  shape = (config.rois, config.output, config.output, 2)
+  return jnp.asarray(np.random.default_rng(1).normal(0.0, 0.5, shape), jnp.float32)
 
 
 def first_call_s(config, features, boxes, indices, impl):
@@ -273,12 +301,22 @@ def bench_jax(config, features, boxes, indices, impl, repeats):
 
 def bench_baseline(config, features, boxes, indices, repeats):
   """The plain JAX formulation of an op torchvision lacks (:mod:`baselines`), jitted."""
-  if config.op != "roi_align_rotated":
-    return None
   size, scale, ratio = config.output, config.scale, config.sampling_ratio
+  if config.op == "roi_align_rotated":
 
-  def op(f, b):
-    return baselines.roi_align_rotated(f, b, indices, size, scale, ratio)
+    def op(f, b):
+      return baselines.roi_align_rotated(f, b, indices, size, scale, ratio)
+  elif config.op == "precise_roi_pool":
+
+    def op(f, b):
+      return baselines.precise_roi_pool(f, b, indices, size, scale)
+  elif config.op == "deform_roi_pool":
+    offsets = deform_offsets(config)
+
+    def op(f, b):
+      return baselines.deform_roi_pool(f, b, offsets, indices, size, scale, ratio, 0.1)
+  else:
+    return None
 
   return _time_jitted(op, features, boxes, repeats)[0]
 
@@ -358,7 +396,7 @@ def bench_torch(config, features, boxes, indices, dtype, repeats):
 def run_config(config, dtype, impl, repeats, bandwidth):
   features, boxes, indices = make_inputs(config, dtype)
   ours = bench_jax(config, features, boxes, indices, impl, repeats)
-  if config.op == "roi_align_rotated":
+  if config.op in BASELINE_OPS:
     theirs = bench_baseline(config, features, boxes, indices, repeats)
   elif config.torch:
     theirs = bench_torch(config, features, boxes, indices, dtype, repeats)
@@ -403,8 +441,9 @@ def markdown(rows, header):
   lines = [
     header,
     "",
-    "ref: torchvision in the same process; for `roi_align_rotated`, which torchvision lacks, "
-    "a plain JAX formulation (every sample gathered, autodiff; `benchmarks/baselines.py`).",
+    "ref: torchvision in the same process; for the ops torchvision lacks (`roi_align_rotated`, "
+    "`precise_roi_pool`, `deform_roi_pool`), a plain JAX formulation (autodiff; samples "
+    "gathered, or dense einsums for `precise_roi_pool`; `benchmarks/baselines.py`).",
     "",
     "| config | dtype | jax fwd ms | ref fwd ms | speed-up | jax fwd+bwd ms | ref fwd+bwd ms "
     "| speed-up | floor fwd / fwd+bwd ms | jax / floor (fwd, fwd+bwd) | jax peak MB (K*H*W*C MB) "

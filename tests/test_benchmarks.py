@@ -2,8 +2,10 @@
 
 import json
 
+import numpy as np
 import pytest
 
+from benchmarks import baselines
 from benchmarks import run as suite
 from tests.quick import some
 
@@ -25,9 +27,12 @@ def test_quick_suite_writes_markdown_json_and_plot(only, tmp_path):
       "ps_roi_pool",
       "ps_roi_align",
       "roi_align_rotated",
+      "precise_roi_pool",
+      "deform_roi_pool",
     }
-    rotated = [r for r in rows if r["op"] == "roi_align_rotated"]
-    assert rotated[0]["torch_fwd_ms"] > 0  # its reference, the plain JAX gather, always runs
+    for r in rows:
+      if r["op"] in suite.BASELINE_OPS:  # their reference, plain JAX, always runs
+        assert r["torch_fwd_ms"] > 0, r["config"]
     assert len(rows) == len(suite.CONFIGS)
   for r in rows:
     assert r["jax_fwd_ms"] > 0 and r["jax_fwd_bwd_ms"] > 0
@@ -39,3 +44,20 @@ def test_quick_suite_writes_markdown_json_and_plot(only, tmp_path):
   assert saved["bandwidth_gb_s"] > 0 and len(saved["rows"]) == len(rows)
   table = next(tmp_path.glob("*.md")).read_text()
   assert all(r["config"] in table for r in rows)
+
+
+@pytest.mark.parametrize("op", suite.BASELINE_OPS)
+def test_plain_jax_baselines_compute_what_the_library_computes(op):
+  # A timing against a reference is only fair if the reference computes the same thing.
+  config = next(c for c in suite.CONFIGS if c.op == op).quick()
+  features, boxes, indices = suite.make_inputs(config, np.float32)
+  ours = suite.jax_op(config, indices, "auto")(features, boxes)
+  size, scale, ratio = config.output, config.scale, config.sampling_ratio
+  if op == "roi_align_rotated":
+    theirs = baselines.roi_align_rotated(features, boxes, indices, size, scale, ratio)
+  elif op == "precise_roi_pool":
+    theirs = baselines.precise_roi_pool(features, boxes, indices, size, scale)
+  else:
+    offsets = suite.deform_offsets(config)
+    theirs = baselines.deform_roi_pool(features, boxes, offsets, indices, size, scale, ratio, 0.1)
+  np.testing.assert_allclose(np.asarray(theirs), np.asarray(ours), rtol=1e-4, atol=1e-4)
