@@ -14,9 +14,25 @@ import math
 import jax.numpy as jnp
 
 
+def _bilinear(features, box_indices, y, x):
+  """torchvision's bilinear samples ``[K, ..., C]`` at positions ``y``, ``x`` ``[K, ...]`` (5-D),
+  zero outside ``[-1, H] x [-1, W]``, four neighbour cells gathered by advanced indexing."""
+  _, height, width, _ = features.shape
+  inside = (y >= -1) & (y <= height) & (x >= -1) & (x <= width)
+  y, x = jnp.clip(y, 0, height - 1), jnp.clip(x, 0, width - 1)
+  y0, x0 = jnp.floor(y).astype(jnp.int32), jnp.floor(x).astype(jnp.int32)
+  y1, x1 = jnp.minimum(y0 + 1, height - 1), jnp.minimum(x0 + 1, width - 1)
+  ly, lx = y - y0, x - x0
+  n = box_indices[:, None, None, None, None]
+  value = 0.0
+  for row, wy in ((y0, 1 - ly), (y1, ly)):
+    for col, wx in ((x0, 1 - lx), (x1, lx)):
+      value = value + (wy * wx * inside)[..., None] * features[n, row, col]
+  return value
+
+
 def roi_align_rotated(features, boxes, box_indices, output_size, spatial_scale, sampling_ratio):
   """detectron2's ``ROIAlignRotated`` (aligned, counter-clockwise degrees), sample by sample."""
-  _, height, width, _ = features.shape
   oh, ow, g = output_size, output_size, sampling_ratio
   cx, cy = boxes[:, 0] * spatial_scale - 0.5, boxes[:, 1] * spatial_scale - 0.5
   w, h = boxes[:, 2] * spatial_scale, boxes[:, 3] * spatial_scale
@@ -30,17 +46,7 @@ def roi_align_rotated(features, boxes, box_indices, output_size, spatial_scale, 
   cos, sin = (v[:, None, None, None, None] for v in (jnp.cos(theta), jnp.sin(theta)))
   y = yy * cos - xx * sin + cy[:, None, None, None, None]
   x = yy * sin + xx * cos + cx[:, None, None, None, None]
-  inside = (y >= -1) & (y <= height) & (x >= -1) & (x <= width)
-  y, x = jnp.clip(y, 0, height - 1), jnp.clip(x, 0, width - 1)
-  y0, x0 = jnp.floor(y).astype(jnp.int32), jnp.floor(x).astype(jnp.int32)
-  y1, x1 = jnp.minimum(y0 + 1, height - 1), jnp.minimum(x0 + 1, width - 1)
-  ly, lx = y - y0, x - x0
-  n = box_indices[:, None, None, None, None]
-  value = 0.0
-  for row, wy in ((y0, 1 - ly), (y1, ly)):
-    for col, wx in ((x0, 1 - lx), (x1, lx)):
-      value = value + (wy * wx * inside)[..., None] * features[n, row, col]
-  return jnp.mean(value, axis=(3, 4))
+  return jnp.mean(_bilinear(features, box_indices, y, x), axis=(3, 4))
 
 
 def _hat_integral(t):
@@ -78,7 +84,6 @@ def deform_roi_pool(
   features, boxes, offsets, box_indices, output_size, spatial_scale, ratio, gamma
 ):
   """mmcv's ``deform_roi_pool`` (``offsets [K, oh, ow, 2]``), sample by sample."""
-  _, height, width, _ = features.shape
   p, g = output_size, ratio
   x0, y0 = boxes[:, 0] * spatial_scale - 0.5, boxes[:, 1] * spatial_scale - 0.5
   roi_w, roi_h = (
@@ -93,14 +98,4 @@ def deform_roi_pool(
   x = (x0[:, None, None] + cells * (roi_w / p)[:, None, None])[:, None, :, None, :]
   y = y + shift_y[..., None, None]  # [K, oh, ow, g, 1]
   x = x + shift_x[..., None, None]  # [K, oh, ow, 1, g]
-  inside = (y >= -1) & (y <= height) & (x >= -1) & (x <= width)
-  y, x = jnp.clip(y, 0, height - 1), jnp.clip(x, 0, width - 1)
-  ya, xa = jnp.floor(y).astype(jnp.int32), jnp.floor(x).astype(jnp.int32)
-  yb, xb = jnp.minimum(ya + 1, height - 1), jnp.minimum(xa + 1, width - 1)
-  ly, lx = y - ya, x - xa
-  n = box_indices[:, None, None, None, None]
-  value = 0.0
-  for row, wy in ((ya, 1 - ly), (yb, ly)):
-    for col, wx in ((xa, 1 - lx), (xb, lx)):
-      value = value + (wy * wx * inside)[..., None] * features[n, row, col]
-  return jnp.mean(value, axis=(3, 4))
+  return jnp.mean(_bilinear(features, box_indices, y, x), axis=(3, 4))

@@ -524,38 +524,43 @@ def _unit_cell_integral(image, h, w, y0, x0, y1, x1):
   return total
 
 
-def _prroi_bins(box, scale, oh, ow):
-  """``(ay, by, ax, bx)`` edges of every bin of one box, mmcv's PrRoIPool geometry, float64."""
-  x0, y0 = box[0] * scale, box[1] * scale
-  bin_w = max(box[2] * scale - x0, 0.0) / ow
-  bin_h = max(box[3] * scale - y0, 0.0) / oh
-  for i in range(oh):
-    for j in range(ow):
-      ay, ax = y0 + i * bin_h, x0 + j * bin_w
-      yield i, j, ay, ay + bin_h, ax, ax + bin_w
+def _prroi(features, boxes, box_indices, output_size, scale, integral):
+  """PrRoI pooling with ``integral(image, ay, by, ax, bx) -> [C]`` over each bin, in float64.
 
-
-def precise_roi_pool(features, boxes, box_indices, output_size, scale):
-  """PrRoI pooling in closed form, cell by cell (mmcv's kernel structure), in float64."""
+  mmcv's geometry: bin ``(i, j)`` spans ``[y1 s + i bin_h, + bin_h] x [x1 s + j bin_w,
+  + bin_w]`` with ``bin = max(x2 s - x1 s, 0) / P``; zero-area bins and non-finite boxes give 0.
+  """
   features = np.asarray(features, np.float64)
   oh, ow = output_size
   out = np.zeros((len(boxes), oh, ow, features.shape[3]))
   for k, box in enumerate(np.asarray(boxes, np.float64)):
     if not np.all(np.isfinite(box)):
       continue
-    image = features[box_indices[k]]
-    for i, j, ay, by, ax, bx in _prroi_bins(box, scale, oh, ow):
-      area = (by - ay) * (bx - ax)
-      if area <= 0:
-        continue
-      total = np.zeros(features.shape[3])
-      for h in range(math.floor(ay), math.ceil(by)):
-        for w in range(math.floor(ax), math.ceil(bx)):
-          y0, y1 = max(ay, h), min(by, h + 1)
-          x0, x1 = max(ax, w), min(bx, w + 1)
-          total += _unit_cell_integral(image, h, w, y0, x0, y1, x1)
-      out[k, i, j] = total / area
+    x0, y0 = box[0] * scale, box[1] * scale
+    bin_w = max(box[2] * scale - x0, 0.0) / ow
+    bin_h = max(box[3] * scale - y0, 0.0) / oh
+    for i in range(oh):
+      for j in range(ow):
+        if bin_h * bin_w > 0:
+          ay, ax = y0 + i * bin_h, x0 + j * bin_w
+          total = integral(features[box_indices[k]], ay, ay + bin_h, ax, ax + bin_w)
+          out[k, i, j] = total / (bin_h * bin_w)
   return out
+
+
+def precise_roi_pool(features, boxes, box_indices, output_size, scale):
+  """PrRoI pooling in closed form, cell by cell (mmcv's kernel structure), in float64."""
+
+  def integral(image, ay, by, ax, bx):
+    total = np.zeros(image.shape[2])
+    for h in range(math.floor(ay), math.ceil(by)):
+      for w in range(math.floor(ax), math.ceil(bx)):
+        y0, y1 = max(ay, h), min(by, h + 1)
+        x0, x1 = max(ax, w), min(bx, w + 1)
+        total += _unit_cell_integral(image, h, w, y0, x0, y1, x1)
+    return total
+
+  return _prroi(features, boxes, box_indices, output_size, scale, integral)
 
 
 def interpolate_zero_outside(image, y, x):
@@ -574,30 +579,21 @@ def interpolate_zero_outside(image, y, x):
 def precise_roi_pool_quadrature(features, boxes, box_indices, output_size, scale, points=4):
   """PrRoI pooling by numerical integration: Gauss-Legendre with ``points`` nodes per axis on
   every piece of the bin between integer lines (exact for the piecewise bilinear map)."""
-  features = np.asarray(features, np.float64)
-  oh, ow = output_size
   nodes, weights = np.polynomial.legendre.leggauss(points)
-  out = np.zeros((len(boxes), oh, ow, features.shape[3]))
 
   def pieces(a, b):
     cuts = [a] + [float(c) for c in range(math.floor(a) + 1, math.ceil(b))] + [b]
     for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
       yield from zip(lo + (nodes + 1) * (hi - lo) / 2, weights * (hi - lo) / 2, strict=True)
 
-  for k, box in enumerate(np.asarray(boxes, np.float64)):
-    if not np.all(np.isfinite(box)):
-      continue
-    image = features[box_indices[k]]
-    for i, j, ay, by, ax, bx in _prroi_bins(box, scale, oh, ow):
-      area = (by - ay) * (bx - ax)
-      if area <= 0:
-        continue
-      total = np.zeros(features.shape[3])
-      for y, wy in pieces(ay, by):
-        for x, wx in pieces(ax, bx):
-          total += wy * wx * interpolate_zero_outside(image, y, x)
-      out[k, i, j] = total / area
-  return out
+  def integral(image, ay, by, ax, bx):
+    total = np.zeros(image.shape[2])
+    for y, wy in pieces(ay, by):
+      for x, wx in pieces(ax, bx):
+        total += wy * wx * interpolate_zero_outside(image, y, x)
+    return total
+
+  return _prroi(features, boxes, box_indices, output_size, scale, integral)
 
 
 # ------------------------------------------------------------------ deformable RoI pooling

@@ -1,10 +1,5 @@
 """Tests of the learned deformable RoI pooling modules (Linen and NNX)."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,8 +11,7 @@ from flax import nnx
 import roipool_jax
 from roipool_jax import linen as roi_linen
 from roipool_jax import nnx as roi_nnx
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.devices import run_on_cpu_devices
 
 # mmcv's tests/test_ops/test_deform_roi_pool.py (DeformRoIPoolPack, 2x2 bins,
 # sampling_ratio=2, zero-initialized offsets): NCHW input, box, output, input
@@ -210,9 +204,4 @@ print("sharded == single")
 
 
 def test_parameters_shard_like_any_flax_parameter():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  result = subprocess.run(
-    [sys.executable, "-c", SHARDED], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "sharded == single" in result.stdout
+  assert "sharded == single" in run_on_cpu_devices(SHARDED)

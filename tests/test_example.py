@@ -2,19 +2,14 @@
 box refinement through precise_roi_pool reaches its target."""
 
 import io
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from examples import fast_rcnn as example
 from examples import refine_box
+from tests.devices import run_on_cpu_devices
 from tests.quick import some
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("pool", some(["align", "pool", "deform"]))
@@ -84,9 +79,4 @@ print("sharded == single")
 
 
 def test_data_parallel_step_on_8_devices_equals_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  result = subprocess.run(
-    [sys.executable, "-c", SHARDED], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "sharded == single" in result.stdout
+  assert "sharded == single" in run_on_cpu_devices(SHARDED)
