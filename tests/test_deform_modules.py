@@ -12,6 +12,7 @@ import roipool_jax
 from roipool_jax import linen as roi_linen
 from roipool_jax import nnx as roi_nnx
 from tests.devices import run_on_cpu_devices
+from tests.quick import some
 
 # mmcv's tests/test_ops/test_deform_roi_pool.py (DeformRoIPoolPack, 2x2 bins,
 # sampling_ratio=2, zero-initialized offsets): NCHW input, box, output, input
@@ -62,8 +63,9 @@ def _nnx(modulated, channels, **options):
   return cls(2, channels, **{**OPTIONS, **options}, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("modulated", [False, True])
-@pytest.mark.parametrize("case", range(len(MMCV_CASES)))
+@pytest.mark.parametrize(
+  "case, modulated", some([(c, m) for c in range(len(MMCV_CASES)) for m in (False, True)], 2)
+)
 def test_fresh_modules_give_mmcv_published_values(case, modulated):
   features, box, expected, grad = (np.asarray(x, np.float32) for x in MMCV_CASES[case])
   features, expected, grad = nhwc(features), nhwc(expected), nhwc(grad)
@@ -86,7 +88,7 @@ def _problem():
   return features, boxes, np.array([0, 1, 1, 0, 1], np.int32)
 
 
-@pytest.mark.parametrize("modulated", [False, True])
+@pytest.mark.parametrize("modulated", some([False, True]))
 def test_training_moves_the_offsets_and_the_output(modulated):
   features, boxes, indices = _problem()
   layer = _linen(modulated, spatial_scale=0.25)
@@ -203,5 +205,6 @@ print("sharded == single")
 """
 
 
+@pytest.mark.slow  # a subprocess with 8 devices; the example's sharded step runs in the quick run
 def test_parameters_shard_like_any_flax_parameter():
   assert "sharded == single" in run_on_cpu_devices(SHARDED)

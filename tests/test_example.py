@@ -19,6 +19,7 @@ def test_loss_falls_on_a_tiny_run(pool):
   assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8]), losses
 
 
+@pytest.mark.slow
 def test_deform_head_learns_offsets():
   params, _ = example.train(steps=20, pool="deform", batch=4, log_every=5, out=io.StringIO())
   offsets = params["params"]["DeformRoIPool_0"]["offset_fc3"]["kernel"]

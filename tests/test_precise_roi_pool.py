@@ -123,7 +123,7 @@ def _problem64():
   return features, boxes, np.array([0, 1, 0], np.int32)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", some(IMPLS))
 def test_float64_gradients_pass_check_grads(impl):
   features, boxes, indices = _problem64()
   with jax.enable_x64(True):
@@ -174,7 +174,7 @@ def test_box_gradient_is_what_roi_pool_lacks():
   assert np.all(grad != 0.0) and np.all(flat == 0.0)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", some(IMPLS, 1, start=1))
 def test_degenerate_boxes_are_finite_and_do_not_touch_other_boxes(impl):
   features, boxes, indices = _problem64()
   features, boxes = features.astype(np.float32), boxes.astype(np.float32)
