@@ -321,7 +321,7 @@ def _forward(table: jax.Array, wy, wx, plan: Plan, sparse: bool) -> jax.Array:
   if single:  # one fused pass over all boxes
     zero = jnp.zeros((), wy.dtype)
     # One buffer: consumers that compare values (a later max) see one rounding.
-    out = boxes_lib.materialize(accumulate(taps, 0, 1, zero))
+    out = boxes_lib.computed_once(lambda: accumulate(taps, 0, 1, zero), plan.row_count)
     return out.astype(table.dtype)
 
   blocks = _block_taps(taps, slots)
