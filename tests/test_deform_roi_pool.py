@@ -156,12 +156,13 @@ def test_degenerate_boxes_and_offsets_are_finite_and_do_not_touch_other_boxes():
       [3, 3, 3, 6],  # zero width
       [1e30, 1e30, 2e30, 2e30],  # far outside
       [1, 1, 5, 5],  # with a huge offset
+      [-1e30, -1e30, 1e30, 1e30],  # huge, with a huge offset
     ],
     np.float32,
   )
-  bad_offsets = np.zeros((6, 2, 3, 2), np.float32)
+  bad_offsets = np.zeros((7, 2, 3, 2), np.float32)
   bad_offsets[1, 0, 1, 0] = np.nan
-  bad_offsets[5] = 1e30
+  bad_offsets[5:] = 1e30
   mixed = np.concatenate([boxes, bad])
   mixed_offsets = np.concatenate([offsets, bad_offsets])
   mixed_indices = np.concatenate([indices, np.zeros(len(bad), np.int32)])
@@ -173,7 +174,7 @@ def test_degenerate_boxes_and_offsets_are_finite_and_do_not_touch_other_boxes():
   assert np.all(np.isfinite(out))
   alone = deform_roi_pool(features, boxes, offsets, (2, 3), box_indices=indices)
   np.testing.assert_array_equal(out[:3], alone)
-  np.testing.assert_array_equal(out[3:9], 0.0)
+  np.testing.assert_array_equal(out[3:10], 0.0)
 
   def loss(f, b, o, rows):
     return jnp.sum(op(f, b, o)[rows] ** 2)
@@ -185,9 +186,9 @@ def test_degenerate_boxes_and_offsets_are_finite_and_do_not_touch_other_boxes():
   np.testing.assert_allclose(grads[0], clean, rtol=1e-6, atol=1e-7)
   np.testing.assert_array_equal(grads[1][3:], 0.0)
   np.testing.assert_array_equal(grads[2][3:], 0.0)
-  grads = jax.grad(loss, (0, 1, 2))(features, mixed, mixed_offsets, np.arange(3, 9))
+  grads = jax.grad(loss, (0, 1, 2))(features, mixed, mixed_offsets, np.arange(3, 10))
   assert all(np.all(np.isfinite(g)) for g in grads)
-  np.testing.assert_array_equal(grads[1][:9], 0.0)
+  np.testing.assert_array_equal(grads[1][:10], 0.0)
 
 
 def test_jit_vmap_and_per_image_boxes_agree():

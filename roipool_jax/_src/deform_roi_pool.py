@@ -33,18 +33,22 @@ def check_offsets(offsets, boxes, output_size: tuple[int, int]) -> None:
 def _bin_axes(flat, size, scale, ratio):
   """One :class:`sampling.Axis` per bin along y and x, ``[K * oh * ow]``: each bin a 1-bin box.
 
-  Bin ``(i, j)`` of box ``k`` starts at ``(start + gamma * roi * offset) + i * bin``
-  (rounded in that order, as mmcv's kernel), with the box's bin size and grid.
+  Bin ``(i, j)`` of box ``k`` starts at ``(start + roi * (gamma * offset)) + i * bin``,
+  each product rounded on its own, with the box's bin size and grid. (mmcv forms
+  ``(gamma * roi) * offset``: the start may differ from its kernel's by an ulp.)
   """
   oh, ow = size
   rows, cols = roi_align_lib.align_geometry(flat, size, scale, ratio, aligned=True)
   b, shift = flat.boxes[:, :4], flat.boxes[:, 4:].reshape(-1, oh, ow, 2)
   k = b.shape[0]
 
-  def per_bin(axis, lo, hi, offset, bin_index):
-    # mmcv: roi_start += gamma * roi_size * offset, then + p * bin_size.
-    roi = boxes_lib.scale_coords(hi, scale) - boxes_lib.scale_coords(lo, scale)
-    moved = axis.start[:, None, None] + boxes_lib.materialize(roi[:, None, None] * offset)
+  def per_bin(axis, hi, offset, bin_index):
+    # mmcv: roi_start += gamma * roi_size * offset, then + p * bin_size, with
+    # roi_size = (hi * s - 0.5) - roi_start.
+    roi = (boxes_lib.scale_coords(hi, scale) - 0.5) - axis.start
+    limit = boxes_lib.COORD_LIMIT  # far off the map, and finite: such bins read zeros
+    shift = jnp.clip(roi[:, None, None] * offset, -limit, limit)
+    moved = axis.start[:, None, None] + boxes_lib.materialize(shift)
     start = moved + boxes_lib.materialize(bin_index * axis.bin_size[:, None, None])
     tile = lambda x: jnp.broadcast_to(x[:, None, None], (k, oh, ow)).reshape(-1)  # noqa: E731
     return sampling.Axis(
@@ -53,8 +57,8 @@ def _bin_axes(flat, size, scale, ratio):
 
   i = jnp.arange(oh, dtype=b.dtype)[None, :, None]
   j = jnp.arange(ow, dtype=b.dtype)[None, None, :]
-  y = per_bin(rows, b[:, 1], b[:, 3], shift[..., 1], i)
-  x = per_bin(cols, b[:, 0], b[:, 2], shift[..., 0], j)
+  y = per_bin(rows, b[:, 3], shift[..., 1], i)
+  x = per_bin(cols, b[:, 2], shift[..., 0], j)
   return y, x
 
 
@@ -79,7 +83,7 @@ def deform_roi_pool(
       y0 = y1 * s - 0.5          roi_h = (y2 * s - 0.5) - y0       # no minimum size
       bin_h = roi_h / oh                                           # correctly rounded
       g = sampling_ratio if sampling_ratio > 0 else ceil(bin_h)    # per box
-      start = (y0 + gamma * roi_h * dy[i, j]) + i * bin_h
+      start = (y0 + roi_h * (gamma * dy[i, j])) + i * bin_h
       sample q of bin (i, j):  y = start + (q + 0.5) * bin_h / g
 
   Each sample is bilinearly interpolated with ``roi_align``'s rule (zero
