@@ -35,6 +35,7 @@ def problems(draw, degenerate=True):
   return features, boxes.astype(np.float32), offsets.astype(np.float32), indices, scale, size
 
 
+@hypothesis.settings(max_examples=min(8, hypothesis.settings().max_examples))
 @hypothesis.given(problems(degenerate=False), st.sampled_from([0, -1, 1, 2]))
 def test_zero_offsets_are_roi_align_aligned(problem, ratio):
   features, boxes, _, indices, scale, size = problem
@@ -60,6 +61,7 @@ def test_zero_offsets_are_roi_align_aligned(problem, ratio):
   np.testing.assert_array_equal(out, want)
 
 
+@hypothesis.settings(max_examples=min(8, hypothesis.settings().max_examples))
 @hypothesis.given(problems(), st.sampled_from([0, 2]), st.sampled_from([0.1, 0.5]))
 def test_matches_the_reference(problem, ratio, gamma):
   features, boxes, offsets, indices, scale, size = problem

@@ -92,6 +92,7 @@ def problems(draw, degenerate=True):
   return features, boxes.astype(np.float32), rng.integers(0, n, k).astype(np.int32), scale
 
 
+@hypothesis.settings(max_examples=min(8, hypothesis.settings().max_examples))
 @hypothesis.given(problems(), st.sampled_from([(1, 1), (2, 3), (4, 4)]), st.sampled_from(IMPLS))
 def test_matches_both_references(problem, size, impl):
   features, boxes, indices, scale = problem
@@ -102,6 +103,7 @@ def test_matches_both_references(problem, size, impl):
   np.testing.assert_allclose(out, closed, rtol=2e-5, atol=2e-6)
 
 
+@hypothesis.settings(max_examples=min(8, hypothesis.settings().max_examples))
 @hypothesis.given(st.integers(0, 2**16), st.sampled_from([(1, 1), (3, 2)]))
 def test_bins_over_whole_cells_of_a_constant_map_return_the_constant(seed, size):
   # Inside [0, H - 1] x [0, W - 1] the interpolated map of a constant map is that constant.
