@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from roipool_jax._src import backends, sampling, scaffold, validation
 from roipool_jax._src import boxes as boxes_lib
 from roipool_jax._src import roi_align as roi_align_lib
-from roipool_jax._src import sampling, scaffold, tap_sum, validation
 
 
 def check_offsets(offsets, boxes, output_size: tuple[int, int]) -> None:
@@ -193,15 +193,11 @@ def deform_roi_pool(
 # Compiled once per shape and configuration, also when called outside `jit`.
 @partial(jax.jit, static_argnames=("size", "scale", "ratio"))
 def _deform_roi_pool(features, flat, *, size, scale, ratio):
-  (oh, ow), (height, width) = size, features.shape[1:3]
+  (oh, ow), channels = size, features.shape[3]
   rows, cols = _bin_axes(flat, size, scale, ratio)
-  if ratio > 0:
-    ty, _ = sampling.sample_taps(rows, 1, height, ratio, True)
-    tx, _ = sampling.sample_taps(cols, 1, width, ratio, True)
-  else:
-    ty, tx = sampling.row_taps(rows, 1, height), sampling.row_taps(cols, 1, width)
+  # Every bin is a one-bin box: roi_align's taps and tap sum, over K * oh * ow boxes.
+  map_size = features.shape[1:3]
+  ty, tx = roi_align_lib.average_weights(rows, cols, (1, 1), map_size, ratio, "gather")
   index = jnp.repeat(flat.image_index, oh * ow)
-  plan = tap_sum.map_plan(index, ty, tx, features.shape)
-  table = features.reshape(-1, features.shape[3])
-  out = tap_sum.tap_sum(table, ty.weight, tx.weight, plan)
-  return out.reshape(-1, oh, ow, features.shape[3])
+  out = backends.sum_taps(features, ty, tx, index, "gather")
+  return out.reshape(-1, oh, ow, channels)
