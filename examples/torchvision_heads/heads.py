@@ -8,6 +8,7 @@ Module and parameter names follow torchvision's ``state_dict`` (``box_head.fc6``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -24,7 +25,7 @@ class TwoMLPHead(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = x.reshape(x.shape[0], -1)
+    x = x.reshape(x.shape[0], math.prod(x.shape[1:]))
     x = nn.relu(nn.Dense(self.representation_size, name="fc6")(x))
     return nn.relu(nn.Dense(self.representation_size, name="fc7")(x))
 
@@ -128,7 +129,7 @@ class RoIHeads(nn.Module):
       self.box_head(self.pool(features, proposals, 7, image_size))
     )
     n, p = proposals.shape[:2]
-    return logits.reshape(n, p, -1), deltas.reshape(n, p, -1)
+    return logits.reshape(n, p, logits.shape[-1]), deltas.reshape(n, p, deltas.shape[-1])
 
   def mask_logits(self, features, boxes, *, image_size):
     """Per-class mask logits ``[N, R, 28, 28, C]`` of ``[N, R, 4]`` boxes."""
@@ -181,8 +182,8 @@ class RoIHeads(nn.Module):
     logits, deltas = self.box_outputs(features, samples.proposals, image_size=image_size)
     labels = samples.labels.reshape(-1)
     classifier, box_reg = losses.fastrcnn_loss(
-      logits.reshape(labels.shape[0], -1),
-      deltas.reshape(labels.shape[0], -1),
+      logits.reshape(labels.shape[0], logits.shape[-1]),
+      deltas.reshape(labels.shape[0], deltas.shape[-1]),
       labels,
       samples.regression_targets.reshape(-1, 4),
     )

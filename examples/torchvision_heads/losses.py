@@ -56,7 +56,7 @@ def fastrcnn_loss(class_logits, box_regression, labels, regression_targets):
   log_p = jax.nn.log_softmax(class_logits, -1)
   nll = -jnp.take_along_axis(log_p, label[:, None], -1)[:, 0]
   classification = jnp.sum(jnp.where(sampled, nll, 0)) / count
-  deltas = box_regression.reshape(labels.shape[0], -1, 4)
+  deltas = box_regression.reshape(labels.shape[0], box_regression.shape[-1] // 4, 4)
   own = jnp.take_along_axis(deltas, label[:, None, None], 1)[:, 0]
   per_box = smooth_l1(own - regression_targets, 1.0 / 9).sum(-1)
   return classification, jnp.sum(jnp.where(labels > 0, per_box, 0)) / count

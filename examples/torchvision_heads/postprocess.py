@@ -61,7 +61,7 @@ def decode_boxes(deltas, boxes, weights=BOX_CODER_WEIGHTS, clip=BBOX_XFORM_CLIP)
   ``dx / wx * w + cx`` and size ``exp(dw) * w``; corners are the centre -/+ half the size.
   """
   wx, wy, ww, wh = weights
-  deltas = deltas.reshape(*deltas.shape[:-1], -1, 4)
+  deltas = deltas.reshape(*deltas.shape[:-1], deltas.shape[-1] // 4, 4)
   w = (boxes[..., 2] - boxes[..., 0])[..., None]
   h = (boxes[..., 3] - boxes[..., 1])[..., None]
   cx, cy = boxes[..., 0, None] + 0.5 * w, boxes[..., 1, None] + 0.5 * h
@@ -76,7 +76,7 @@ def clip_boxes_to_image(boxes, image_shape):
   """Clamps x to ``[0, W]`` and y to ``[0, H]``; ``image_shape`` is ``(H, W)`` (may be traced)."""
   h, w = image_shape[0], image_shape[1]
   upper = jnp.stack([w, h, w, h]).astype(boxes.dtype)
-  return jnp.clip(boxes, 0, upper)
+  return jnp.clip(boxes, 0, upper.reshape((1,) * (boxes.ndim - 1) + (4,)))
 
 
 def box_area(boxes):
@@ -118,8 +118,8 @@ def batched_nms(boxes, scores, labels, valid, iou_threshold, max_output):
   def visit(state):
     i, kept, suppressed, total = state
     box = boxes[i]
-    xy1 = jnp.maximum(boxes[:, :2], box[:2])
-    xy2 = jnp.minimum(boxes[:, 2:], box[2:])
+    xy1 = jnp.maximum(boxes[:, :2], box[None, :2])
+    xy2 = jnp.minimum(boxes[:, 2:], box[None, 2:])
     wh = jnp.maximum(xy2 - xy1, 0)
     inter = wh[:, 0] * wh[:, 1]
     iou = inter / (areas[i] + areas - inter)
@@ -181,6 +181,9 @@ def postprocess_detections(
     sides = jnp.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
     valid = (scores > score_thresh) & (sides >= 1e-2)
     seen = min(max_candidates, scores.shape[0])
+    if seen == 0:  # no proposals: nothing to detect
+      empty = lambda x: jnp.zeros((detections_per_img, *x.shape[1:]), x.dtype)  # noqa: E731
+      return Detections(empty(boxes), empty(scores), empty(labels), empty(scores).astype(bool))
     _, best = lax.top_k(jnp.where(valid, scores, -jnp.inf), seen)  # ties: lower index first
     index, found = batched_nms(
       boxes[best], scores[best], labels[best], valid[best], nms_thresh, detections_per_img
@@ -205,7 +208,8 @@ def resize_boxes(boxes, image_shape, original_size):
   """Boxes of an ``image_shape`` ``(H, W)`` image in an ``original_size`` one (``transform``)."""
   ratio_h = jnp.float32(original_size[0]) / jnp.float32(image_shape[0])
   ratio_w = jnp.float32(original_size[1]) / jnp.float32(image_shape[1])
-  return boxes * jnp.stack([ratio_w, ratio_h, ratio_w, ratio_h]).astype(boxes.dtype)
+  ratios = jnp.stack([ratio_w, ratio_h, ratio_w, ratio_h]).astype(boxes.dtype)
+  return boxes * ratios.reshape((1,) * (boxes.ndim - 1) + (4,))
 
 
 def paste_masks_in_image(masks, boxes, image_size: tuple[int, int], padding: int = 1):
@@ -233,12 +237,13 @@ def paste_masks_in_image(masks, boxes, image_size: tuple[int, int], padding: int
   scale = jnp.asarray(padded_size / size, boxes.dtype)
   half = jnp.concatenate([boxes[:, 2:] - boxes[:, :2]] * 2, -1) * 0.5 * scale
   centre = jnp.concatenate([boxes[:, 2:] + boxes[:, :2]] * 2, -1) * 0.5
-  corners = jnp.trunc(centre + half * jnp.array([-1, -1, 1, 1], boxes.dtype)).astype(jnp.int32)
+  sign = jnp.array([[-1, -1, 1, 1]], boxes.dtype)
+  corners = jnp.trunc(centre + half * sign).astype(jnp.int32)  # torch's .to(int64)
 
   def axis_weights(start, end, length):
     """``[D, length, padded_size]``: resize weights of each image pixel along one axis."""
     extent = jnp.maximum(end - start + 1, 1)
-    pixel = jnp.arange(length)
+    pixel = jnp.arange(length)[None]
     inside = (pixel >= start[:, None]) & (pixel <= end[:, None])
     ratio = jnp.float32(padded_size) / extent.astype(jnp.float32)
     source = ratio[:, None] * ((pixel - start[:, None]).astype(jnp.float32) + 0.5) - 0.5
