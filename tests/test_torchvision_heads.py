@@ -139,6 +139,22 @@ def test_training_losses_and_weight_gradients_match_torchvision(fixture):
     np.testing.assert_allclose(encoded, train["regression_targets"][i], atol=1e-5)
 
 
+def test_mask_branch_skips_chunks_without_detections(fixture):
+  inputs, size = fixture["inputs"], fixture["image_size"]
+  model = heads.RoIHeads(**SMALL, detections_per_img=600, mask_chunk=64)
+  found = jax.jit(lambda p, f, b, s: model.apply(p, f, b, s, image_size=size))(
+    fixture["params"], fixture["features"], inputs["proposals"], inputs["image_shapes"]
+  )
+  valid = np.asarray(found.valid)
+  assert valid.any() and not valid.all(axis=1).any()  # chunks of detections, mixed and empty
+  logits = model.apply(
+    fixture["params"], fixture["features"], found.boxes, image_size=size, method=model.mask_logits
+  )
+  dense = postprocess.select_class_masks(logits, found.labels)
+  np.testing.assert_allclose(np.asarray(found.masks)[valid], np.asarray(dense)[valid], atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(found.masks)[~valid], 0.0)
+
+
 def test_converter_accepts_a_whole_model_and_names_what_is_missing(fixture):
   whole = {f"roi_heads.{k}": v for k, v in fixture["weights"].items()}
   whole["backbone.body.conv1.weight"] = np.zeros((1,))

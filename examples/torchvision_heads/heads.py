@@ -12,6 +12,8 @@ import math
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax.numpy as jnp
+from jax import lax
 
 import roipool_jax
 
@@ -87,6 +89,7 @@ class RoIHeads(nn.Module):
     score_thresh, nms_thresh, detections_per_img: as torchvision (0.05, 0.5, 100).
     max_candidates: candidates NMS sees per image (see ``postprocess_detections``).
     masks: False for Faster R-CNN (no mask branch).
+    mask_chunk: detections per call of the mask branch (see ``detection_masks``).
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -108,6 +111,7 @@ class RoIHeads(nn.Module):
   detections_per_img: int = 100
   max_candidates: int = 4096
   masks: bool = True
+  mask_chunk: int = 10
 
   def setup(self):
     self.box_head = TwoMLPHead(self.representation_size)
@@ -163,8 +167,47 @@ class RoIHeads(nn.Module):
     )
     if not self.masks:
       return found
-    mask_logits = self.mask_logits(features, found.boxes, image_size=image_size)
-    return found._replace(masks=postprocess.select_class_masks(mask_logits, found.labels))
+    return found._replace(masks=self.detection_masks(features, found, image_size=image_size))
+
+  def detection_masks(self, features, found: postprocess.Detections, *, image_size):
+    """``[N, D, 28, 28]`` mask probabilities of each detection's class (``maskrcnn_inference``).
+
+    The detections are taken ``mask_chunk`` at a time, and a chunk without a valid detection
+    is skipped (``lax.cond``): like torchvision, which runs the mask branch on the detections
+    only, the cost follows the number of detections rather than ``N * D``. Entries that are
+    not valid detections are 0.
+    """
+    n, d = found.labels.shape
+    total = n * d
+    if self.is_initializing() or total == 0:  # creates the weights; nothing to skip
+      logits = self.mask_logits(features, found.boxes, image_size=image_size)
+      masks = postprocess.select_class_masks(logits, found.labels)
+      return jnp.where(found.valid[..., None, None], masks, 0)
+    chunk = min(self.mask_chunk, total)
+    pad = -total % chunk
+
+    def chunked(x):
+      x = x.reshape(total, *x.shape[2:])
+      return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(-1, chunk, *x.shape[1:])
+
+    image = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, d))
+    operands = tuple(chunked(x) for x in (found.boxes, image, found.labels, found.valid))
+    size = 2 * 14  # the transposed convolution doubles the pooled 14 x 14
+
+    def masks_of(boxes, image, labels):
+      pooled = roipool_jax.multi_scale_roi_align(
+        features, boxes, 14, image_size=image_size, sampling_ratio=2, box_indices=image
+      )
+      logits = self.mask_predictor(self.mask_head(pooled))
+      return postprocess.select_class_masks(logits, labels)
+
+    def one_chunk(args):
+      boxes, image, labels, valid = args
+      skip = lambda *_: jnp.zeros((chunk, size, size), features[0].dtype)  # noqa: E731
+      return lax.cond(valid.any(), masks_of, skip, boxes, image, labels)
+
+    masks = lax.map(one_chunk, operands).reshape(-1, size, size)[:total]
+    return jnp.where(found.valid[..., None, None], masks.reshape(n, d, size, size), 0)
 
   def losses(self, features, samples: losses.Samples, gt_masks=None, *, image_size):
     """Training losses on sampled proposals, as ``RoIHeads.forward`` in training mode.
