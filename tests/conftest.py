@@ -19,10 +19,11 @@ hypothesis.settings.register_profile("thorough", max_examples=300, deadline=None
 
 
 def pytest_collection_modifyitems(config, items):
-  """Notebook 02 trains a detector: it runs in the full suite (notebook 01 is the quick run's
-  notebook smoke test)."""
+  """Notebooks 02 (trains a detector) and 03 (the torchvision port, whose parity the quick run
+  tests in tests/test_torchvision_heads.py) run in the full suite; notebook 01 is the quick
+  run's notebook smoke test."""
   for item in items:
-    if item.nodeid.startswith("notebooks/02_"):
+    if item.nodeid.startswith(("notebooks/02_", "notebooks/03_")):
       item.add_marker(pytest.mark.slow)
 
 

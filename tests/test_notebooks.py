@@ -13,9 +13,14 @@ import pytest
 NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-def test_both_notebooks_exist():
+def test_the_notebooks_exist():
   names = [p.name for p in NOTEBOOKS]
-  assert names == ["01_roi_pooling_explained.ipynb", "02_train_fast_rcnn.ipynb"], names
+  expected = [
+    "01_roi_pooling_explained.ipynb",
+    "02_train_fast_rcnn.ipynb",
+    "03_port_torchvision_heads.ipynb",
+  ]
+  assert names == expected, names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -114,18 +114,14 @@ def test_training_losses_and_weight_gradients_match_torchvision(fixture):
   )
   gt_masks = [jnp.asarray(inputs[f"gt_masks_{i}"]) for i in range(2)]
 
-  def total(params, gt_masks):
+  def total(params, features, samples, gt_masks):
     out = model.apply(
-      params,
-      fixture["features"],
-      samples,
-      gt_masks,
-      image_size=fixture["image_size"],
-      method=model.losses,
+      params, features, samples, gt_masks, image_size=fixture["image_size"], method=model.losses
     )
     return sum(out.values()), out
 
-  (_, out), grads = jax.jit(jax.value_and_grad(total, has_aux=True))(fixture["params"], gt_masks)
+  loss_and_grad = jax.jit(jax.value_and_grad(total, has_aux=True))
+  (_, out), grads = loss_and_grad(fixture["params"], fixture["features"], samples, gt_masks)
   assert sorted(out) == ["loss_box_reg", "loss_classifier", "loss_mask"]
   for name, value in out.items():
     np.testing.assert_allclose(value, train[name], atol=1e-5, err_msg=name)
@@ -137,6 +133,17 @@ def test_training_losses_and_weight_gradients_match_torchvision(fixture):
     matched = inputs[f"gt_boxes_{i}"][train["matched_idxs"][i]]
     encoded = postprocess.encode_boxes(matched, train["sampled_proposals"][i])
     np.testing.assert_allclose(encoded, train["regression_targets"][i], atol=1e-5)
+
+
+def test_zero_size_padding_proposals_change_nothing(fixture, detections):
+  inputs, size = fixture["inputs"], fixture["image_size"]
+  padded = np.concatenate([inputs["proposals"], np.zeros((2, 8, 4), np.float32)], 1)
+  model = heads.RoIHeads(**SMALL, masks=False)
+  found = model.apply(
+    fixture["params"], fixture["features"], padded, inputs["image_shapes"], image_size=size
+  )
+  np.testing.assert_array_equal(found.labels, detections.labels)
+  np.testing.assert_allclose(found.boxes, detections.boxes, atol=1e-4)
 
 
 def test_mask_branch_skips_chunks_without_detections(fixture):

@@ -145,8 +145,9 @@ class RoIHeads(nn.Module):
 
     Args:
       features: the levels ``'0'`` to ``'3'``, ``[N, H_l, W_l, C]`` each (P2..P5).
-      proposals: ``[N, P, 4]`` (padding: any box; it only adds candidates that lose NMS
-        or fall under the threshold when its scores are low, so prefer real proposals).
+      proposals: ``[N, P, 4]``. Pad images with fewer proposals with zero-size boxes
+        (``x1 == x2``): every box decoded from them has zero width, and is dropped with the
+        small boxes, as torchvision would drop it.
       image_shapes: ``[N, 2]`` ``(H, W)`` of each image, for clipping.
       image_size: static ``(H, W)``: the largest height and width in ``image_shapes``
         (torchvision infers the pyramid's scales from it).
