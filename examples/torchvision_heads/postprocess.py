@@ -101,6 +101,11 @@ def batched_nms(boxes, scores, labels, valid, iou_threshold, max_output):
   torchvision's kernel. The visit stops once ``max_output`` are kept, so the cost is one
   ``[M]``-vector step per candidate visited.
 
+  The IoU uses the boxes' own coordinates. For up to 1000 candidates on CPU, torchvision's
+  ``batched_nms`` instead shifts each class's boxes by ``label * (max_coordinate + 1)`` and
+  runs one NMS, which rounds the shifted coordinates: the two can disagree only on a pair
+  whose IoU is within float rounding of ``iou_threshold``.
+
   Args:
     boxes: ``[M, 4]``; scores: ``[M]``; labels: ``[M]`` ints; valid: ``[M]`` bool.
     iou_threshold: static float.
