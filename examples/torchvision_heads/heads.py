@@ -120,12 +120,15 @@ class RoIHeads(nn.Module):
       self.mask_head = MaskRCNNHeads(self.mask_layers, self.mask_dilation)
       self.mask_predictor = MaskRCNNPredictor(self.mask_dim_reduced, self.num_classes)
 
-  def pool(self, features, boxes, size, image_size):
-    """``[N, R, 4]`` boxes pooled as ``MultiScaleRoIAlign(..., size, 2)``: ``[N*R, s, s, C]``."""
+  def pool(self, features, boxes, size, image_size, box_indices=None):
+    """Boxes pooled as ``MultiScaleRoIAlign(..., size, 2)``, flat: ``[N*R or K, s, s, C]``.
+
+    ``boxes`` are ``[N, R, 4]`` (per image) or ``[K, 4]`` with ``box_indices`` ``[K]``.
+    """
     pooled = roipool_jax.multi_scale_roi_align(
-      features, boxes, size, image_size=image_size, sampling_ratio=2
+      features, boxes, size, image_size=image_size, sampling_ratio=2, box_indices=box_indices
     )
-    return pooled.reshape(-1, *pooled.shape[2:])
+    return pooled.reshape(math.prod(pooled.shape[:-3]), *pooled.shape[-3:])
 
   def box_outputs(self, features, proposals, *, image_size):
     """Class logits ``[N, P, C]`` and box deltas ``[N, P, 4 C]`` of ``[N, P, 4]`` proposals."""
@@ -135,10 +138,12 @@ class RoIHeads(nn.Module):
     n, p = proposals.shape[:2]
     return logits.reshape(n, p, logits.shape[-1]), deltas.reshape(n, p, deltas.shape[-1])
 
-  def mask_logits(self, features, boxes, *, image_size):
-    """Per-class mask logits ``[N, R, 28, 28, C]`` of ``[N, R, 4]`` boxes."""
-    logits = self.mask_predictor(self.mask_head(self.pool(features, boxes, 14, image_size)))
-    return logits.reshape(*boxes.shape[:2], *logits.shape[1:])
+  def mask_logits(self, features, boxes, *, image_size, box_indices=None):
+    """Per-class mask logits ``[N, R, 28, 28, C]`` of ``[N, R, 4]`` boxes (``[K, 28, 28, C]``
+    of ``[K, 4]`` boxes with ``box_indices``)."""
+    pooled = self.pool(features, boxes, 14, image_size, box_indices)
+    logits = self.mask_predictor(self.mask_head(pooled))
+    return logits.reshape(*boxes.shape[:-1], *logits.shape[1:])
 
   def __call__(self, features, proposals, image_shapes, *, image_size) -> postprocess.Detections:
     """Eval mode: detections (and their masks) from FPN levels and proposals.
@@ -179,11 +184,17 @@ class RoIHeads(nn.Module):
     not valid detections are 0.
     """
     n, d = found.labels.shape
-    total = n * d
-    if self.is_initializing() or total == 0:  # creates the weights; nothing to skip
+    if self.is_initializing() or n * d == 0:  # creates the weights; nothing to skip
       logits = self.mask_logits(features, found.boxes, image_size=image_size)
       masks = postprocess.select_class_masks(logits, found.labels)
-      return jnp.where(found.valid[..., None, None], masks, 0)
+    else:
+      masks = self._chunked_masks(features, found, image_size)
+    return jnp.where(found.valid[..., None, None], masks, 0)
+
+  def _chunked_masks(self, features, found, image_size):
+    """``detection_masks`` visiting ``mask_chunk`` detections at a time, skipping empty chunks."""
+    n, d = found.labels.shape
+    total = n * d
     chunk = min(self.mask_chunk, total)
     pad = -total % chunk
 
@@ -196,10 +207,7 @@ class RoIHeads(nn.Module):
     size = 2 * 14  # the transposed convolution doubles the pooled 14 x 14
 
     def masks_of(boxes, image, labels):
-      pooled = roipool_jax.multi_scale_roi_align(
-        features, boxes, 14, image_size=image_size, sampling_ratio=2, box_indices=image
-      )
-      logits = self.mask_predictor(self.mask_head(pooled))
+      logits = self.mask_logits(features, boxes, image_size=image_size, box_indices=image)
       return postprocess.select_class_masks(logits, labels)
 
     def one_chunk(args):
@@ -208,7 +216,7 @@ class RoIHeads(nn.Module):
       return lax.cond(valid.any(), masks_of, skip, boxes, image, labels)
 
     masks = lax.map(one_chunk, operands).reshape(-1, size, size)[:total]
-    return jnp.where(found.valid[..., None, None], masks.reshape(n, d, size, size), 0)
+    return masks.reshape(n, d, size, size)
 
   def losses(self, features, samples: losses.Samples, gt_masks=None, *, image_size):
     """Training losses on sampled proposals, as ``RoIHeads.forward`` in training mode.
