@@ -13,19 +13,14 @@ import numpy as np
 import pytest
 
 from examples.torchvision_heads import convert, heads, losses, postprocess
-from tests.fixtures_io import DIRECTORY
+from tests.fixtures_io import load_cases
 
 SMALL = dict(num_classes=5, representation_size=32, mask_layers=(8,) * 4, mask_dim_reduced=8)
 
 
-def _section(data, name):
-  return {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(name + "/")}
-
-
 @pytest.fixture(scope="module")
 def fixture():
-  data = np.load(DIRECTORY / "torchvision_roi_heads.npz")
-  out = {name: _section(data, name) for name in ("weights", "inputs", "eval", "eval_600", "train")}
+  out = load_cases("torchvision_roi_heads.npz")  # {section: {name: array}}
   inputs = out["inputs"]
   out["features"] = [jnp.asarray(inputs[f"level{i}"], jnp.float32) for i in range(4)]
   out["image_size"] = tuple(int(x) for x in inputs["image_shapes"].max(0))

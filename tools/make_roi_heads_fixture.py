@@ -53,9 +53,8 @@ def main():
     ]
   )
   trained, grads = ref.run_train(heads, features, train_proposals, IMAGE_SHAPES, targets)
-  counts = [len(p) for p in trained["sampled_proposals"]]
   assert trained["labels"].shape == (2, 32), trained["labels"].shape  # static samples per image
-  assert counts and (trained["labels"] > 0).any(axis=1).all(), "every image needs positives"
+  assert (trained["labels"] > 0).any(axis=1).all(), "every image needs positives"
 
   arrays = {f"weights/{k}": v for k, v in ref.state_dict(heads).items()}
   inputs = {f"level{i}": f.astype(np.float16) for i, f in enumerate(features)}

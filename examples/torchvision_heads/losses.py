@@ -15,6 +15,8 @@ import jax.numpy as jnp
 
 import roipool_jax
 
+from . import postprocess
+
 
 class Samples(NamedTuple):
   """Sampled proposals of a training step (``RoIHeads.select_training_samples``).
@@ -93,8 +95,7 @@ def maskrcnn_loss(mask_logits, samples: Samples, gt_masks: Sequence[jax.typing.A
       )
     ]
   )
-  label = jnp.maximum(samples.labels, 0)
-  logits = jnp.take_along_axis(mask_logits, label[..., None, None, None], -1)[..., 0]
+  logits = postprocess.class_mask_logits(mask_logits, jnp.maximum(samples.labels, 0))
   bce = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
   positive = (samples.labels > 0)[..., None, None]
   count = jnp.maximum(positive.sum() * size * size, 1).astype(bce.dtype)

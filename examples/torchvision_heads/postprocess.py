@@ -200,13 +200,14 @@ def postprocess_detections(
   return jax.vmap(one_image)(class_logits, box_regression, proposals, image_shapes)
 
 
-def select_class_masks(mask_logits, labels):
-  """``maskrcnn_inference``: the sigmoid of each box's mask for its label.
+def class_mask_logits(mask_logits, labels):
+  """Each box's mask logits for its label: ``[..., M, M, C]`` and ``[...]`` give ``[..., M, M]``."""
+  return jnp.take_along_axis(mask_logits, labels[..., None, None, None], axis=-1)[..., 0]
 
-  ``mask_logits`` ``[..., M, M, C]`` and ``labels`` ``[...]`` give ``[..., M, M]``.
-  """
-  picked = jnp.take_along_axis(mask_logits, labels[..., None, None, None], axis=-1)
-  return jax.nn.sigmoid(picked[..., 0])
+
+def select_class_masks(mask_logits, labels):
+  """``maskrcnn_inference``: the sigmoid of each box's mask for its label (``[..., M, M]``)."""
+  return jax.nn.sigmoid(class_mask_logits(mask_logits, labels))
 
 
 def resize_boxes(boxes, image_shape, original_size):

@@ -86,11 +86,23 @@ def random_boxes(rng, image_shape, count, low=8.0, high=600.0):
   return boxes.astype(np.float32)
 
 
-def _torch_features(features):
-  return {
+def torch_inputs(features, proposals):
+  """NHWC NumPy levels and ``[N, P, 4]`` proposals as ``RoIHeads`` takes them: an NCHW dict of
+  levels and a list of per-image boxes."""
+  levels = {
     k: torch.tensor(f).permute(0, 3, 1, 2).contiguous()
     for k, f in zip(LEVELS, features, strict=True)
   }
+  return levels, [torch.tensor(p) for p in proposals]
+
+
+def paste(result, image_shapes, original_sizes):
+  """The detection transform's postprocess: boxes resized to the original images, masks
+  pasted into them (``GeneralizedRCNNTransform.postprocess`` in eval mode)."""
+  with torch.no_grad():
+    return tv_transform.GeneralizedRCNNTransform.postprocess(
+      _EvalTransform(), [dict(r) for r in result], image_shapes, original_sizes
+    )
 
 
 def _nhwc(x):
@@ -99,17 +111,14 @@ def _nhwc(x):
 
 def run_eval(heads, features, proposals, image_shapes, original_sizes):
   """Eval-mode ``RoIHeads`` plus the transform's postprocess (boxes resized, masks pasted)."""
-  feats = _torch_features(features)
-  props = [torch.tensor(p) for p in proposals]
+  feats, props = torch_inputs(features, proposals)
   out = {}
   with torch.no_grad():
     pooled = heads.box_roi_pool(feats, props, image_shapes)
     logits, deltas = heads.box_predictor(heads.box_head(pooled))
     result, _ = heads(feats, props, image_shapes)
     mask_pooled = heads.mask_roi_pool(feats, [r["boxes"] for r in result], image_shapes)
-    pasted = tv_transform.GeneralizedRCNNTransform.postprocess(
-      _EvalTransform(), [dict(r) for r in result], image_shapes, original_sizes
-    )
+  pasted = paste(result, image_shapes, original_sizes)
   out["box_pooled"] = _nhwc(pooled)
   out["class_logits"] = logits.numpy()
   out["box_regression"] = deltas.numpy()
@@ -128,8 +137,7 @@ def run_detections(heads, features, proposals, image_shapes, detections_per_img)
   limit, heads.detections_per_img = heads.detections_per_img, detections_per_img
   try:
     with torch.no_grad():
-      feats = _torch_features(features)
-      result, _ = heads(feats, [torch.tensor(p) for p in proposals], image_shapes)
+      result, _ = heads(*torch_inputs(features, proposals), image_shapes)
   finally:
     heads.detections_per_img = limit
   return _padded_detections(result, detections_per_img)
@@ -176,8 +184,7 @@ def jittered(rng, boxes, count, scale=0.1):
 def run_train(heads, features, proposals, image_shapes, targets, seed=0):
   """Training mode: torchvision samples the proposals (seeded); the losses and their gradients
   with respect to every head weight, computed by ``RoIHeads.forward`` on those samples."""
-  feats = _torch_features(features)
-  props = [torch.tensor(p) for p in proposals]
+  feats, props = torch_inputs(features, proposals)
   tgts = [
     {
       "boxes": torch.tensor(b),
