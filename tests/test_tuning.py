@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import roipool_jax
-from roipool_jax._src import bin_max, dense, sample_max, tap_sum
+from roipool_jax._src import bin_max, dense, sample_max, sampling, tap_sum
 from tests import reference
 from tests.quick import some
 
@@ -109,3 +109,29 @@ def test_blocks_never_split_a_group_of_taps(slots, group, monkeypatch):
     assert ty % sy == 0 and tx % sx == 0 and ty >= taps and tx >= taps + group
   with pytest.raises(ValueError, match="whole groups"):
     tap_sum.blocking(3, 4, 2)
+
+
+def test_a_chunk_of_tall_and_wide_bins_loops_as_long_as_its_costliest_bin():
+  # One tall and one wide box (adaptive, one bin each): 8 x 1 and 1 x 8 blocks of taps.
+  # The chunk must make 8 passes, not max(passes_y) * max(passes_x) = 64, and still
+  # visit every block of both bins.
+  rng = np.random.default_rng(0)
+  features = rng.standard_normal((1, 30, 30, 2)).astype(np.float32)
+  boxes = np.array([[3.2, 0.4, 4.1, 27.5], [0.3, 2.6, 28.7, 3.4]], np.float32)
+  indices = np.zeros(2, np.int32)
+  flat_boxes = jnp.asarray(boxes)
+  valid = jnp.ones(2, bool)
+  rows = sampling.axis_geometry(flat_boxes[:, 1], flat_boxes[:, 3], valid, 1, 1.0, -1, False)
+  cols = sampling.axis_geometry(flat_boxes[:, 0], flat_boxes[:, 2], valid, 1, 1.0, -1, False)
+  ty, tx = sampling.row_taps(rows, 1, 30), sampling.row_taps(cols, 1, 30)
+  plan = tap_sum.map_plan(jnp.asarray(indices), ty, tx, features.shape)
+  table, (slots, _), _, _ = tap_sum.prepare(ty.weight, tx.weight, plan)
+  units = tap_sum._units(table, slots)
+  assert sorted(zip(units.passes_y.tolist(), units.passes_x.tolist(), strict=True)) == [
+    (1, 8),
+    (8, 1),
+  ]
+  assert int(tap_sum._unit_passes(units)) == 8
+  out = roipool_jax.roi_align(features, boxes, 1, sampling_ratio=-1, box_indices=indices)
+  want = reference.roi_align(features, boxes, indices, (1, 1), 1.0, -1, False, "avg")
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)

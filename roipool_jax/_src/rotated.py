@@ -120,8 +120,18 @@ def _passes(window):
   return -(-window[:, 2] // SLOTS), -(-window[:, 3] // SLOTS)
 
 
-def _block(floats, grid, origin, u: _Units, t, passes_x, map_size):
+def _chunk_passes(u: _Units):
+  """Passes a chunk of bins makes: as many as its costliest bin has blocks."""
+  py, px = _passes(u.window)
+  return jnp.max(py * px, initial=0)
+
+
+def _block(floats, grid, origin, u: _Units, t, map_size):
   """Pass ``t`` of a chunk of bins: ``cells``, ``used`` and ``weight``, each ``[B, 4 * S * S]``.
+
+  Each bin enumerates its own ``passes_y x passes_x`` blocks row-major (block
+  ``(t // passes_x, t % passes_x)``; none once ``t`` is past them), so a chunk
+  loops as long as its costliest bin, whatever the shapes of its bins' windows.
 
   ``floats`` ``[B, 8]``, ``grid`` ``[B, 2]`` and ``origin`` ``[B]`` are the
   bins' boxes' geometry; the weights include ``1 / max(g_h * g_w, 1)``.
@@ -129,7 +139,10 @@ def _block(floats, grid, origin, u: _Units, t, passes_x, map_size):
   height, width = map_size
   cy, cx, cos, sin, start_h, start_w, bin_h, bin_w = (floats[:, n, None] for n in range(8))
   dtype = floats.dtype
-  by, bx = t // passes_x, t % passes_x
+  py, px = _passes(u.window)
+  step = jnp.maximum(px, 1)[:, None]
+  by = jnp.where(t < (py * px)[:, None], t // step, py[:, None])  # past the window: unused
+  bx = t % step
   slot = jnp.arange(SLOTS, dtype=jnp.int32)[None]
   a = by * SLOTS + slot  # [B, S] offset in the window
   b = bx * SLOTS + slot
@@ -184,17 +197,15 @@ def _forward(table, geometry: Geometry, output_size, map_size):
 
   def unit_chunk(u):
     floats, grid, origin = _per_unit(geometry, u)
-    py, px = _passes(u.window)
-    passes_x = jnp.max(px, initial=0)
 
     def one_pass(t, acc):
-      cells, used, weight = _block(floats, grid, origin, u, t, passes_x, map_size)
+      cells, used, weight = _block(floats, grid, origin, u, t, map_size)
       value = tap_sum.gather_rows(table, cells).astype(dtype)
       term = jnp.where(used[..., None], weight[..., None] * value, 0.0)
       return acc + jnp.sum(term, axis=1)
 
     acc = jnp.zeros((u.box.shape[0], channels), dtype)
-    return lax.fori_loop(0, jnp.max(py, initial=0) * passes_x, one_pass, acc)
+    return lax.fori_loop(0, _chunk_passes(u), one_pass, acc)
 
   out = chunking.map_chunks(unit_chunk, units, cost, chunk)
   k = geometry.floats.shape[0]
@@ -210,16 +221,14 @@ def _table_grad(cotangent, geometry: Geometry, output_size, map_size, table_shap
   def unit_chunk(grad, data):
     u, cot = data
     floats, grid, origin = _per_unit(geometry, u)
-    py, px = _passes(u.window)
-    passes_x = jnp.max(px, initial=0)
 
     def one_pass(t, grad):
-      cells, used, weight = _block(floats, grid, origin, u, t, passes_x, map_size)
+      cells, used, weight = _block(floats, grid, origin, u, t, map_size)
       update = jnp.where(used[..., None], weight[..., None] * cot[:, None, :], 0.0)
       flat_cells = jnp.where(used, cells, 0).reshape(-1)
       return grad.at[flat_cells].add(update.reshape(-1, channels), mode="promise_in_bounds")
 
-    return lax.fori_loop(0, jnp.max(py, initial=0) * passes_x, one_pass, grad)
+    return lax.fori_loop(0, _chunk_passes(u), one_pass, grad)
 
   per_unit = (units, cotangent.astype(dtype).reshape(-1, channels))
   grad = jnp.zeros(table_shape, dtype)
@@ -235,12 +244,10 @@ def _geometry_grad(table, cotangent, geometry: Geometry, output_size, map_size):
   def unit_chunk(data):
     u, cot = data
     floats, grid, origin = _per_unit(geometry, u)
-    py, px = _passes(u.window)
-    passes_x = jnp.max(px, initial=0)
 
     def one_pass(t, grad):
       def weights(f):  # differentiable weights; the integer cells ride along
-        cells, used, w = _block(f, grid, origin, u, t, passes_x, map_size)
+        cells, used, w = _block(f, grid, origin, u, t, map_size)
         return w, (cells, used)
 
       w, pull, (cells, used) = jax.vjp(weights, floats, has_aux=True)
@@ -249,7 +256,7 @@ def _geometry_grad(table, cotangent, geometry: Geometry, output_size, map_size):
       (g,) = pull(dot.astype(w.dtype))
       return grad + g
 
-    return lax.fori_loop(0, jnp.max(py, initial=0) * passes_x, one_pass, jnp.zeros_like(floats))
+    return lax.fori_loop(0, _chunk_passes(u), one_pass, jnp.zeros_like(floats))
 
   per_unit = (units, cotangent.astype(dtype).reshape(-1, channels))
   grads = chunking.map_chunks(unit_chunk, per_unit, cost, chunk)  # [U, 8]

@@ -271,11 +271,19 @@ def _block_taps(taps: TapTable, slots):
   )
 
 
-def _unit_pass(u: Units, blocks, t, passes_x):
-  """Cells ``[sy][sx]`` of ``[B]``, their use, and the ``[B, s]`` weights of pass ``t``."""
+def _unit_pass(u: Units, blocks, t):
+  """Cells ``[sy][sx]`` of ``[B]``, their use, and the ``[B, s]`` weights of pass ``t``.
+
+  Each bin enumerates its own blocks, row-major over its ``passes_y x passes_x``:
+  pass ``t`` visits block ``(t // passes_x, t % passes_x)`` of every bin that has
+  more than ``t`` blocks. A chunk of bins sorted by cost thus loops as long as its
+  costliest bin, even when it mixes tall (``16 x 1`` blocks) and wide (``1 x 16``)
+  bins, which a shared ``max(passes_y) x max(passes_x)`` grid would visit 256 times.
+  """
   rows, wys, cols, wxs = blocks
-  by, bx = t // passes_x, t % passes_x
-  in_use = (by < u.passes_y) & (bx < u.passes_x)
+  in_use = t < _unit_cost(u)
+  step = jnp.maximum(u.passes_x, 1)
+  by, bx = jnp.where(in_use, t // step, 0), jnp.where(in_use, t % step, 0)
   iy = rows.at[u.row_block + by].get(mode="promise_in_bounds")  # [B, sy]
   wy = wys.at[u.row_block + by].get(mode="promise_in_bounds")
   ix = cols.at[u.col_block + bx].get(mode="promise_in_bounds")  # [B, sx]
@@ -292,9 +300,8 @@ def _unit_pass(u: Units, blocks, t, passes_x):
 
 
 def _unit_passes(u: Units):
-  py = jnp.max(u.passes_y, initial=0)
-  px = jnp.max(u.passes_x, initial=0)
-  return py, px
+  """Passes a chunk of bins makes: as many as its costliest bin has blocks."""
+  return jnp.max(_unit_cost(u), initial=0)
 
 
 def _unit_cost(u: Units):
@@ -328,7 +335,7 @@ def _forward(table: jax.Array, wy, wx, plan: Plan, sparse: bool) -> jax.Array:
 
   def unit_chunk(u):
     def unit_pass(t, acc):
-      cells, used, cwy, cwx, _ = _unit_pass(u, blocks, t, px)
+      cells, used, cwy, cwx, _ = _unit_pass(u, blocks, t)
       for a in range(slots[0]):
         row_sum = sum(
           term(table, cells[a][b], used[a][b], cwx[:, b, None]) for b in range(slots[1])
@@ -336,9 +343,8 @@ def _forward(table: jax.Array, wy, wx, plan: Plan, sparse: bool) -> jax.Array:
         acc = acc + cwy[:, a, None] * row_sum
       return acc
 
-    py, px = _unit_passes(u)
     acc = jnp.zeros((u.origin.shape[0], channels), wy.dtype)
-    return lax.fori_loop(0, py * px, unit_pass, acc)
+    return lax.fori_loop(0, _unit_passes(u), unit_pass, acc)
 
   units = _units(taps, slots)
   k = plan.origin.shape[0]
@@ -359,15 +365,14 @@ def _features_grad(cotangent, wy, wx, plan: Plan, table_shape) -> jax.Array:
     u, cot = chunk
 
     def scatter_pass(t, grad):
-      cells, used, cwy, cwx, _ = _unit_pass(u, blocks, t, px)
+      cells, used, cwy, cwx, _ = _unit_pass(u, blocks, t)
       for a in range(slots[0]):
         for b in range(slots[1]):
           w = jnp.where(used[a][b], cwy[:, a] * cwx[:, b], 0.0)
           grad = grad.at[cells[a][b]].add(w[:, None] * cot, mode="promise_in_bounds")
       return grad
 
-    py, px = _unit_passes(u)
-    return lax.fori_loop(0, py * px, scatter_pass, grad)
+    return lax.fori_loop(0, _unit_passes(u), scatter_pass, grad)
 
   grad = jnp.zeros(table_shape, wy.dtype)
   per_unit = (units, cotangent.astype(wy.dtype).reshape(-1, channels))
@@ -388,7 +393,7 @@ def _weights_grad(table, cotangent, wy, wx, plan: Plan):
 
     def grad_pass(t, grads):
       gy, gx = grads
-      cells, used, cwy, cwx, (by, bx) = _unit_pass(u, blocks, t, px)
+      cells, used, cwy, cwx, (by, bx) = _unit_pass(u, blocks, t)
       gy_blk = [0.0] * slots[0]
       gx_blk = [0.0] * slots[1]
       for a in range(slots[0]):
@@ -401,8 +406,7 @@ def _weights_grad(table, cotangent, wy, wx, plan: Plan):
       gx = gx.at[u.col_block + bx].add(jnp.stack(gx_blk, -1), mode="promise_in_bounds")
       return gy, gx
 
-    py, px = _unit_passes(u)
-    return lax.fori_loop(0, py * px, grad_pass, grads)
+    return lax.fori_loop(0, _unit_passes(u), grad_pass, grads)
 
   init = (jnp.zeros_like(blocks[1]), jnp.zeros_like(blocks[3]))
   per_unit = (units, cotangent.astype(wy.dtype).reshape(-1, channels))
