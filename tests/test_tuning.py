@@ -135,3 +135,41 @@ def test_a_chunk_of_tall_and_wide_bins_loops_as_long_as_its_costliest_bin():
   out = roipool_jax.roi_align(features, boxes, 1, sampling_ratio=-1, box_indices=indices)
   want = reference.roi_align(features, boxes, indices, (1, 1), 1.0, -1, False, "avg")
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("longest_bin", [3.0, 40.0])
+def test_short_bins_evaluate_fewer_taps_with_the_same_results(longest_bin, monkeypatch):
+  # Adaptive taps of bins spanning at most sampling._SHORT_BINS cells are evaluated over
+  # that many taps only (a lax.cond); a bin of 40 cells takes the full-length branch.
+  # Either way the taps, the output and the feature gradient equal the full evaluation;
+  # the box gradient sums the taps' derivatives over fewer zeros (last-bit differences).
+  rng = np.random.default_rng(3)
+  features = jnp.asarray(rng.standard_normal((2, 45, 50, 3)), jnp.float32)
+  lo = rng.uniform(-5, 40, (9, 2))
+  boxes = np.concatenate([lo, lo + rng.uniform(0.2, 3 * 6, (9, 2))], 1).astype(np.float32)
+  boxes[0] = [-3.0, 1.5, -3.0 + 6 * longest_bin, 1.5 + 6 * longest_bin]
+  indices = rng.integers(0, 2, 9).astype(np.int32)
+  valid = jnp.ones(9, bool)
+
+  def taps(b):
+    cols = sampling.axis_geometry(b[:, 0], b[:, 2], valid, 6, 1.0, -1, True)
+    return sampling.row_taps(cols, 6, 50)
+
+  def op(f, b):
+    return roipool_jax.roi_align(f, b, 6, sampling_ratio=-1, aligned=True, box_indices=indices)
+
+  cot = jnp.asarray(rng.standard_normal((9, 6, 6, 3)), jnp.float32)
+  loss = jax.jit(jax.grad(lambda f, b: jnp.vdot(op(f, b), cot), (0, 1)))
+  got = (jax.jit(taps)(jnp.asarray(boxes)), op(features, boxes), loss(features, boxes))
+  assert (int(got[0].count.max()) <= sampling._SHORT_BINS) == (longest_bin < 10)
+  jax.clear_caches()
+  monkeypatch.setattr(sampling, "_SHORT_BINS", 50)  # = the map's width: always all taps
+  want = (jax.jit(taps)(jnp.asarray(boxes)), op(features, boxes), loss(features, boxes))
+  jax.clear_caches()
+  for g, w in zip(
+    jax.tree.leaves(got[:2] + got[2][:1]), jax.tree.leaves(want[:2] + want[2][:1]), strict=True
+  ):
+    np.testing.assert_array_equal(g, w)
+  np.testing.assert_allclose(got[2][1], want[2][1], rtol=1e-6, atol=1e-6)
+  expected = reference.roi_align(features, boxes, indices, (6, 6), 1.0, -1, True, "avg")
+  np.testing.assert_allclose(got[1], expected, rtol=1e-5, atol=1e-6)

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from roipool_jax._src import boxes as boxes_lib
 
@@ -35,6 +36,10 @@ from roipool_jax._src import boxes as boxes_lib
 # two samples and rounding picks either, the ones that count still lie within 2 of
 # it, so +-2 covers every case.
 _NEIGHBOURS = 2
+
+# row_taps: when no bin of a call spans more than this many cells (proposal-sized
+# boxes), only this many taps per bin are evaluated, instead of the map's length.
+_SHORT_BINS = 16
 
 
 class Axis(NamedTuple):
@@ -259,6 +264,10 @@ def row_taps(
   ``limit`` ``[K]``: each box's own map extent (at most ``length``; boxes on
   the levels of a pyramid), by default ``length``.
 
+  The weights are evaluated for the first ``_SHORT_BINS`` taps only when no bin
+  uses more (a data-dependent ``lax.cond``; the rest are unused), so that the
+  geometry of proposal-sized boxes does not cost ``O(length)`` per bin.
+
   Returns:
     :class:`Taps` with ``T = length``.
   """
@@ -272,31 +281,46 @@ def row_taps(
   lo = jnp.clip(boxes_lib.to_int(jnp.floor(jnp.maximum(y_first, 0.0))), 0, extent - 1)
   hi = jnp.clip(boxes_lib.to_int(jnp.floor(jnp.maximum(y_last, 0.0))) + 1, 0, extent - 1)
   rows_used = jnp.where(grid > 0, hi - lo + 1, 0)  # [K, P, 1]
-  tap = jnp.arange(length, dtype=jnp.int32)[None, None]
-  if dense:
-    row = jnp.broadcast_to(tap, lo.shape[:2] + (length,))
-    in_bin = (tap >= lo) & (tap <= hi) & (grid > 0)
-  else:
-    row = jnp.minimum(lo + tap, extent - 1)  # [K, P, L]
-    in_bin = tap < rows_used
-  # Nearest sample to each row, then its neighbours.
-  nearest = sample_index_at(axis, p, row.astype(axis.start.dtype))
-  nearest = jnp.clip(boxes_lib.to_int(jnp.round(nearest)), 0, last_sample)
-  sample = (
-    nearest[..., None]
-    + jnp.arange(-_NEIGHBOURS, _NEIGHBOURS + 1, dtype=jnp.int32)[None, None, None]
-  )
-  y = sample_position(
-    axis, p, sample.reshape(sample.shape[:2] + (sample.shape[2] * sample.shape[3],))
-  )
-  extent_4d = extent if limit is None else limit[:, None, None, None]
-  low, high, w_low, w_high, _ = corners(y.reshape(sample.shape), extent_4d)
-  use = (sample >= 0) & (sample < grid[..., None])
-  on_row = row[..., None]
-  weight = jnp.where(use & (low == on_row), w_low, 0.0) + jnp.where(
-    use & (high == on_row), w_high, 0.0
-  )
-  weight = jnp.sum(weight, axis=-1)
-  weight = jnp.where(in_bin, weight, 0.0) / jnp.maximum(grid, 1).astype(weight.dtype)
-  row = jnp.where(in_bin, row, -1)
-  return Taps(row, weight, jnp.max(rows_used, axis=(1, 2)))
+  count = jnp.max(rows_used, axis=(1, 2))
+
+  def taps(width: int):
+    """Taps ``0 .. width - 1`` of every bin."""
+    tap = jnp.arange(width, dtype=jnp.int32)[None, None]
+    if dense:
+      row = jnp.broadcast_to(tap, lo.shape[:2] + (width,))
+      in_bin = (tap >= lo) & (tap <= hi) & (grid > 0)
+    else:
+      row = jnp.minimum(lo + tap, extent - 1)  # [K, P, width]
+      in_bin = tap < rows_used
+    # Nearest sample to each row, then its neighbours.
+    nearest = sample_index_at(axis, p, row.astype(axis.start.dtype))
+    nearest = jnp.clip(boxes_lib.to_int(jnp.round(nearest)), 0, last_sample)
+    sample = (
+      nearest[..., None]
+      + jnp.arange(-_NEIGHBOURS, _NEIGHBOURS + 1, dtype=jnp.int32)[None, None, None]
+    )
+    y = sample_position(
+      axis, p, sample.reshape(sample.shape[:2] + (sample.shape[2] * sample.shape[3],))
+    )
+    extent_4d = extent if limit is None else limit[:, None, None, None]
+    low, high, w_low, w_high, _ = corners(y.reshape(sample.shape), extent_4d)
+    use = (sample >= 0) & (sample < grid[..., None])
+    on_row = row[..., None]
+    weight = jnp.where(use & (low == on_row), w_low, 0.0) + jnp.where(
+      use & (high == on_row), w_high, 0.0
+    )
+    weight = jnp.sum(weight, axis=-1)
+    weight = jnp.where(in_bin, weight, 0.0) / jnp.maximum(grid, 1).astype(weight.dtype)
+    return jnp.where(in_bin, row, -1), weight
+
+  if dense or length <= _SHORT_BINS:
+    row, weight = taps(length)
+  else:  # taps past every bin's count are unused: skip their weights when all bins are short
+    pad = [(0, 0), (0, 0), (0, length - _SHORT_BINS)]
+
+    def short():
+      row, weight = taps(_SHORT_BINS)
+      return jnp.pad(row, pad, constant_values=-1), jnp.pad(weight, pad)
+
+    row, weight = lax.cond(jnp.max(count, initial=0) <= _SHORT_BINS, short, lambda: taps(length))
+  return Taps(row, weight, count)
