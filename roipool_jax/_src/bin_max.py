@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from roipool_jax._src import chunking
+from roipool_jax._src import chunking, dtypes
 
 # Cells gathered per bin and pass (one pass reads [chunk, SLOTS, C]).
 SLOTS = 4
@@ -149,14 +149,14 @@ def bin_max(features: jax.Array, bins: Bins, *, with_argmax: bool = False):
   """
   n_img, height, width, channels = features.shape
   table = features.reshape(-1, channels)
-  neg_inf = jnp.array(-jnp.inf, features.dtype)
+  neg_inf = jnp.array(-jnp.inf, dtypes.row_dtype(features.dtype))  # exact for any maximum
   nowhere = n_img * height * width
 
   def pool_chunk(p: CellPlan):
     def max_pass(t, best):
       cell, valid = _cells_of_pass(p, t, width)
       for s in range(SLOTS):  # one [B]-indexed gather per slot: XLA:CPU's fast gather
-        v = table.at[cell[:, s]].get(mode="promise_in_bounds")  # [B, C]
+        v = dtypes.gather_rows(table, cell[:, s])  # [B, C]
         best = jnp.maximum(best, jnp.where(valid[:, s, None], v, neg_inf))
       return best
 
@@ -164,7 +164,7 @@ def bin_max(features: jax.Array, bins: Bins, *, with_argmax: bool = False):
     passes = _passes(p)
     best = lax.fori_loop(0, passes, max_pass, jnp.full((b, channels), neg_inf))
     full = p.cells[:, None] > 0
-    values = jnp.where(full, best, jnp.zeros((), features.dtype))
+    values = dtypes.narrow_bits(jnp.where(full, best, 0.0), features.dtype)
     if not with_argmax:
       return values
 
@@ -174,7 +174,7 @@ def bin_max(features: jax.Array, bins: Bins, *, with_argmax: bool = False):
       t = passes - 1 - u
       cell, valid = _cells_of_pass(p, t, width)
       for s in reversed(range(SLOTS)):
-        v = table.at[cell[:, s]].get(mode="promise_in_bounds")
+        v = dtypes.gather_rows(table, cell[:, s])
         arg = jnp.where((v == best) & valid[:, s, None], cell[:, s, None], arg)
       return arg
 
@@ -185,7 +185,10 @@ def bin_max(features: jax.Array, bins: Bins, *, with_argmax: bool = False):
   ow = bins.col_start.shape[1]
   plan = _plan(bins, height, width)
   out = chunking.map_chunks(pool_chunk, plan, plan.cells, _chunk(k * oh * ow, channels))
-  return jax.tree.map(lambda x: x.reshape(k, oh, ow, channels), out)
+  out = jax.tree.map(lambda x: x.reshape(k, oh, ow, channels), out)
+  if with_argmax:
+    return dtypes.from_bits(out[0], features.dtype), out[1]
+  return dtypes.from_bits(out, features.dtype)
 
 
 def bin_max_grad(

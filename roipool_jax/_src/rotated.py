@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from roipool_jax._src import boxes as boxes_lib
-from roipool_jax._src import chunking, sampling, tap_sum
+from roipool_jax._src import chunking, dtypes, sampling, tap_sum
 
 # Samples per axis in one pass of a bin (SLOTS**2 samples, 4 corners each).
 SLOTS = 2
@@ -205,11 +205,11 @@ def _forward(table, geometry: Geometry, output_size, map_size):
       return acc + jnp.sum(term, axis=1)
 
     acc = jnp.zeros((u.box.shape[0], channels), dtype)
-    return lax.fori_loop(0, _chunk_passes(u), one_pass, acc)
+    return dtypes.narrow_bits(lax.fori_loop(0, _chunk_passes(u), one_pass, acc), table.dtype)
 
   out = chunking.map_chunks(unit_chunk, units, cost, chunk)
   k = geometry.floats.shape[0]
-  return out.reshape((k,) + tuple(output_size) + (channels,)).astype(table.dtype)
+  return dtypes.from_bits(out.reshape((k,) + tuple(output_size) + (channels,)), table.dtype)
 
 
 def _table_grad(cotangent, geometry: Geometry, output_size, map_size, table_shape):
@@ -293,7 +293,7 @@ def _rotated_sum_bwd(output_size, map_size, residuals, cotangent):
   geometry = Geometry(floats, grid, origin)
   grad = _table_grad(cotangent, geometry, output_size, map_size, table.shape)
   geometry_grad = _geometry_grad(table, cotangent, geometry, output_size, map_size)
-  return grad.astype(table.dtype), geometry_grad, None, None
+  return dtypes.narrow(grad, table.dtype), geometry_grad, None, None
 
 
 rotated_sum.defvjp(_rotated_sum_fwd, _rotated_sum_bwd)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from roipool_jax._src import chunking, tap_sum
+from roipool_jax._src import chunking, dtypes, tap_sum
 
 _NO_SAMPLE = 2**30
 # Boxes per chunk: about this many output elements (as tap_sum's forward).
@@ -82,7 +82,7 @@ def _forward(features, wy, wx, plan: tap_sum.Plan, limits):
   chunk = chunking.chunk_size(k, oh * ow * channels, _CHUNK_ELEMENTS)
   best, rank = chunking.map_chunks(chunk_fn, (taps, limits), cost, chunk)
   found = rank < _NO_SAMPLE
-  out = jnp.where(found, best, 0.0).astype(features.dtype)
+  out = dtypes.narrow(jnp.where(found, best, 0.0), features.dtype)
   return out, jnp.where(found, rank, -1)
 
 
@@ -145,7 +145,7 @@ def _sample_max_bwd(residuals, cotangent):
       value = value.astype(acc) * cot
       gy = gy.at[tap_y[a]].add(w_b * value)
       gx = gx.at[tap_x[b]].add(w_a * value)
-  grad = grad.reshape(features.shape).astype(features.dtype)
+  grad = dtypes.narrow(grad, features.dtype).reshape(features.shape)
   return grad, gy.reshape(wy.shape), gx.reshape(wx.shape), None, None
 
 

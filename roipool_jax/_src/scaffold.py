@@ -83,7 +83,9 @@ def _flatten_and_pool(features, boxes, box_indices, *, kernel, upcast, options):
   dtype = levels[0].dtype
   compute = dtypes.compute_dtype(dtype)
   flat = boxes_lib.flat_arrays(boxes, box_indices, num_images=levels[0].shape[0], dtype=compute)
-  if upcast:  # XLA:CPU emulates 16-bit float arithmetic op by op
+  # XLA:CPU emulates float16 arithmetic op by op: convert the map once. The kernels
+  # read bfloat16 maps as bits and widen each gathered row (dtypes.gather_rows).
+  if upcast and dtype == jnp.float16:
     levels = [f.astype(compute) for f in levels]
   maps = levels if isinstance(features, (list, tuple)) else levels[0]
-  return kernel(maps, flat, **dict(options)).astype(dtype)
+  return dtypes.narrow(kernel(maps, flat, **dict(options)), dtype)

@@ -1,0 +1,51 @@
+"""The 16-bit conversions the kernels use in place of XLA's converts are exact."""
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from roipool_jax._src import dtypes
+
+
+def _float32_edge_cases():
+  rng = np.random.default_rng(0)
+  bits = rng.integers(0, 2**32, 20000, dtype=np.uint64).astype(np.uint32)
+  ties = (bits & 0xFFFF0000) | 0x8000  # exactly halfway between two bfloat16s
+  near = np.concatenate([ties - 1, ties + 1])
+  x = np.concatenate([bits, ties, near]).view(np.float32)
+  special = [0.0, -0.0, np.inf, -np.inf, np.nan, 3.4e38, -3.4e38, 1e-40, -1e-45, 65504.0]
+  return np.concatenate([x, np.array(special, np.float32)])
+
+
+def test_narrow_rounds_to_bfloat16_like_numpy():
+  x = _float32_edge_cases()
+  got = np.asarray(dtypes.narrow(jnp.asarray(x), jnp.bfloat16))
+  want = x.astype(ml_dtypes.bfloat16)
+  assert got.dtype == want.dtype
+  nan = np.isnan(want.astype(np.float32))
+  np.testing.assert_array_equal(np.isnan(got.astype(np.float32)), nan)
+  np.testing.assert_array_equal(got[~nan].view(np.uint16), want[~nan].view(np.uint16))
+  bits = dtypes.narrow_bits(jnp.asarray(x), jnp.bfloat16)
+  assert bits.dtype == jnp.uint16
+  np.testing.assert_array_equal(np.asarray(dtypes.from_bits(bits, jnp.bfloat16))[~nan], got[~nan])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
+def test_narrow_is_astype_for_other_dtypes(dtype):
+  x = jnp.asarray(_float32_edge_cases())
+  np.testing.assert_array_equal(dtypes.narrow(x, dtype), x.astype(dtype))
+  np.testing.assert_array_equal(
+    dtypes.from_bits(dtypes.narrow_bits(x, dtype), dtype), x.astype(dtype)
+  )
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_gather_rows_reads_exact_values(dtype):
+  x = _float32_edge_cases()[: 40 * 7].reshape(40, 7)
+  table = jnp.asarray(x).astype(dtype)
+  cells = jnp.asarray([[3, 0, 39], [3, 17, 5]], jnp.int32)
+  rows = dtypes.gather_rows(table, cells)
+  assert rows.shape == (2, 3, 7) and rows.dtype == dtypes.row_dtype(dtype)
+  want = np.asarray(table.astype(rows.dtype))[np.asarray(cells)]
+  np.testing.assert_array_equal(np.asarray(rows), want)
