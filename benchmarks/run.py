@@ -329,7 +329,9 @@ def bench_torch(config, features, boxes, indices, dtype, repeats):
   except ImportError:
     return None
   device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
-  tdtype = {jnp.float32: torch.float32, jnp.bfloat16: torch.bfloat16}[dtype]
+  tdtype = {jnp.float32: torch.float32, jnp.bfloat16: torch.bfloat16, jnp.float16: torch.float16}[
+    dtype
+  ]
   maps = features if isinstance(features, list) else [features]
   xs = [
     torch.tensor(np.asarray(m.astype(jnp.float32)))

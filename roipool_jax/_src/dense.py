@@ -25,7 +25,7 @@ so that ``A`` never exceeds about ``_CHUNK_ELEMENTS`` floats; nothing of size
 
 Matmuls run in the compute dtype (float32, or float64 for float64 features)
 with ``Precision.HIGHEST``, so the results agree with the gather path to
-rounding (bf16/f16 inputs are upcast; the output has the input dtype).
+rounding (16-bit inputs are widened; the output has the input dtype).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from roipool_jax._src import chunking
+from roipool_jax._src import chunking, dtypes
 from roipool_jax._src.sampling import Taps
 
 # Floats of the intermediate A per chunk of boxes (64 MB in float32).
@@ -65,7 +65,7 @@ def _chunked(chunk_fn, wy, wx, image_index, per_box: int, out_shape, dtype):
   if wy.shape[0] == 0:
     return jnp.zeros(out_shape, dtype)
   chunk = chunking.chunk_size(wy.shape[0], per_box, _CHUNK_ELEMENTS)
-  return chunking.map_in_order(chunk_fn, (wy, wx, image_index), chunk).astype(dtype)
+  return dtypes.narrow(chunking.map_in_order(chunk_fn, (wy, wx, image_index), chunk), dtype)
 
 
 def separable_sum(features: jax.Array, wy: jax.Array, wx: jax.Array, image_index: jax.Array):

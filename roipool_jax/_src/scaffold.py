@@ -17,9 +17,10 @@ An op validates its options, then calls :func:`run`, which
    program (none for a K whose bucket was seen);
 4. gives the ``[K, ...]`` result the box form of the call.
 
-On CPU, bfloat16 and float16 features are converted to float32 before the
-kernel (XLA:CPU emulates 16-bit arithmetic op by op, several times slower)
-and the result back; max pooling and float32 accumulation make this exact.
+bfloat16 and float16 features are never copied to float32: the kernels
+widen each row they gather to float32 (:func:`dtypes.gather_rows`) and round
+what they write back to 16 bits (:func:`dtypes.narrow`), so max pooling is
+exact and averages are rounded once.
 """
 
 from __future__ import annotations
@@ -68,7 +69,6 @@ def run(
     args.boxes,
     args.box_indices,
     kernel=kernel,
-    upcast=jax.default_backend() == "cpu",
     options=tuple(sorted(options.items())),
   )
   if out.shape[0] != k:  # drop the padding boxes; on CPU on the host, so no program per K
@@ -77,15 +77,13 @@ def run(
 
 
 # Flattening and the kernel compile as one program, once per shape and configuration.
-@partial(jax.jit, static_argnames=("kernel", "upcast", "options"))
-def _flatten_and_pool(features, boxes, box_indices, *, kernel, upcast, options):
+@partial(jax.jit, static_argnames=("kernel", "options"))
+def _flatten_and_pool(features, boxes, box_indices, *, kernel, options):
   levels = list(features) if isinstance(features, (list, tuple)) else [features]
   dtype = levels[0].dtype
   compute = dtypes.compute_dtype(dtype)
   flat = boxes_lib.flat_arrays(boxes, box_indices, num_images=levels[0].shape[0], dtype=compute)
-  # XLA:CPU emulates float16 arithmetic op by op: convert the map once. The kernels
-  # read bfloat16 maps as bits and widen each gathered row (dtypes.gather_rows).
-  if upcast and dtype == jnp.float16:
-    levels = [f.astype(compute) for f in levels]
+  # No float32 copy of 16-bit maps: the kernels widen each row they gather
+  # (dtypes.gather_rows) and narrow what they write (dtypes.narrow).
   maps = levels if isinstance(features, (list, tuple)) else levels[0]
   return dtypes.narrow(kernel(maps, flat, **dict(options)), dtype)
