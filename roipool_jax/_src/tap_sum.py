@@ -15,7 +15,9 @@ every box is done in one fused pass. Otherwise the unit of work is a *bin*
 (:class:`Units`): bin ``(i, j)`` costs ``ceil(count_y[i] / S) *
 ceil(count_x[j] / S)`` passes of ``S * S`` gathers, counting only the taps it
 uses, which lie on the map; the ``K * oh * ow`` bins are sorted by cost and
-processed in small chunks (:mod:`roipool_jax._src.chunking`). Bins outside
+processed in small chunks (:mod:`roipool_jax._src.chunking`), in which each
+bin walks its own blocks, so a chunk makes as many passes as its costliest
+bin. Bins outside
 the map cost nothing, so a box much larger than the map costs about what the
 map's cells cost. Nothing of size ``K * H * W * C`` is ever built.
 
