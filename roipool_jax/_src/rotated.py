@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from roipool_jax._src import boxes as boxes_lib
-from roipool_jax._src import chunking, dtypes, sampling, tap_sum
+from roipool_jax._src import chunking, dtypes, sampling
 
 # Samples per axis in one pass of a bin (SLOTS**2 samples, 4 corners each).
 SLOTS = 2
@@ -200,7 +200,7 @@ def _forward(table, geometry: Geometry, output_size, map_size):
 
     def one_pass(t, acc):
       cells, used, weight = _block(floats, grid, origin, u, t, map_size)
-      value = tap_sum.gather_rows(table, cells).astype(dtype)
+      value = dtypes.gather_rows(table, cells)
       term = jnp.where(used[..., None], weight[..., None] * value, 0.0)
       return acc + jnp.sum(term, axis=1)
 
@@ -251,7 +251,7 @@ def _geometry_grad(table, cotangent, geometry: Geometry, output_size, map_size):
         return w, (cells, used)
 
       w, pull, (cells, used) = jax.vjp(weights, floats, has_aux=True)
-      value = tap_sum.gather_rows(table, cells).astype(dtype)
+      value = dtypes.gather_rows(table, cells)
       dot = jnp.where(used, jnp.sum(value * cot[:, None, :], axis=-1), 0.0)  # [B, 4 S S]
       (g,) = pull(dot.astype(w.dtype))
       return grad + g

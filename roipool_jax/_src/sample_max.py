@@ -75,15 +75,16 @@ def _forward(features, wy, wx, plan: tap_sum.Plan, limits):
     shape = (c.row.shape[0], oh, ow, channels)
     state = (jnp.full(shape, -jnp.inf, wy.dtype), jnp.full(shape, _NO_SAMPLE, jnp.int32))
     py, px = tap_sum.passes(c, slots)
-    return lax.fori_loop(0, py * px, lambda t, s: visit(c, limit_y, limit_x, t, px, s), state)
+    best, rank = lax.fori_loop(0, py * px, lambda t, s: visit(c, limit_y, limit_x, t, px, s), state)
+    # The values leave the chunk in the features' dtype, as bits for bfloat16 (dtypes).
+    found = rank < _NO_SAMPLE
+    return dtypes.narrow_bits(jnp.where(found, best, 0.0), features.dtype), rank
 
   # A loop even for one pass: see tap_sum._forward (no duplicated recomputation).
   k = plan.origin.shape[0]
   chunk = chunking.chunk_size(k, oh * ow * channels, _CHUNK_ELEMENTS)
-  best, rank = chunking.map_chunks(chunk_fn, (taps, limits), cost, chunk)
-  found = rank < _NO_SAMPLE
-  out = dtypes.narrow(jnp.where(found, best, 0.0), features.dtype)
-  return out, jnp.where(found, rank, -1)
+  out, rank = chunking.map_chunks(chunk_fn, (taps, limits), cost, chunk)
+  return dtypes.from_bits(out, features.dtype), jnp.where(rank < _NO_SAMPLE, rank, -1)
 
 
 @jax.custom_vjp

@@ -199,12 +199,9 @@ def prepare(wy, wx, plan: Plan, group: int = 1):
   return table, blk, single, cost
 
 
-gather_rows = dtypes.gather_rows
-
-
 def term(table, cell, used, weight):
   """``weight * table[cell]`` ``[B, oh, ow, C]`` in the weights' dtype; exactly 0 if unused."""
-  value = gather_rows(table, cell).astype(weight.dtype)
+  value = dtypes.gather_rows(table, cell).astype(weight.dtype)
   return jnp.where(used[..., None], weight * value, 0.0)
 
 
@@ -396,7 +393,7 @@ def _weights_grad(table, cotangent, wy, wx, plan: Plan):
       gx_blk = [0.0] * slots[1]
       for a in range(slots[0]):
         for b in range(slots[1]):
-          value = gather_rows(table, cells[a][b]).astype(cot.dtype)
+          value = dtypes.gather_rows(table, cells[a][b]).astype(cot.dtype)
           dot = jnp.where(used[a][b], jnp.sum(value * cot, axis=-1), 0.0)  # [B]
           gy_blk[a] = gy_blk[a] + dot * cwx[:, b]
           gx_blk[b] = gx_blk[b] + dot * cwy[:, a]
