@@ -1,10 +1,12 @@
 """The 16-bit conversions the kernels use in place of XLA's converts are exact."""
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
 
+import roipool_jax
 from roipool_jax._src import dtypes
 
 
@@ -50,3 +52,31 @@ def test_gather_rows_reads_exact_values(dtype):
   assert rows.shape == (2, 3, 7) and rows.dtype == dtypes.row_dtype(dtype)
   want = np.asarray(table.astype(rows.dtype))[np.asarray(cells)]
   np.testing.assert_array_equal(np.asarray(rows), want)
+
+
+def test_narrow_differentiates_as_astype():
+  x = jnp.asarray(np.linspace(-3, 3, 11), jnp.float32)
+  cot = jnp.asarray(np.arange(11), jnp.bfloat16)
+  grad = jax.grad(lambda v: jnp.vdot(dtypes.narrow(v, jnp.bfloat16), cot).astype(jnp.float32))
+  want = jax.grad(lambda v: jnp.vdot(v.astype(jnp.bfloat16), cot).astype(jnp.float32))
+  np.testing.assert_array_equal(grad(x), want(x))
+  assert np.any(np.asarray(grad(x)) != 0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16_bit_feature_gradients_agree_across_impls(dtype):
+  rng = np.random.default_rng(0)
+  features = jnp.asarray(rng.standard_normal((1, 6, 7, 2)), dtype)
+  boxes = jnp.asarray([[0.7, 1.6, 5.2, 4.0], [6.0, -0.1, 11.6, 1.3], [0.8, 2.3, 1.6, 4.2]])
+  cot = jnp.asarray(rng.standard_normal((3, 2, 2, 2)), jnp.float32)
+
+  def grad(impl):
+    def loss(f):
+      out = roipool_jax.roi_align(f, boxes, 2, sampling_ratio=-1, impl=impl)
+      return jnp.vdot(out.astype(jnp.float32), cot)
+
+    return np.asarray(jax.grad(loss)(features), np.float32)
+
+  gather, einsum = grad("gather"), grad("einsum")
+  assert np.abs(gather).max() > 0.1
+  np.testing.assert_allclose(einsum, gather, rtol=2e-2, atol=2e-2)

@@ -78,10 +78,22 @@ def from_bits(x: jax.Array, dtype) -> jax.Array:
 
 def narrow(x: jax.Array, dtype) -> jax.Array:
   """``x.astype(dtype)``; float32 to bfloat16 by integer rounding (to nearest, ties to even,
-  NaN stays NaN), which XLA:CPU runs vectorized where its own conversion does not."""
+  NaN stays NaN), which XLA:CPU runs vectorized where its own conversion does not.
+  Differentiable as ``astype`` is."""
   if x.dtype != jnp.float32 or jnp.dtype(dtype) != jnp.bfloat16:
     return x.astype(dtype)
+  return _round_to_bfloat16(x)
+
+
+@jax.custom_jvp
+def _round_to_bfloat16(x: jax.Array) -> jax.Array:
   bits = lax.bitcast_convert_type(x, jnp.uint32)
   rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
   rounded = jnp.where(jnp.isnan(x), (bits >> 16) | 0x40, rounded)
   return lax.bitcast_convert_type(rounded.astype(jnp.uint16), jnp.bfloat16)
+
+
+@_round_to_bfloat16.defjvp
+def _round_to_bfloat16_jvp(primals, tangents):
+  # The bit manipulation has no derivative of its own: the conversion's is the identity.
+  return _round_to_bfloat16(primals[0]), tangents[0].astype(jnp.bfloat16)
