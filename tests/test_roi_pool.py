@@ -218,11 +218,12 @@ def test_gradient_is_bitwise_deterministic():
     np.testing.assert_array_equal(np.asarray(g(features)), first)
 
 
-@pytest.mark.parametrize("element_cells", [0, 10**9], ids=["elements", "rows"])
-def test_both_backward_paths_send_ties_to_the_first_cell(element_cells, monkeypatch):
+@pytest.mark.parametrize("flat_limit", [2**31, 0], ids=["flat-index", "cell-channel-pairs"])
+def test_both_backward_paths_send_ties_to_the_first_cell(flat_limit, monkeypatch):
   # Bins of 1 to ~100 cells; integer features tie everywhere, integer
-  # cotangents make every sum exact, so both paths must equal the reference.
-  monkeypatch.setattr(bin_max, "ELEMENT_PATH_CELLS", element_cells)
+  # cotangents make every sum exact, so both scatters (flat element index, and
+  # the (cell, channel) pairs of maps too large for it) must equal the reference.
+  monkeypatch.setattr(bin_max, "FLAT_INDEX_LIMIT", flat_limit)
   jax.clear_caches()
   rng = np.random.default_rng(3)
   features = rng.integers(-2, 3, (2, 20, 24, 5)).astype(np.float32)

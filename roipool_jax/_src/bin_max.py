@@ -28,22 +28,24 @@ per channel (``[K, oh, ow, C]`` int32, the residual torchvision keeps too),
 found by a second sweep over the same cells that visits them last to first,
 so that the first maximal cell in row-major order is the one that stays.
 (Tracking the arg-max inside the max sweep was measured 2x slower on XLA:CPU.)
-The backward pass then adds each cotangent at its arg-max, per chunk in one
-of two ways, both into a ``[N * H * W, C]`` buffer in the compute dtype:
+The backward pass then adds each cotangent at its arg-max, one element per
+bin and channel, in one scatter-add into a flat ``[N * H * W * C]`` buffer in
+the compute dtype (index ``cell * C + channel``). On XLA:CPU a scatter with
+scalar indices into a flat buffer moves an element 3x faster than the same
+scatter indexed by ``(cell, channel)`` pairs into ``[N * H * W, C]``, and
+faster per bin than adding whole ``C`` rows of mostly zeros for every cell of
+small bins (both measured); its cost is independent of the bins' size. Maps
+of more than ``2**31`` elements, whose flat index would overflow int32, use
+the ``(cell, channel)`` form.
 
-* chunks of small bins (at most ``ELEMENT_PATH_CELLS`` cells) add one ``C``
-  row per cell of each bin (the cotangent where the cell is the arg-max, 0
-  elsewhere): row adds are cheap per element;
-* chunks of larger bins add one element per bin and channel at its arg-max,
-  which costs the same however large the bins are.
+The additions happen in the order of the bins ``(k, i, j)`` and channels;
+XLA:CPU executes a scatter sequentially, so the gradient is bitwise
+reproducible. (XLA:GPU adds colliding updates atomically, in no fixed
+order; the ``"einsum"`` implementation is deterministic everywhere.)
 
-The additions happen in an order fixed by the inputs (chunks, then passes,
-then slots or elements); XLA:CPU executes them sequentially, so the gradient
-is bitwise reproducible.
-
-Every gather and scatter is indexed by a ``[B]`` vector (one slot of every
-bin of a chunk at a time): on XLA:CPU these move whole ``C`` rows several
-times faster than one gather indexed by ``[B, S]``.
+Every gather is indexed by a ``[B]`` vector (one slot of every bin of a
+chunk at a time): on XLA:CPU these move whole ``C`` rows several times faster
+than one gather indexed by ``[B, S]``.
 """
 
 from __future__ import annotations
@@ -62,9 +64,9 @@ SLOTS = 4
 # stay in cache; bins are sorted by size first, so each chunk loops only about
 # as long as its own bins need. Both constants were picked by measurement.
 _CHUNK_ELEMENTS = 1 << 16
-# Backward: chunks whose largest bin holds more cells than this add one
-# element per bin and channel instead of one row per cell (measured).
-ELEMENT_PATH_CELLS = 8
+# Arg-maxima are flat element indices when they fit below this (int32);
+# larger maps record cells, and the backward scatters (cell, channel) pairs.
+FLAT_INDEX_LIMIT = 2**31
 
 
 class Bins(NamedTuple):
@@ -133,6 +135,16 @@ def _chunk(num_bins: int, channels: int) -> int:
   return chunking.chunk_size(num_bins, channels, _CHUNK_ELEMENTS)
 
 
+def element_index(map_shape: tuple[int, ...]) -> bool:
+  """Whether arg-maxima over a map of this shape are flat element indices (static).
+
+  They are when ``(N * H * W + 1) * C`` (the indices and the no-cell marker)
+  fits in int32; larger maps record cells instead.
+  """
+  n_img, height, width, channels = map_shape
+  return (n_img * height * width + 1) * channels <= FLAT_INDEX_LIMIT
+
+
 def bin_max(features: jax.Array, bins: Bins, *, with_argmax: bool = False):
   """Max over every bin rectangle; see the module docstring.
 
@@ -143,14 +155,19 @@ def bin_max(features: jax.Array, bins: Bins, *, with_argmax: bool = False):
 
   Returns:
     ``[K, oh, ow, C]`` in the features' dtype, 0 for empty bins. With
-    ``with_argmax``, also ``[K, oh, ow, C]`` int32: the flat cell ``(n * H + h)
-    * W + w`` of the first maximal cell in row-major order, or ``N * H * W``
-    (no cell) for empty bins and bins whose maximum is NaN.
+    ``with_argmax``, also ``[K, oh, ow, C]`` int32, the first maximal cell in
+    row-major order of each bin and channel ``c``: if
+    ``element_index(features.shape)``, as the flat element index ``((n * H +
+    h) * W + w) * C + c``, else as the flat cell ``(n * H + h) * W + w``. Empty
+    bins and bins whose maximum is NaN have no such cell and get ``N * H * W *
+    C + c`` (or ``N * H * W``), past the end of the map.
   """
   n_img, height, width, channels = features.shape
   table = features.reshape(-1, channels)
   neg_inf = jnp.array(-jnp.inf, dtypes.row_dtype(features.dtype))  # exact for any maximum
-  nowhere = n_img * height * width
+  unit = channels if element_index(features.shape) else 1
+  nowhere = n_img * height * width * unit
+  lanes = jnp.arange(channels, dtype=jnp.int32)[None] if unit > 1 else 0
 
   def pool_chunk(p: CellPlan):
     def max_pass(t, best):
@@ -173,13 +190,14 @@ def bin_max(features: jax.Array, bins: Bins, *, with_argmax: bool = False):
     def arg_pass(u, arg):
       t = passes - 1 - u
       cell, valid = _cells_of_pass(p, t, width)
+      first = cell * unit  # the cell's first element
       for s in reversed(range(SLOTS)):
         v = dtypes.gather_rows(table, cell[:, s])
-        arg = jnp.where((v == best) & valid[:, s, None], cell[:, s, None], arg)
+        arg = jnp.where((v == best) & valid[:, s, None], first[:, s, None], arg)
       return arg
 
     arg = lax.fori_loop(0, passes, arg_pass, jnp.full((b, channels), nowhere, jnp.int32))
-    return values, arg
+    return values, arg + lanes
 
   k, oh = bins.row_start.shape
   ow = bins.col_start.shape[1]
@@ -191,53 +209,30 @@ def bin_max(features: jax.Array, bins: Bins, *, with_argmax: bool = False):
   return dtypes.from_bits(out, features.dtype)
 
 
-def bin_max_grad(
-  map_shape: tuple[int, ...], bins: Bins, argmax: jax.Array, cotangent: jax.Array
-) -> jax.Array:
+def bin_max_grad(map_shape: tuple[int, ...], argmax: jax.Array, cotangent: jax.Array) -> jax.Array:
   """Transpose of :func:`bin_max`: each cotangent goes to its bin's first maximal cell.
 
   Args:
     map_shape: ``(N, H, W, C)`` of the map the forward pass read.
-    bins: the same :class:`Bins`.
-    argmax: ``[K, oh, ow, C]`` arg-max cells from ``bin_max(..., with_argmax=True)``.
+    argmax: ``[K, oh, ow, C]`` arg-maxima from ``bin_max(..., with_argmax=True)``.
     cotangent: ``[K, oh, ow, C]`` output cotangent, in the compute dtype.
 
   Returns:
     ``[N, H, W, C]`` gradient in the cotangent's dtype.
   """
   n_img, height, width, channels = map_shape
-  nowhere = n_img * height * width
+  cells = n_img * height * width
   dtype = cotangent.dtype
-  plan = _plan(bins, height, width)
-  per_bin = (plan, argmax.reshape(-1, channels), cotangent.reshape(-1, channels))
-  lanes = jnp.arange(channels, dtype=jnp.int32)
-
-  def by_rows(grad, p, arg, cot):
-    # One [B]-indexed row add per cell of the bins: cheap per element, but
-    # it moves every cell's C values, mostly zeros.
-    def grad_pass(t, grad):
-      cell, valid = _cells_of_pass(p, t, width)
-      for s in range(SLOTS):
-        hit = (arg == cell[:, s, None]) & valid[:, s, None]
-        update = jnp.where(hit, cot, jnp.zeros((), dtype))
-        grad = grad.at[cell[:, s]].add(update, mode="promise_in_bounds")
-      return grad
-
-    return lax.fori_loop(0, _passes(p), grad_pass, grad)
-
-  def by_elements(grad, p, arg, cot):
-    # One element add per bin and channel, at its arg-max: dearer per
-    # element, but independent of the bins' size.
-    del p
-    update = jnp.where(arg < nowhere, cot, jnp.zeros((), dtype))
-    return grad.at[jnp.minimum(arg, nowhere - 1), lanes].add(update, mode="promise_in_bounds")
-
-  def chunk_fn(grad, chunk):
-    p, arg, cot = chunk
-    large = jnp.max(p.cells, initial=0) > ELEMENT_PATH_CELLS
-    return lax.cond(large, by_elements, by_rows, grad, p, arg, cot)
-
-  k = plan.cells.shape[0]
-  grad = jnp.zeros((nowhere, channels), dtype)
-  grad = chunking.fold_chunks(chunk_fn, grad, per_bin, plan.cells, _chunk(k, channels))
+  if cells == 0 or argmax.size == 0:
+    return jnp.zeros(map_shape, dtype)
+  if element_index(map_shape):
+    # Arg-maxima past the end (no maximal cell) are dropped.
+    grad = jnp.zeros((cells * channels,), dtype)
+    grad = grad.at[argmax.reshape(-1)].add(cotangent.reshape(-1), mode="drop")
+    return grad.reshape(map_shape)
+  argmax = argmax.reshape(-1, channels)
+  update = jnp.where(argmax < cells, cotangent.reshape(-1, channels), jnp.zeros((), dtype))
+  lanes = jnp.arange(channels, dtype=jnp.int32)[None]
+  grad = jnp.zeros((cells, channels), dtype)
+  grad = grad.at[jnp.minimum(argmax, cells - 1), lanes].add(update, mode="promise_in_bounds")
   return grad.reshape(map_shape)

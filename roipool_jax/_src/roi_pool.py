@@ -79,13 +79,13 @@ def _max_over_bins_fwd(features, bins):
   values, argmax = bin_max_lib.bin_max(features, bins, with_argmax=True)
   # A zero-size stand-in carries the map's shape and dtype, not its values.
   like = jnp.zeros((0,) + features.shape, features.dtype)
-  return values, (like, bins, argmax)
+  return values, (like, argmax)
 
 
 def _max_over_bins_bwd(residuals, cotangent):
-  like, bins, argmax = residuals
+  like, argmax = residuals
   cotangent = cotangent.astype(dtypes.compute_dtype(like.dtype))
-  grad = bin_max_lib.bin_max_grad(like.shape[1:], bins, argmax, cotangent)
+  grad = bin_max_lib.bin_max_grad(like.shape[1:], argmax, cotangent)
   return grad.astype(like.dtype), None
 
 
