@@ -116,6 +116,30 @@ def fold_chunks(fn: Callable, init: Any, per_box: Any, cost: jax.Array, chunk: i
   return lax.fori_loop(0, num_chunks, body, init)
 
 
+def own_block(t, passes_y: jax.Array, passes_x: jax.Array):
+  """The block of work ``(by, bx)`` that pass ``t`` visits in each of ``[B]`` bins.
+
+  Each bin enumerates its own ``passes_y x passes_x`` blocks (of taps or of
+  sample points) row-major: pass ``t`` visits block ``(t // passes_x, t %
+  passes_x)`` of every bin that has more than ``t`` blocks. A chunk of bins
+  thus loops as long as its costliest bin (:func:`own_block_passes`), even
+  when it mixes tall (``16 x 1`` blocks) and wide (``1 x 16``) bins, which a
+  shared ``max(passes_y) x max(passes_x)`` grid would visit 256 times.
+
+  Returns:
+    ``(by, bx, in_use)``, each ``[B]``; bins past their blocks get block
+    ``(0, 0)`` and ``in_use`` False.
+  """
+  in_use = t < passes_y * passes_x
+  step = jnp.maximum(passes_x, 1)
+  return jnp.where(in_use, t // step, 0), jnp.where(in_use, t % step, 0), in_use
+
+
+def own_block_passes(passes_y: jax.Array, passes_x: jax.Array) -> jax.Array:
+  """Passes a chunk of bins makes with :func:`own_block`: its costliest bin's blocks."""
+  return jnp.max(passes_y * passes_x, initial=0)
+
+
 def map_in_order(fn: Callable, per_box: Any, chunk: int) -> Any:
   """Applies ``fn`` to consecutive chunks of boxes (no sorting, no gathers).
 

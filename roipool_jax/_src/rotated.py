@@ -122,16 +122,15 @@ def _passes(window):
 
 def _chunk_passes(u: _Units):
   """Passes a chunk of bins makes: as many as its costliest bin has blocks."""
-  py, px = _passes(u.window)
-  return jnp.max(py * px, initial=0)
+  return chunking.own_block_passes(*_passes(u.window))
 
 
 def _block(floats, grid, origin, u: _Units, t, map_size):
   """Pass ``t`` of a chunk of bins: ``cells``, ``used`` and ``weight``, each ``[B, 4 * S * S]``.
 
-  Each bin enumerates its own ``passes_y x passes_x`` blocks row-major (block
-  ``(t // passes_x, t % passes_x)``; none once ``t`` is past them), so a chunk
-  loops as long as its costliest bin, whatever the shapes of its bins' windows.
+  Each bin visits its own blocks of its window (:func:`chunking.own_block`),
+  so a chunk loops as long as its costliest bin, whatever the shapes of its
+  bins' windows.
 
   ``floats`` ``[B, 8]``, ``grid`` ``[B, 2]`` and ``origin`` ``[B]`` are the
   bins' boxes' geometry; the weights include ``1 / max(g_h * g_w, 1)``.
@@ -139,14 +138,11 @@ def _block(floats, grid, origin, u: _Units, t, map_size):
   height, width = map_size
   cy, cx, cos, sin, start_h, start_w, bin_h, bin_w = (floats[:, n, None] for n in range(8))
   dtype = floats.dtype
-  py, px = _passes(u.window)
-  step = jnp.maximum(px, 1)[:, None]
-  by = jnp.where(t < (py * px)[:, None], t // step, py[:, None])  # past the window: unused
-  bx = t % step
+  by, bx, in_use = chunking.own_block(t, *_passes(u.window))
   slot = jnp.arange(SLOTS, dtype=jnp.int32)[None]
-  a = by * SLOTS + slot  # [B, S] offset in the window
-  b = bx * SLOTS + slot
-  use_a = a < u.window[:, 2:3]
+  a = by[:, None] * SLOTS + slot  # [B, S] offset in the window
+  b = bx[:, None] * SLOTS + slot
+  use_a = (a < u.window[:, 2:3]) & in_use[:, None]
   use_b = b < u.window[:, 3:4]
   g_h, g_w = grid[:, 0:1], grid[:, 1:2]
   iy = (u.window[:, 0:1] + a).astype(dtype)

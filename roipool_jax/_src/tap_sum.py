@@ -266,16 +266,11 @@ def _block_taps(taps: TapTable, slots):
 def _unit_pass(u: Units, blocks, t):
   """Cells ``[sy][sx]`` of ``[B]``, their use, and the ``[B, s]`` weights of pass ``t``.
 
-  Each bin enumerates its own blocks, row-major over its ``passes_y x passes_x``:
-  pass ``t`` visits block ``(t // passes_x, t % passes_x)`` of every bin that has
-  more than ``t`` blocks. A chunk of bins sorted by cost thus loops as long as its
-  costliest bin, even when it mixes tall (``16 x 1`` blocks) and wide (``1 x 16``)
-  bins, which a shared ``max(passes_y) x max(passes_x)`` grid would visit 256 times.
+  Each bin visits its own tap blocks (:func:`chunking.own_block`), so a chunk
+  loops as long as its costliest bin.
   """
   rows, wys, cols, wxs = blocks
-  in_use = t < _unit_cost(u)
-  step = jnp.maximum(u.passes_x, 1)
-  by, bx = jnp.where(in_use, t // step, 0), jnp.where(in_use, t % step, 0)
+  by, bx, in_use = chunking.own_block(t, u.passes_y, u.passes_x)
   iy = rows.at[u.row_block + by].get(mode="promise_in_bounds")  # [B, sy]
   wy = wys.at[u.row_block + by].get(mode="promise_in_bounds")
   ix = cols.at[u.col_block + bx].get(mode="promise_in_bounds")  # [B, sx]
@@ -293,7 +288,7 @@ def _unit_pass(u: Units, blocks, t):
 
 def _unit_passes(u: Units):
   """Passes a chunk of bins makes: as many as its costliest bin has blocks."""
-  return jnp.max(_unit_cost(u), initial=0)
+  return chunking.own_block_passes(u.passes_y, u.passes_x)
 
 
 def _unit_cost(u: Units):
