@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import roipool_jax
-from roipool_jax._src import bin_max, dense, sample_max, sampling, tap_sum
+from roipool_jax._src import bin_max, chunking, dense, sample_max, sampling, tap_sum
+from roipool_jax._src import roi_align as roi_align_lib
 from tests import reference
 from tests.quick import some
 
@@ -173,3 +174,44 @@ def test_short_bins_evaluate_fewer_taps_with_the_same_results(longest_bin, monke
   np.testing.assert_allclose(got[2][1], want[2][1], rtol=1e-6, atol=1e-6)
   expected = reference.roi_align(features, boxes, indices, (6, 6), 1.0, -1, True, "avg")
   np.testing.assert_allclose(got[1], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_chunk_of_tall_and_wide_boxes_takes_the_max_in_as_many_passes_as_its_costliest_box(
+  monkeypatch,
+):
+  # roi_align(mode="max") chunks whole boxes. One tall and one wide box (adaptive
+  # grids, 2 x 2 bins) use k x 1 and 1 x k blocks of samples: their chunk must make
+  # k passes, not k * k, and give each box what it gives alone in a chunk.
+  rng = np.random.default_rng(1)
+  features = rng.standard_normal((1, 40, 40, 3)).astype(np.float32)
+  boxes = np.array([[3.2, 0.4, 6.1, 38.5], [0.3, 2.6, 38.7, 5.4]], np.float32)
+  indices = np.zeros(2, np.int32)
+  flat_boxes, valid = jnp.asarray(boxes), jnp.ones(2, bool)
+  rows = sampling.axis_geometry(flat_boxes[:, 1], flat_boxes[:, 3], valid, 2, 1.0, -1, False)
+  cols = sampling.axis_geometry(flat_boxes[:, 0], flat_boxes[:, 2], valid, 2, 1.0, -1, False)
+  ty, _ = sampling.sample_taps(rows, 2, 40, roi_align_lib._max_samples(-1, 40), False)
+  tx, _ = sampling.sample_taps(cols, 2, 40, roi_align_lib._max_samples(-1, 40), False)
+  plan = tap_sum.map_plan(jnp.asarray(indices), ty, tx, features.shape)
+  table, (slots, _), single, _ = tap_sum.prepare(ty.weight, tx.weight, plan, group=2)
+  passes_y, passes_x = (p.tolist() for p in tap_sum.box_passes(table, slots))
+  assert not single and passes_y[0] > 1 and passes_x[1] > 1
+  assert passes_x[0] == passes_y[1] == 1
+  costliest = max(passes_y[0], passes_x[1])
+  assert int(chunking.own_block_passes(*tap_sum.box_passes(table, slots))) == costliest
+
+  def run():
+    jax.clear_caches()
+    op = lambda x, b: roipool_jax.roi_align(  # noqa: E731
+      x, b, 2, sampling_ratio=-1, box_indices=indices, mode="max"
+    )
+    cot = np.linspace(-1, 1, 2 * 2 * 2 * 3, dtype=np.float32).reshape(2, 2, 2, 3)
+    out, pull = jax.vjp(op, jnp.asarray(features), jnp.asarray(boxes))
+    return (out, *pull(jnp.asarray(cot)))
+
+  together = run()
+  want = reference.roi_align(features, boxes, indices, (2, 2), 1.0, -1, False, "max")
+  np.testing.assert_allclose(together[0], want, rtol=1e-6, atol=1e-6)
+  monkeypatch.setattr(sample_max, "_CHUNK_ELEMENTS", 1)  # one box per chunk
+  for got, alone in zip(together, run(), strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(alone))
+  jax.clear_caches()

@@ -10,7 +10,8 @@ The output is, per channel, the max of ``v`` over the bin's samples (those
 with ``jy < limit_y`` and ``jx < limit_x``); 0 for a bin without samples. The
 arg-max is the first maximal sample in ``(jy, jx)`` row-major order (a NaN
 sample wins over numbers). The work is visited like :mod:`tap_sum`'s:
-samples in blocks, boxes sorted by cost and chunked.
+samples in blocks, boxes sorted by cost and chunked; each box walks its own
+blocks, so a chunk loops as long as its costliest box.
 
 Gradient (``custom_vjp``): the cotangent goes to the four corners of the
 arg-max sample with its bilinear weights (a scatter-add in the compute dtype,
@@ -42,20 +43,26 @@ def _rank_stride(num_row_taps: int, num_col_taps: int) -> int:
 def _forward(features, wy, wx, plan: tap_sum.Plan, limits):
   _, height, width, channels = features.shape
   table = features.reshape(-1, channels)
-  taps, (slots, _), _, cost = tap_sum.prepare(wy, wx, plan, group=_PAIR)
+  taps, (slots, _), single, cost = tap_sum.prepare(wy, wx, plan, group=_PAIR)
   samples_y, samples_x = slots[0] // _PAIR, slots[1] // _PAIR
   stride = _rank_stride(wy.shape[2], wx.shape[2])
   oh, ow = wy.shape[1], wx.shape[1]
 
-  def visit(c, limit_y, limit_x, t, passes_x, state):
+  def visit(c, limit_y, limit_x, t, passes, state):
     best, rank = state
-    blk, (by, bx) = tap_sum.block(c, t, passes_x, slots)
+    if single:  # one block per box, on the only pass: block (0, 0) = (t, t) of every box
+      by = bx = t  # (slicing at t, not at a constant 0, fuses 10% faster on XLA:CPU)
+      in_use = True
+    else:  # each box walks its own blocks: a chunk loops as long as its costliest box
+      by, bx, in_use = chunking.own_block(t, *passes)
+    blk = tap_sum.block(c, by, bx, slots, in_use)
+    per_box = lambda v: v if jnp.ndim(v) == 0 else v[:, None]  # noqa: E731
     for ja in range(samples_y):
       jy = by * samples_y + ja
-      use_y = (jy < limit_y)[:, :, None]
+      use_y = ((per_box(jy) < limit_y) & per_box(in_use))[:, :, None]
       for jb in range(samples_x):
         jx = bx * samples_x + jb
-        use = (use_y & (jx < limit_x)[:, None, :])[..., None]
+        use = (use_y & (per_box(jx) < limit_x)[:, None, :])[..., None]
         value = 0.0
         for a in range(2):
           for b in range(2):
@@ -64,6 +71,7 @@ def _forward(features, wy, wx, plan: tap_sum.Plan, limits):
             cell, used = blk.cells[ty_][tx_], blk.used[ty_][tx_]
             value = value + tap_sum.term(table, cell, used, w[..., None])
         r = jy * stride + jx
+        r = r if jnp.ndim(r) == 0 else r[:, None, None, None]
         better = (value > best) | ((value == best) & (r < rank))
         better = use & (better | (jnp.isnan(value) & ~jnp.isnan(best)))
         best = jnp.where(better, value, best)
@@ -74,9 +82,9 @@ def _forward(features, wy, wx, plan: tap_sum.Plan, limits):
     c, (limit_y, limit_x) = chunk_data
     shape = (c.row.shape[0], oh, ow, channels)
     state = (jnp.full(shape, -jnp.inf, wy.dtype), jnp.full(shape, _NO_SAMPLE, jnp.int32))
-    py, px = tap_sum.passes(c, slots)
-    best, rank = lax.fori_loop(0, py * px, lambda t, s: visit(c, limit_y, limit_x, t, px, s), state)
-    # The values leave the chunk in the features' dtype, as bits for bfloat16 (dtypes).
+    passes = tap_sum.box_passes(c, slots)
+    visit_pass = lambda t, s: visit(c, limit_y, limit_x, t, passes, s)  # noqa: E731
+    best, rank = lax.fori_loop(0, chunking.own_block_passes(*passes), visit_pass, state)
     found = rank < _NO_SAMPLE
     return dtypes.narrow_bits(jnp.where(found, best, 0.0), features.dtype), rank
 

@@ -155,28 +155,43 @@ class Block(NamedTuple):
   wx: jax.Array
 
 
-def block(c: TapTable, t, passes_x, slots: tuple[int, int]):
-  """Cells and weights of pass ``t`` (tap block ``(t // passes_x, t % passes_x)``)."""
+def block(c: TapTable, by, bx, slots: tuple[int, int], in_use=None):
+  """Cells and weights of tap block ``(by, bx)`` of every box of ``c``.
+
+  ``by`` and ``bx`` are scalars (the same block of every box) or ``[B]`` int32
+  (each box its own block, see :func:`chunking.own_block`; boxes where
+  ``in_use`` is False get no cell).
+  """
   sy, sx = slots
-  by, bx = t // passes_x, t % passes_x
-  iy = lax.dynamic_slice_in_dim(c.row, by * sy, sy, axis=2)
-  ix = lax.dynamic_slice_in_dim(c.col, bx * sx, sx, axis=2)
-  wy = lax.dynamic_slice_in_dim(c.wy, by * sy, sy, axis=2)
-  wx = lax.dynamic_slice_in_dim(c.wx, bx * sx, sx, axis=2)
+  if jnp.ndim(by) == 0:
+    iy = lax.dynamic_slice_in_dim(c.row, by * sy, sy, axis=2)
+    ix = lax.dynamic_slice_in_dim(c.col, bx * sx, sx, axis=2)
+    wy = lax.dynamic_slice_in_dim(c.wy, by * sy, sy, axis=2)
+    wx = lax.dynamic_slice_in_dim(c.wx, bx * sx, sx, axis=2)
+  else:
+
+    def take(taps, first, size):  # [B, P, T] -> [B, P, size] from each box's own first tap
+      if taps.shape[2] == size:  # a single block: every box's block is 0
+        return taps
+      index = first[:, None, None] + jnp.arange(size, dtype=jnp.int32)[None, None]
+      index = jnp.broadcast_to(index, taps.shape[:2] + (size,))
+      return jnp.take_along_axis(taps, index, axis=2, mode="promise_in_bounds")
+
+    iy = jnp.where(in_use[:, None, None], take(c.row, by * sy, sy), -1)
+    ix = take(c.col, bx * sx, sx)
+    wy, wx = take(c.wy, by * sy, sy), take(c.wx, bx * sx, sx)
   row_base = c.origin[:, None, None] + jnp.maximum(iy, 0) * c.stride[:, None, None]
   col = jnp.maximum(ix, 0)
   cells = [[row_base[:, :, None, a] + col[:, None, :, b] for b in range(sx)] for a in range(sy)]
   used = [
     [(iy[:, :, None, a] >= 0) & (ix[:, None, :, b] >= 0) for b in range(sx)] for a in range(sy)
   ]
-  return Block(cells, used, wy, wx), (by, bx)
+  return Block(cells, used, wy, wx)
 
 
-def passes(c: TapTable, slots: tuple[int, int]):
-  """(passes along y, passes along x) needed by the most expensive box of a chunk."""
-  py = (jnp.max(c.row_count, initial=0) + slots[0] - 1) // slots[0]
-  px = (jnp.max(c.col_count, initial=0) + slots[1] - 1) // slots[1]
-  return py, px
+def box_passes(c: TapTable, slots: tuple[int, int]):
+  """``[B]`` tap blocks each box of ``c`` uses along y and along x."""
+  return -(-c.row_count // slots[0]), -(-c.col_count // slots[1])
 
 
 def prepare(wy, wx, plan: Plan, group: int = 1):
@@ -301,8 +316,8 @@ def _forward(table: jax.Array, wy, wx, plan: Plan, sparse: bool) -> jax.Array:
   single = single and not sparse
   oh, ow = wy.shape[1], wx.shape[1]
 
-  def accumulate(c, t, passes_x, acc):
-    blk, _ = block(c, t, passes_x, slots)
+  def accumulate(c, acc):
+    blk = block(c, 0, 0, slots)
     for a in range(slots[0]):
       wya = blk.wy[:, :, None, a, None]
       row_sum = sum(
@@ -318,7 +333,7 @@ def _forward(table: jax.Array, wy, wx, plan: Plan, sparse: bool) -> jax.Array:
     # Narrowed to 16 bits in the same place: a separate pass over the result was measured
     # 3x slower than the whole sum on XLA:CPU.
     return boxes_lib.computed_once(
-      lambda: dtypes.narrow(accumulate(taps, 0, 1, zero), table.dtype), plan.row_count
+      lambda: dtypes.narrow(accumulate(taps, zero), table.dtype), plan.row_count
     )
 
   blocks = _block_taps(taps, slots)
