@@ -85,6 +85,7 @@ def _forward(features, wy, wx, plan: tap_sum.Plan, limits):
     passes = tap_sum.box_passes(c, slots)
     visit_pass = lambda t, s: visit(c, limit_y, limit_x, t, passes, s)  # noqa: E731
     best, rank = lax.fori_loop(0, chunking.own_block_passes(*passes), visit_pass, state)
+    # The values leave the chunk in the features' dtype, as bits for bfloat16 (dtypes).
     found = rank < _NO_SAMPLE
     return dtypes.narrow_bits(jnp.where(found, best, 0.0), features.dtype), rank
 
