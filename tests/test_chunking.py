@@ -42,3 +42,39 @@ def test_each_bin_visits_its_own_blocks_once_row_major():
     [],
   ]
   assert int(chunking.own_block_passes(passes_y[:0], passes_x[:0])) == 0
+
+
+@pytest.mark.parametrize("slots", [1, 3, 4])
+def test_walk_grid_visits_each_point_of_each_bin_once_row_major(slots):
+  # A tall bin (5 x 1), a wide one (1 x 7), a 3 x 3 one and two empty ones.
+  height = jnp.array([5, 1, 3, 0, 4], jnp.int32)
+  width = jnp.array([1, 7, 3, 2, 0], jnp.int32)
+  passes = []
+
+  def visit(visits, a, b, used):
+    passes.append(None)  # traced once per slot of the loop body
+    return visits.at[jnp.arange(5), jnp.where(used, a * 8 + b, 63)].add(used.astype(jnp.int32))
+
+  visits = chunking.walk_grid(height, width, slots, visit, jnp.zeros((5, 64), jnp.int32))
+  assert len(passes) == slots
+  for k in range(5):
+    want = np.zeros(64, np.int32)
+    for a in range(int(height[k])):
+      want[a * 8 : a * 8 + int(width[k])] = 1
+    np.testing.assert_array_equal(np.asarray(visits[k]), want)
+  # The bins cost their own points rounded up once: 9 points, not max(h) * max(w) = 35.
+  np.testing.assert_array_equal(
+    chunking.grid_passes(height * width, slots), -(-np.array([5, 7, 9, 0, 0]) // slots)
+  )
+
+
+def test_walk_grid_visits_in_row_major_order():
+  # A 2 x 3 bin, 4 slots a pass: two passes; the slots past its 6 points are unused.
+  def record(state, a, b, used):
+    step, seen = state
+    return step + 1, seen.at[step].set(jnp.where(used[0], a[0] * 10 + b[0], -1))
+
+  _, seen = chunking.walk_grid(
+    jnp.array([2], jnp.int32), jnp.array([3], jnp.int32), 4, record, (0, jnp.zeros(8, jnp.int32))
+  )
+  np.testing.assert_array_equal(np.asarray(seen), [0, 1, 2, 10, 11, 12, -1, -1])

@@ -41,7 +41,8 @@ def call(c, impl=None):
 def test_ps_roi_pool_matches_torchvision(name):
   c = CASES[name]
   out, vjp = jax.vjp(call(c), jnp.asarray(c["features"]))
-  np.testing.assert_allclose(out, c["output"], rtol=1e-6, atol=1e-6)
+  # Bit for bit: the same edges, additions in the same order, and a true division.
+  np.testing.assert_array_equal(np.asarray(out), c["output"])
   (grad,) = vjp(jnp.asarray(c["cotangent"]))
   if "inside" in name:  # torchvision's backward agrees with its forward here
     np.testing.assert_allclose(grad, c["grad"], rtol=1e-6, atol=1e-6)
@@ -239,7 +240,10 @@ def test_degenerate_boxes_give_zeros_and_do_not_touch_other_boxes(op):
   mixed_indices = np.concatenate([indices, np.zeros(len(bad), np.int32)])
   out = fn(features, mixed, mixed_indices)
   assert np.all(np.isfinite(out))
-  np.testing.assert_array_equal(out[:4], fn(features, boxes, indices))
+  if "einsum" in op:  # a matmul over more boxes may block its sums differently (last bit)
+    np.testing.assert_allclose(out[:4], fn(features, boxes, indices), rtol=1e-6, atol=1e-7)
+  else:
+    np.testing.assert_array_equal(out[:4], fn(features, boxes, indices))
   np.testing.assert_array_equal(out[4:6], 0.0)  # non-finite boxes
   if op != "ps_roi_pool":  # ps_roi_pool makes an inverted box 1 cell, as torchvision
     np.testing.assert_array_equal(out[6], 0.0)

@@ -140,6 +140,44 @@ def own_block_passes(passes_y: jax.Array, passes_x: jax.Array) -> jax.Array:
   return jnp.max(passes_y * passes_x, initial=0)
 
 
+def walk_grid(height: jax.Array, width: jax.Array, slots: int, visit: Callable, state: Any) -> Any:
+  """Visits every point ``(a, b)`` of each of ``[B]`` bins' ``height x width`` grids.
+
+  Each bin's points (cells of a rectangle, or pairs of row and column taps)
+  are one row-major list, visited ``slots`` per pass: a bin costs
+  ``ceil(height * width / slots)`` passes, its own points rounded up once,
+  and the chunk loops as long as its costliest bin. ``(a, b)`` is carried
+  from slot to slot (a step along the row, or a wrap to the next one), so no
+  pass divides. For each slot, ``state = visit(state, a, b, used)`` with
+  ``[B]`` int32 ``a``, ``b`` and bool ``used``; where ``used`` is False,
+  ``a`` and ``b`` may lie past the bin's grid and must not be read.
+
+  Returns:
+    The final ``state``.
+  """
+  count = height * width
+
+  def one_pass(t, carry):
+    state, a, b = carry
+    for s in range(slots):
+      state = visit(state, a, b, t * slots + s < count)
+      b = b + 1
+      next_row = b >= width
+      a = jnp.where(next_row, a + 1, a)
+      b = jnp.where(next_row, 0, b)
+    return state, a, b
+
+  zero = jnp.zeros_like(count)
+  return lax.fori_loop(
+    0, jnp.max(grid_passes(count, slots), initial=0), one_pass, (state, zero, zero)
+  )[0]
+
+
+def grid_passes(count: jax.Array, slots: int) -> jax.Array:
+  """Passes :func:`walk_grid` makes for a bin of ``count`` points."""
+  return -(-count // slots)
+
+
 def map_in_order(fn: Callable, per_box: Any, chunk: int) -> Any:
   """Applies ``fn`` to consecutive chunks of boxes (no sorting, no gathers).
 

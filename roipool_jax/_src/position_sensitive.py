@@ -9,11 +9,12 @@ table of ``N * H * W * P`` rows of ``C_out`` values in which bin ``p`` of the
 box on image ``n`` reads row ``((n * H + y) * W + x) * P + p``.
 
 :func:`bin_plan` writes those rows into a :class:`tap_sum.Plan` (row taps
-carry ``y * W * P + i * ow``, column taps ``x * P + j``, with stride 1), so the
-position-sensitive ops run on the same gather kernel, with the same cost
-bound and gradients, as ``roi_align``'s average: each bin gathers ``C_out``
-values per cell, never ``C``. The transposed table is one copy of the map,
-never one per box.
+carry ``y * W * P + i * ow``, column taps ``x * P + j``, with stride 1), so
+``ps_roi_align`` runs on the same gather kernel, with the same cost bound and
+gradients, as ``roi_align``'s average; ``ps_roi_pool`` averages rectangles of
+the same table (:mod:`roipool_jax._src.cell_mean`). Either way each bin
+gathers ``C_out`` values per cell, never ``C``. The transposed table is one
+copy of the map, never one per box.
 """
 
 from __future__ import annotations

@@ -9,9 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from roipool_jax._src import boxes as boxes_lib
-from roipool_jax._src import position_sensitive, scaffold, validation
+from roipool_jax._src import cell_mean, position_sensitive, scaffold, validation
 from roipool_jax._src import roi_pool as roi_pool_lib
-from roipool_jax._src.sampling import Taps
 
 
 def ps_roi_pool(
@@ -37,13 +36,16 @@ def ps_roi_pool(
       bin j: columns [floor(j * bin_w) + x1', ceil((j + 1) * bin_w) + x1')
              with both edges clipped to [0, W - 1]
 
-  The bin's value is the sum of its cells divided by their number; a bin
-  with no cell outputs 0. Clipping both edges to ``W - 1`` (torchvision's
-  forward) means the last column and row of the map are never read. Boxes
-  with non-finite coordinates, or (under ``jit``) an out-of-range
-  ``box_indices`` entry, output 0; no box affects another.
+  The bin's value is the sum of its cells, added one at a time in row-major
+  order in the compute dtype, divided by their number (a true division); a
+  bin with no cell outputs 0. In float32 this is torchvision's arithmetic
+  step for step, so the outputs equal its CPU kernel's bit for bit.
+  Clipping both edges to ``W - 1`` (torchvision's forward) means the last
+  column and row of the map are never read. Boxes with non-finite
+  coordinates, or (under ``jit``) an out-of-range ``box_indices`` entry,
+  output 0; no box affects another.
 
-  Gradient (hand-written ``custom_vjp`` of the summing kernel): each output
+  Gradient (hand-written ``custom_vjp`` of the averaging kernel): each output
   cotangent is divided by the bin's cell count and added to every cell of
   the bin, in its channel; accumulated in the compute dtype in a fixed
   order, so bitwise reproducible on CPU. This is the exact gradient of the
@@ -57,9 +59,9 @@ def ps_roi_pool(
   outputs keep the features' dtype. ``K = 0`` boxes or ``N = 0`` images give
   empty outputs and zero gradients.
 
-  Cost: each bin gathers its cells (``C_out`` values each) from the map
-  transposed once to ``[N, H, W, oh * ow, C_out]``; bins outside the map
-  cost nothing.
+  Cost: each bin gathers its own cells (``C_out`` values each), four per
+  pass, from the map transposed once to ``[N, H, W, oh * ow, C_out]``; bins
+  outside the map cost nothing (:mod:`roipool_jax._src.cell_mean`).
 
   Args:
     features: ``[N, H, W, C_out * oh * ow]`` floating feature map.
@@ -103,15 +105,6 @@ def ps_roi_pool(
   return scaffold.run(_ps_roi_pool, features, boxes, box_indices, size, c_out, **options)
 
 
-def cell_taps(first: jax.Array, last: jax.Array, length: int, dtype) -> Taps:
-  """Weight-1 taps on the cells ``[first, last)`` of each bin (``[K, P]`` edges)."""
-  t = jnp.arange(max(length - 1, 1), dtype=jnp.int32)[None, None]
-  used = t < (last - first)[..., None]
-  index = jnp.where(used, first[..., None] + t, -1)
-  count = jnp.max(last - first, axis=1, initial=0)
-  return Taps(index, used.astype(dtype), count)
-
-
 def ps_pool_edges(flat: boxes_lib.FlatBoxes, output_size, spatial_scale: float, map_size):
   """``(row_first, row_last, col_first, col_last)`` ``[K, P]`` bin edges (see ``ps_roi_pool``)."""
   (oh, ow), (height, width) = output_size, map_size
@@ -125,10 +118,21 @@ def ps_pool_edges(flat: boxes_lib.FlatBoxes, output_size, spatial_scale: float, 
 # Compiled once per shape and configuration, also when called outside `jit`.
 @partial(jax.jit, static_argnames=("size", "scale"))
 def _ps_roi_pool(features, flat, *, size, scale):
-  height, width = features.shape[1:3]
+  _, height, width, _ = features.shape
+  (oh, ow), bins = size, size[0] * size[1]
   rs, re, cs, ce = ps_pool_edges(flat, size, scale, (height, width))
-  ty = cell_taps(rs, re, height, flat.boxes.dtype)
-  tx = cell_taps(cs, ce, width, flat.boxes.dtype)
-  sums = position_sensitive.pooled_sum(features, ty, tx, flat.image_index)
-  area = ((re - rs)[:, :, None] * (ce - cs)[:, None, :])[..., None]
-  return jnp.where(area > 0, sums / jnp.maximum(area, 1).astype(sums.dtype), 0.0)
+  # Bin (i, j) reads rows ((n * H + y) * W + x) * P + (i * ow + j) of the channel table.
+  i = jnp.arange(oh, dtype=jnp.int32)[None, :, None]
+  j = jnp.arange(ow, dtype=jnp.int32)[None, None, :]
+  origin = (
+    (flat.image_index[:, None, None] * height + rs[:, :, None]) * width + cs[:, None, :]
+  ) * bins + (i * ow + j)
+  shape = origin.shape
+  rects = cell_mean.Rects(
+    origin=origin.reshape(-1),
+    row_stride=jnp.full(shape, width * bins, jnp.int32).reshape(-1),
+    height=jnp.broadcast_to((re - rs)[:, :, None], shape).reshape(-1),
+    width=jnp.broadcast_to((ce - cs)[:, None, :], shape).reshape(-1),
+  )
+  table = position_sensitive.channel_table(features, size)
+  return cell_mean.cell_mean(table, rects, bins).reshape(shape + (table.shape[1],))

@@ -1,0 +1,149 @@
+"""Means of table rows over rectangles of whole cells: the engine of ``ps_roi_pool``.
+
+A *bin* covers the ``height x width`` cells::
+
+    cell(dy, dx) = origin + dy * row_stride + dx * col_stride,   0 <= dy < height, 0 <= dx < width
+
+of an ``[M, C]`` table, and its value is their mean: the sum of the rows,
+added one at a time in row-major order in the compute dtype, divided by
+``height * width``; a bin with no cell is 0.
+
+How the work is bounded
+-----------------------
+A bin's cells are visited as one row-major list, ``SLOTS`` cells per pass,
+so a bin costs ``ceil(height * width / SLOTS)`` passes: its own cells,
+rounded up once (:func:`chunking.walk_grid`). (Separable ``S x S`` tap blocks, as in
+:mod:`roipool_jax._src.tap_sum`, would round each axis up to ``S``: R-FCN's
+bins are mostly 1 to 3 cells a side, and such blocks gather 3-5x more rows
+than the bins hold.) Bins are sorted by cost and visited in chunks
+(:mod:`roipool_jax._src.chunking`), each looping as long as its costliest bin.
+
+Gradient (a ``custom_vjp``)
+---------------------------
+Each bin's cotangent divided by its cell count is scatter-added to every one
+of its cells, chunk after chunk, pass after pass, slot after slot: a fixed
+order, so bitwise reproducible on CPU (XLA:GPU scatters with atomics). The
+rectangles are integers and get no gradient.
+
+Unused slots contribute exactly 0 even when the table holds inf or NaN.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from roipool_jax._src import chunking, dtypes
+
+# Cells each bin gathers per pass.
+SLOTS = 4
+# Bins per chunk, as elements ([chunk, C]) of a chunk's accumulator or scatter
+# updates. Smaller chunks end closer to their own bins' costs; picked by
+# measurement on R-FCN's bins.
+_CHUNK_ELEMENTS = 1 << 15
+
+
+class Rects(NamedTuple):
+  """Each bin's rectangle of table rows, every field ``[U]`` int32 (see the module docstring)."""
+
+  origin: jax.Array
+  row_stride: jax.Array
+  height: jax.Array
+  width: jax.Array
+
+
+def _count(r: Rects) -> jax.Array:
+  return r.height * r.width
+
+
+def _passes(r: Rects) -> jax.Array:
+  return chunking.grid_passes(_count(r), SLOTS)
+
+
+def _per_cell(x: jax.Array, r: Rects) -> jax.Array:
+  """``x [B, C] / max(count, 1)``, a true division (as torchvision's kernel divides).
+
+  XLA rewrites ``x / broadcast(d)`` as ``x * broadcast(1 / d)``, which rounds
+  differently, unless the divisor is opaque to it.
+  """
+  divisor = jnp.broadcast_to(jnp.maximum(_count(r), 1)[:, None], x.shape)
+  return x / lax.optimization_barrier(divisor).astype(x.dtype)
+
+
+def _walk(r: Rects, col_stride: int, visit, state):
+  """Calls ``state = visit(state, cell [B], used [B])`` on the cells of every bin of ``r``."""
+
+  def visit_cell(state, dy, dx, used):
+    cell = r.origin + dy * r.row_stride + dx * col_stride
+    return visit(state, jnp.where(used, cell, 0), used)
+
+  return chunking.walk_grid(r.height, r.width, SLOTS, visit_cell, state)
+
+
+def _forward(table: jax.Array, rects: Rects, col_stride: int, dtype) -> jax.Array:
+  def chunk_mean(r: Rects):
+    def add(acc, cell, used):
+      row = dtypes.gather_rows(table, cell).astype(dtype)
+      return acc + jnp.where(used[:, None], row, 0.0)
+
+    total = _walk(r, col_stride, add, jnp.zeros((r.origin.shape[0], table.shape[1]), dtype))
+    mean = jnp.where(_count(r)[:, None] > 0, _per_cell(total, r), 0.0)
+    return dtypes.narrow_bits(mean, table.dtype)
+
+  units = rects.origin.shape[0]
+  chunk = chunking.chunk_size(units, table.shape[1], _CHUNK_ELEMENTS)
+  out = chunking.map_chunks(chunk_mean, rects, _passes(rects), chunk)
+  return dtypes.from_bits(out, table.dtype)
+
+
+def _table_grad(cotangent: jax.Array, rects: Rects, col_stride: int, table_shape, dtype):
+  """The scatter-add transpose in ``dtype``, in a fixed (chunk, pass, slot) order."""
+
+  def chunk_scatter(grad, chunk):
+    r, cot = chunk
+    share = _per_cell(cot, r)  # empty bins have no cell to add it to
+
+    def add(grad, cell, used):
+      return grad.at[jnp.where(used, cell, table_shape[0])].add(share, mode="drop")
+
+    return _walk(r, col_stride, add, grad)
+
+  units = rects.origin.shape[0]
+  chunk = chunking.chunk_size(units, table_shape[1], _CHUNK_ELEMENTS)
+  grad = jnp.zeros(table_shape, dtype)
+  per_bin = (rects, cotangent.astype(dtype))
+  return chunking.fold_chunks(chunk_scatter, grad, per_bin, _passes(rects), chunk)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def cell_mean(table: jax.Array, rects: Rects, col_stride: int) -> jax.Array:
+  """``[U, C]`` mean of the table rows in each bin's rectangle; see the module docstring.
+
+  Args:
+    table: ``[M, C]`` rows (at least one row).
+    rects: :class:`Rects` of ``U`` bins, inside the table.
+    col_stride: static table rows from one cell to the next along a row.
+
+  Returns:
+    ``[U, C]`` in the table's dtype, computed in :func:`dtypes.compute_dtype`.
+  """
+  return _forward(table, rects, col_stride, dtypes.compute_dtype(table.dtype))
+
+
+def _cell_mean_fwd(table, rects, col_stride):
+  # The table itself is not needed: an empty [M, 0] stand-in carries its rows and dtype.
+  return cell_mean(table, rects, col_stride), (rects, table[:, :0])
+
+
+def _cell_mean_bwd(col_stride, residuals, cotangent):
+  rects, like = residuals
+  shape = (like.shape[0], cotangent.shape[1])
+  grad = _table_grad(cotangent, rects, col_stride, shape, dtypes.compute_dtype(like.dtype))
+  return dtypes.narrow(grad, like.dtype), jax.tree.map(lambda _: None, rects)
+
+
+cell_mean.defvjp(_cell_mean_fwd, _cell_mean_bwd)
