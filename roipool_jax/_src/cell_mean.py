@@ -14,7 +14,7 @@ A bin's cells are visited as one row-major list, ``SLOTS`` cells per pass,
 so a bin costs ``ceil(height * width / SLOTS)`` passes: its own cells,
 rounded up once (:func:`chunking.walk_grid`). (Separable ``S x S`` tap blocks, as in
 :mod:`roipool_jax._src.tap_sum`, would round each axis up to ``S``: R-FCN's
-bins are mostly 1 to 3 cells a side, and such blocks gather 3-5x more rows
+bins are mostly 1 to 3 cells a side, and such blocks gathered 5.5x more rows
 than the bins hold.) Bins are sorted by cost and visited in chunks
 (:mod:`roipool_jax._src.chunking`), each looping as long as its costliest bin.
 

@@ -143,8 +143,8 @@ def own_block_passes(passes_y: jax.Array, passes_x: jax.Array) -> jax.Array:
 def walk_grid(height: jax.Array, width: jax.Array, slots: int, visit: Callable, state: Any) -> Any:
   """Visits every point ``(a, b)`` of each of ``[B]`` bins' ``height x width`` grids.
 
-  Each bin's points (cells of a rectangle, or pairs of row and column taps)
-  are one row-major list, visited ``slots`` per pass: a bin costs
+  Each bin's points (the cells of its rectangle, for ``cell_mean``) are one
+  row-major list, visited ``slots`` per pass: a bin costs
   ``ceil(height * width / slots)`` passes, its own points rounded up once,
   and the chunk loops as long as its costliest bin. ``(a, b)`` is carried
   from slot to slot (a step along the row, or a wrap to the next one), so no
