@@ -4,9 +4,10 @@ A *bin* covers the ``height x width`` cells::
 
     cell(dy, dx) = origin + dy * row_stride + dx * col_stride,   0 <= dy < height, 0 <= dx < width
 
-of an ``[M, C]`` table, and its value is their mean: the sum of the rows,
-added one at a time in row-major order in the compute dtype, divided by
-``height * width``; a bin with no cell is 0.
+of an ``[M, C]`` table (the strides are static, shared by every bin), and
+its value is their mean: the sum of the rows, added one at a time in
+row-major order in the compute dtype, divided by ``height * width``; a bin
+with no cell is 0.
 
 How the work is bounded
 -----------------------
@@ -51,7 +52,6 @@ class Rects(NamedTuple):
   """Each bin's rectangle of table rows, every field ``[U]`` int32 (see the module docstring)."""
 
   origin: jax.Array
-  row_stride: jax.Array
   height: jax.Array
   width: jax.Array
 
@@ -74,23 +74,24 @@ def _per_cell(x: jax.Array, r: Rects) -> jax.Array:
   return x / lax.optimization_barrier(divisor).astype(x.dtype)
 
 
-def _walk(r: Rects, col_stride: int, visit, state):
+def _walk(r: Rects, strides: tuple[int, int], visit, state):
   """Calls ``state = visit(state, cell [B], used [B])`` on the cells of every bin of ``r``."""
+  row_stride, col_stride = strides
 
   def visit_cell(state, dy, dx, used):
-    cell = r.origin + dy * r.row_stride + dx * col_stride
+    cell = r.origin + dy * row_stride + dx * col_stride
     return visit(state, jnp.where(used, cell, 0), used)
 
   return chunking.walk_grid(r.height, r.width, SLOTS, visit_cell, state)
 
 
-def _forward(table: jax.Array, rects: Rects, col_stride: int, dtype) -> jax.Array:
+def _forward(table: jax.Array, rects: Rects, strides: tuple[int, int], dtype) -> jax.Array:
   def chunk_mean(r: Rects):
     def add(acc, cell, used):
       row = dtypes.gather_rows(table, cell).astype(dtype)
       return acc + jnp.where(used[:, None], row, 0.0)
 
-    total = _walk(r, col_stride, add, jnp.zeros((r.origin.shape[0], table.shape[1]), dtype))
+    total = _walk(r, strides, add, jnp.zeros((r.origin.shape[0], table.shape[1]), dtype))
     mean = jnp.where(_count(r)[:, None] > 0, _per_cell(total, r), 0.0)
     return dtypes.narrow_bits(mean, table.dtype)
 
@@ -100,7 +101,7 @@ def _forward(table: jax.Array, rects: Rects, col_stride: int, dtype) -> jax.Arra
   return dtypes.from_bits(out, table.dtype)
 
 
-def _table_grad(cotangent: jax.Array, rects: Rects, col_stride: int, table_shape, dtype):
+def _table_grad(cotangent: jax.Array, rects: Rects, strides: tuple[int, int], table_shape, dtype):
   """The scatter-add transpose in ``dtype``, in a fixed (chunk, pass, slot) order."""
 
   def chunk_scatter(grad, chunk):
@@ -110,7 +111,7 @@ def _table_grad(cotangent: jax.Array, rects: Rects, col_stride: int, table_shape
     def add(grad, cell, used):
       return grad.at[jnp.where(used, cell, table_shape[0])].add(share, mode="drop")
 
-    return _walk(r, col_stride, add, grad)
+    return _walk(r, strides, add, grad)
 
   units = rects.origin.shape[0]
   chunk = chunking.chunk_size(units, table_shape[1], _CHUNK_ELEMENTS)
@@ -120,29 +121,30 @@ def _table_grad(cotangent: jax.Array, rects: Rects, col_stride: int, table_shape
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
-def cell_mean(table: jax.Array, rects: Rects, col_stride: int) -> jax.Array:
+def cell_mean(table: jax.Array, rects: Rects, strides: tuple[int, int]) -> jax.Array:
   """``[U, C]`` mean of the table rows in each bin's rectangle; see the module docstring.
 
   Args:
     table: ``[M, C]`` rows (at least one row).
     rects: :class:`Rects` of ``U`` bins, inside the table.
-    col_stride: static table rows from one cell to the next along a row.
+    strides: static ``(row_stride, col_stride)``, table rows from one cell to the
+      next down a column and along a row, the same for every bin.
 
   Returns:
     ``[U, C]`` in the table's dtype, computed in :func:`dtypes.compute_dtype`.
   """
-  return _forward(table, rects, col_stride, dtypes.compute_dtype(table.dtype))
+  return _forward(table, rects, strides, dtypes.compute_dtype(table.dtype))
 
 
-def _cell_mean_fwd(table, rects, col_stride):
+def _cell_mean_fwd(table, rects, strides):
   # The table itself is not needed: an empty [M, 0] stand-in carries its rows and dtype.
-  return cell_mean(table, rects, col_stride), (rects, table[:, :0])
+  return cell_mean(table, rects, strides), (rects, table[:, :0])
 
 
-def _cell_mean_bwd(col_stride, residuals, cotangent):
+def _cell_mean_bwd(strides, residuals, cotangent):
   rects, like = residuals
   shape = (like.shape[0], cotangent.shape[1])
-  grad = _table_grad(cotangent, rects, col_stride, shape, dtypes.compute_dtype(like.dtype))
+  grad = _table_grad(cotangent, rects, strides, shape, dtypes.compute_dtype(like.dtype))
   return dtypes.narrow(grad, like.dtype), jax.tree.map(lambda _: None, rects)
 
 

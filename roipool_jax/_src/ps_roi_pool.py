@@ -130,9 +130,8 @@ def _ps_roi_pool(features, flat, *, size, scale):
   shape = origin.shape
   rects = cell_mean.Rects(
     origin=origin.reshape(-1),
-    row_stride=jnp.full(shape, width * bins, jnp.int32).reshape(-1),
     height=jnp.broadcast_to((re - rs)[:, :, None], shape).reshape(-1),
     width=jnp.broadcast_to((ce - cs)[:, None, :], shape).reshape(-1),
   )
   table = position_sensitive.channel_table(features, size)
-  return cell_mean.cell_mean(table, rects, bins).reshape(shape + (table.shape[1],))
+  return cell_mean.cell_mean(table, rects, (width * bins, bins)).reshape(shape + (table.shape[1],))
