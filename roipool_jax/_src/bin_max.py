@@ -24,20 +24,23 @@ materialized besides the output.
 Gradient
 --------
 Under differentiation the forward pass also returns each bin's arg-max per
-channel (``[K, oh, ow, C]`` int32, the residual torchvision keeps too), found
-by a second sweep over the same cells that visits them last to first, so
-that the first maximal cell in row-major order is the one that stays.
-(Tracking the arg-max inside the max sweep was measured 2x slower on
-XLA:CPU.) It is recorded as the flat element index ``cell * C + channel``,
-with ``N * H * W * C + channel`` (past the end) for bins without one. The
-backward pass then adds each cotangent there, in one scatter-add of single
-elements into a flat ``[N * H * W * C]`` buffer in the compute dtype that
-drops the indices past the end. On XLA:CPU such a scatter moves an element
-3x faster than one indexed by ``(cell, channel)`` pairs into ``[N * H * W,
-C]``, and is faster per bin than adding whole ``C`` rows of mostly zeros for
-every cell of small bins (both measured); its cost does not depend on the
-bins' size. Maps too large for an int32 element index (``(N * H * W + 1) * C
-> 2**31``) record cells and scatter ``(cell, channel)`` pairs.
+channel (``[K, oh, ow, C]`` int32, the residual torchvision keeps too),
+found by a second sweep over the same cells that visits them last to first,
+so that the first maximal cell in row-major order is the one that stays.
+(Tracking the arg-max inside the max sweep was measured 1.2-2x slower on
+XLA:CPU, per cell or per pass of ``SLOTS`` cells: XLA splits such a loop
+body into one fusion per carried array, which stores the gathered rows and
+recomputes the running maxima in the arg-max's fusion.) It is recorded as
+the flat element index ``cell * C + channel``, with ``N * H * W * C +
+channel`` (past the end) for bins without one. The backward pass then adds
+each cotangent there, in one scatter-add of single elements into a flat ``[N
+* H * W * C]`` buffer in the compute dtype that drops the indices past the
+end. On XLA:CPU such a scatter moves an element 3x faster than one indexed
+by ``(cell, channel)`` pairs into ``[N * H * W, C]``, and is faster per bin
+than adding whole ``C`` rows of mostly zeros for every cell of small bins
+(both measured); its cost does not depend on the bins' size. Maps too large
+for an int32 element index (``(N * H * W + 1) * C > 2**31``) record cells
+and scatter ``(cell, channel)`` pairs.
 
 The additions happen in the order of the bins ``(k, i, j)`` and channels;
 XLA:CPU executes a scatter sequentially, so the gradient is bitwise
