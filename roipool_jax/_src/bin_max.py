@@ -33,8 +33,8 @@ body into one fusion per carried array, which stores the gathered rows and
 recomputes the running maxima in the arg-max's fusion.) It is recorded as
 the flat element index ``cell * C + channel``, with ``N * H * W * C +
 channel`` (past the end) for bins without one. The backward pass then adds
-each cotangent there, in one scatter-add of single elements into a flat ``[N
-* H * W * C]`` buffer in the compute dtype that drops the indices past the
+each cotangent there, in one scatter-add of single elements into a flat
+``[N * H * W * C]`` buffer in the compute dtype that drops the indices past the
 end. On XLA:CPU such a scatter moves an element 3x faster than one indexed
 by ``(cell, channel)`` pairs into ``[N * H * W, C]``, and is faster per bin
 than adding whole ``C`` rows of mostly zeros for every cell of small bins
