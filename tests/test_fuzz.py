@@ -22,7 +22,9 @@ Cost: every example compiles new kernels, so the number of examples per
 property is an eighth of the hypothesis profile's (the same ones on every
 run): 1 in the quick default run (``-m "not slow"``), which also runs each
 property for one op (a different one per property), and 3 in the full suite.
-For a long local run with fresh examples (37 per property):
+The vmap and box-independence properties compile four programs per example
+(batched and single, forward and gradient) and take a twelfth: 1 and 2.
+For a long local run with fresh examples (37 and 25 per property):
 ``HYPOTHESIS_PROFILE=thorough python -m pytest tests/test_fuzz.py``.
 """
 
@@ -42,9 +44,10 @@ from jax.test_util import check_grads
 import roipool_jax
 from roipool_jax import linen as roi_linen
 from roipool_jax import nnx as roi_nnx
-from tests.quick import some
+from tests.quick import examples, some
 
-EXAMPLES = max(1, settings().max_examples // 8)
+EXAMPLES = examples(8)
+HEAVY_EXAMPLES = examples(12)  # four compiled programs per example
 NAMES = sorted(roipool_jax.__all__)
 # precise_roi_pool and deform_roi_pool compile large programs per example; their vmap,
 # box-independence and float64 gradient properties live in their own test files.
@@ -343,7 +346,7 @@ def test_valid_input_runs_with_finite_outputs_and_gradients_and_jit_equals_eager
 
 
 @pytest.mark.parametrize("name", some(HEAVY_PROPERTY_NAMES, start=3))
-@settings(max_examples=EXAMPLES)
+@settings(max_examples=HEAVY_EXAMPLES)
 @given(data=st.data())
 def test_a_box_never_depends_on_the_other_boxes(name, data):
   op = data.draw(ops(name), label="op")
@@ -398,7 +401,7 @@ def test_gather_equals_einsum(name, data):
 
 
 @pytest.mark.parametrize("name", some(HEAVY_PROPERTY_NAMES, start=2))
-@settings(max_examples=EXAMPLES)
+@settings(max_examples=HEAVY_EXAMPLES)
 @given(data=st.data())
 def test_vmap_equals_a_loop(name, data):
   op = data.draw(ops(name), label="op")

@@ -11,7 +11,7 @@ from jax.test_util import check_grads
 import roipool_jax
 from roipool_jax import torchvision as tv
 from tests import fixtures_io, reference
-from tests.quick import some
+from tests.quick import examples, some
 
 CASES = fixtures_io.load_cases("torchvision_position_sensitive.npz")
 POOL = sorted(name for name in CASES if name.startswith("pool"))
@@ -135,6 +135,7 @@ def test_ps_roi_align_matches_the_reference(problem, ratio, impl):
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@hypothesis.settings(max_examples=examples(3))  # both sides of the identity compile
 @hypothesis.given(problems(), st.sampled_from([-1, 2]))
 def test_ps_roi_align_of_a_repeated_map_is_roi_align(problem, ratio):
   """When every bin's channel group holds the same map, position sensitivity is invisible:

@@ -10,6 +10,7 @@ from jax.test_util import check_grads
 
 import roipool_jax
 from tests import reference
+from tests.quick import examples
 
 # mmcv's tests/test_ops/test_roi_align_rotated.py: NCHW input, rois (batch, cx, cy, w, h,
 # theta in radians), output and input gradient (cotangent of ones) for a 2x2 output,
@@ -133,6 +134,7 @@ def test_matches_the_reference(problem, ratio, size, aligned, clockwise):
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=2e-5)
 
 
+@hypothesis.settings(max_examples=examples(3))  # both sides of the identity compile
 @hypothesis.given(problems(degenerate=False), st.sampled_from([-1, 2]), st.booleans())
 def test_angle_zero_is_roi_align_of_the_same_box(problem, ratio, aligned):
   features, boxes, indices, scale = problem
@@ -147,6 +149,7 @@ def test_angle_zero_is_roi_align_of_the_same_box(problem, ratio, aligned):
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@hypothesis.settings(max_examples=examples(3))  # both sides of the identity compile
 @hypothesis.given(problems(degenerate=False), st.sampled_from([-1, 2]))
 def test_half_a_turn_reverses_the_bins_and_clockwise_negates_the_angle(problem, ratio):
   features, boxes, indices, scale = problem

@@ -7,6 +7,8 @@ and chunks of a single box. Every op must still match the NumPy reference,
 and its gradients the ones with the default constants.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,6 +76,13 @@ def _grads(op, features, boxes, indices):
   return jax.grad(lambda f, b: jnp.vdot(op(f, b, indices), cot), (0, 1))(features, boxes)
 
 
+@functools.cache
+def _default_grads(name):
+  """The gradients of ``OPS[name]`` with the shipped constants, computed once per op (each
+  test asks for them before it patches anything)."""
+  return _grads(OPS[name], *_problem())
+
+
 @pytest.fixture
 def fresh_compilation():
   # The ops are jit-compiled once per configuration: recompile with the patched constants.
@@ -87,7 +96,7 @@ def fresh_compilation():
 def test_results_do_not_depend_on_tuning_constants(setting, name, monkeypatch, fresh_compilation):
   features, boxes, indices = _problem()
   op = OPS[name]
-  default_grads = _grads(op, features, boxes, indices)
+  default_grads = _default_grads(name)
   jax.clear_caches()
   s = SETTINGS[setting]
   monkeypatch.setattr(tap_sum, "SLOTS", s["tap_slots"])
