@@ -105,3 +105,28 @@ def test_half_precision_is_exact_upcast(dtype):
     got = op(features, b, i)
     assert got.dtype == dtype
     np.testing.assert_array_equal(got, op(wide, b, i).astype(dtype))
+
+
+def test_materialize_is_the_identity_and_a_fusion_boundary():
+  # Values pass through bit for bit, whatever the predicate reads (NaN, -0.0, ints, empty).
+  floats = jnp.array([np.nan, -0.0, np.inf, -3.5, 1e-30], jnp.float32)
+  ints = jnp.array([[7, -2], [0, 5]], jnp.int32)
+  out = jax.jit(boxes_lib.materialize)((floats, ints, jnp.zeros((0, 3))))
+  np.testing.assert_array_equal(
+    np.asarray(out[0]).view(np.int32), np.asarray(floats).view(np.int32)
+  )
+  np.testing.assert_array_equal(out[1], ints)
+  assert out[2].shape == (0, 3)
+  # Its derivative is the identity's.
+  grad = jax.grad(lambda x: jnp.sum(boxes_lib.materialize(x * x)))(jnp.array([1.5, -2.0]))
+  np.testing.assert_array_equal(grad, [3.0, -4.0])
+
+  # The product stays a kernel of its own: consumers read it instead of recomputing it (and
+  # contracting it with their adds into FMAs). This pins XLA's behaviour that the box geometry
+  # relies on; a new XLA that fused across the conditional would fail here.
+  def geometry(x):
+    product = boxes_lib.materialize(x * 1.7)
+    return product[:, None] + jnp.arange(7.0)[None], jnp.floor(product)
+
+  hlo = jax.jit(geometry).lower(jnp.linspace(0.0, 9.0, 33)).compile().as_text()
+  assert " conditional(" in hlo
