@@ -111,12 +111,12 @@ def test_materialize_is_the_identity_and_a_fusion_boundary():
   # Values pass through bit for bit, whatever the predicate reads (NaN, -0.0, ints, empty).
   floats = jnp.array([np.nan, -0.0, np.inf, -3.5, 1e-30], jnp.float32)
   ints = jnp.array([[7, -2], [0, 5]], jnp.int32)
-  out = jax.jit(boxes_lib.materialize)((floats, ints, jnp.zeros((0, 3))))
+  out = jax.jit(boxes_lib.materialize)((jnp.zeros((0, 3)), floats, ints))
+  assert out[0].shape == (0, 3)
   np.testing.assert_array_equal(
-    np.asarray(out[0]).view(np.int32), np.asarray(floats).view(np.int32)
+    np.asarray(out[1]).view(np.int32), np.asarray(floats).view(np.int32)
   )
-  np.testing.assert_array_equal(out[1], ints)
-  assert out[2].shape == (0, 3)
+  np.testing.assert_array_equal(out[2], ints)
   # Its derivative is the identity's.
   grad = jax.grad(lambda x: jnp.sum(boxes_lib.materialize(x * x)))(jnp.array([1.5, -2.0]))
   np.testing.assert_array_equal(grad, [3.0, -4.0])

@@ -187,22 +187,26 @@ def materialize(tree):
   Both branches of that conditional return ``tree`` unchanged (the second
   through an ``optimization_barrier``, so that XLA does not fold two equal
   branches away), so the result is ``tree`` whichever runs. The predicate
-  reads one element of the first leaf: data-dependent, and one scalar
+  reads one element of the first non-empty leaf: data-dependent, and one scalar
   kernel. Each kernel costs compile time (measured: this form compiles two
   fewer kernels per call than a reduced predicate and a zeros branch, and
   the box geometry of an op makes dozens of calls).
   """
-  leaves = jax.tree.leaves(tree)
-  if not leaves or leaves[0].size == 0:
+  filled = [x for x in jax.tree.leaves(tree) if x.size]
+  if not filled:  # nothing to compute
     return tree
-  key = jnp.abs(leaves[0].ravel()[0]).astype(jnp.float32)
-  # min(|x|, 0) is 0, or NaN when x is: "not > 0" is true either way.
-  key = ~(jnp.minimum(key, 0.0) > 0.0)
+  key = _always_true(filled[0].ravel()[:1])
   return lax.cond(key, lambda t: t, lax.optimization_barrier, tree)
 
 
+def _always_true(x: jax.Array) -> jax.Array:
+  """A predicate that is true, computed from ``x`` so that XLA cannot fold it."""
+  # min(|x|, 0) is 0, or NaN when x is: "not > 0" is true either way.
+  return ~(jnp.min(jnp.abs(x).astype(jnp.float32), initial=0.0) > 0.0)
+
+
 def computed_once(compute, data):
-  """``compute()`` evaluated inside the conditional of :func:`materialize`.
+  """``compute()`` evaluated inside a conditional, a fusion boundary as in :func:`materialize`.
 
   For a large result (an op's whole output) this writes it straight into the
   conditional's result, where ``materialize(compute())`` would pass a
@@ -210,12 +214,9 @@ def computed_once(compute, data):
   head's forward 50 -> 90 ms). ``data``: an array the predicate reduces (a
   one-element slice of it was measured slower: the P2 box head 11 -> 15 ms).
   """
-  first = jax.tree.leaves(data)[0]
-  # min(|x|, 0) is 0, or NaN when x is: "not > 0" is true either way.
-  key = ~(jnp.min(jnp.abs(first).astype(jnp.float32), initial=0.0) > 0.0)
   shapes = jax.eval_shape(compute)
   zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # noqa: E731
-  return lax.cond(key, compute, zeros)
+  return lax.cond(_always_true(jax.tree.leaves(data)[0]), compute, zeros)
 
 
 def divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
