@@ -120,6 +120,13 @@ def test_materialize_is_the_identity_and_a_fusion_boundary():
   # Its derivative is the identity's.
   grad = jax.grad(lambda x: jnp.sum(boxes_lib.materialize(x * x)))(jnp.array([1.5, -2.0]))
   np.testing.assert_array_equal(grad, [3.0, -4.0])
+  # So do they when the predicate reads a key instead (NaN, empty: then the first leaf).
+  for key in (jnp.array([np.nan, 1.0]), jnp.zeros((0,)), jnp.array([-0.0])):
+    keyed = jax.jit(boxes_lib.materialize)((floats, ints), key=key)
+    np.testing.assert_array_equal(
+      np.asarray(keyed[0]).view(np.int32), np.asarray(floats).view(np.int32)
+    )
+    np.testing.assert_array_equal(keyed[1], ints)
 
   # The product stays a kernel of its own: consumers read it instead of recomputing it (and
   # contracting it with their adds into FMAs). This pins XLA's behaviour that the box geometry
@@ -130,3 +137,31 @@ def test_materialize_is_the_identity_and_a_fusion_boundary():
 
   hlo = jax.jit(geometry).lower(jnp.linspace(0.0, 9.0, 33)).compile().as_text()
   assert " conditional(" in hlo
+
+
+def _long_division_kernels(fn, *args) -> int:
+  """How many compiled kernels run :func:`boxes.exact_div`'s unrolled long division."""
+  hlo = jax.jit(fn).lower(*args).compile().as_text()
+  bodies = hlo.split("\n}\n")
+  # Its ~200 instructions carry its name (a consumer may hold a stray select of it).
+  return sum(
+    body.lstrip().startswith("%fused") and body.count("_long_division") > 100 for body in bodies
+  )
+
+
+@pytest.mark.parametrize(
+  "op",
+  [
+    lambda f, b, i: roipool_jax.roi_pool(f, b, 7, spatial_scale=0.25, box_indices=i),
+    lambda f, b, i: roipool_jax.ps_roi_pool(f, b, 7, spatial_scale=0.25, box_indices=i),
+    lambda f, b, i: roipool_jax.roi_align(f, b, 7, spatial_scale=0.25, box_indices=i),
+  ],
+  ids=["roi_pool", "ps_roi_pool", "roi_align_adaptive"],
+)
+def test_box_geometry_runs_each_long_division_once(op):
+  # The long division is a few hundred instructions, and compiling it dominates the bin
+  # geometry's compile time. Each axis needs one; XLA duplicates it into every consumer
+  # kernel unless the quotient is materialized (roi_pool's edges: 6 copies before).
+  features = jnp.zeros((2, 24, 20, 49), jnp.float32)
+  b, i = _boxes(5, 0)
+  assert _long_division_kernels(op, features, b, i) == 2

@@ -173,7 +173,7 @@ def flat_arrays(boxes, box_indices, *, num_images, dtype) -> FlatBoxes:
 _flat_arrays = jax.jit(flat_arrays, static_argnames=("num_images", "dtype"))
 
 
-def materialize(tree):
+def materialize(tree, key: jax.Array | None = None):
   """``tree`` (a pytree of arrays) computed once, into buffers of its own.
 
   XLA fuses a cheap-looking producer into each of its consumers and
@@ -191,12 +191,22 @@ def materialize(tree):
   kernel. Each kernel costs compile time (measured: this form compiles two
   fewer kernels per call than a reduced predicate and a zeros branch, and
   the box geometry of an op makes dozens of calls).
+
+  Args:
+    tree: the arrays to compute once.
+    key: an array for the predicate to read instead of ``tree``'s first
+      leaf. XLA recomputes the element it reads from that leaf's producers
+      inside the predicate's kernel: a leaf behind a long chain (the
+      :func:`exact_div` long division) compiles that chain once more. A key
+      that is already in a buffer (the op's boxes) costs nothing. An empty key
+      falls back to the first non-empty leaf.
   """
   filled = [x for x in jax.tree.leaves(tree) if x.size]
   if not filled:  # nothing to compute
     return tree
-  key = _always_true(filled[0].ravel()[:1])
-  return lax.cond(key, lambda t: t, lax.optimization_barrier, tree)
+  source = key if key is not None and key.size else filled[0]
+  predicate = _always_true(source.ravel()[:1])
+  return lax.cond(predicate, lambda t: t, lax.optimization_barrier, tree)
 
 
 def _always_true(x: jax.Array) -> jax.Array:

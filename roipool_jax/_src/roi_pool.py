@@ -28,13 +28,16 @@ def quantized_edges(lo, hi, num_bins, extra, limit):
   start = boxes_lib.to_int(boxes_lib.round_half_away(lo))
   end = boxes_lib.to_int(boxes_lib.round_half_away(hi))
   roi = jnp.maximum(end - start + extra, 1)
-  bin_size = boxes_lib.exact_div(roi.astype(lo.dtype), num_bins)[:, None]
+  # Computed once: both edges (and each predicate) would otherwise compile their own copy of
+  # the long division. The predicates read ``lo``, which is one multiply from the boxes.
+  bin_size = boxes_lib.materialize(boxes_lib.exact_div(roi.astype(lo.dtype), num_bins), key=lo)
+  bin_size = bin_size[:, None]
   # Separate iotas for j and j + 1: no add that could be fused into an FMA.
   j = jnp.arange(num_bins, dtype=lo.dtype)
   j_next = jnp.arange(1, num_bins + 1, dtype=lo.dtype)
   first = boxes_lib.to_int(jnp.floor(j[None] * bin_size)) + start[:, None]
   last = boxes_lib.to_int(jnp.ceil(j_next[None] * bin_size)) + start[:, None]
-  return boxes_lib.materialize((jnp.clip(first, 0, limit), jnp.clip(last, 0, limit)))
+  return boxes_lib.materialize((jnp.clip(first, 0, limit), jnp.clip(last, 0, limit)), key=lo)
 
 
 def _round_mode_edges(lo, hi, _size, num_bins, extent):
