@@ -150,18 +150,19 @@ def _long_division_kernels(fn, *args) -> int:
 
 
 @pytest.mark.parametrize(
-  "op",
+  "op, size, kernels",
   [
-    lambda f, b, i: roipool_jax.roi_pool(f, b, 7, spatial_scale=0.25, box_indices=i),
-    lambda f, b, i: roipool_jax.ps_roi_pool(f, b, 7, spatial_scale=0.25, box_indices=i),
-    lambda f, b, i: roipool_jax.roi_align(f, b, 7, spatial_scale=0.25, box_indices=i),
+    ("roi_pool", 7, 1),  # square: both axes in one [K, 2] division
+    ("roi_pool", (7, 5), 2),
+    ("ps_roi_pool", 7, 1),
+    ("roi_align", 7, 2),  # adaptive grid
   ],
-  ids=["roi_pool", "ps_roi_pool", "roi_align_adaptive"],
 )
-def test_box_geometry_runs_each_long_division_once(op):
+def test_box_geometry_runs_each_long_division_once(op, size, kernels):
   # The long division is a few hundred instructions, and compiling it dominates the bin
-  # geometry's compile time. Each axis needs one; XLA duplicates it into every consumer
-  # kernel unless the quotient is materialized (roi_pool's edges: 6 copies before).
-  features = jnp.zeros((2, 24, 20, 49), jnp.float32)
+  # geometry's compile time. XLA duplicates it into every consumer kernel unless the quotient
+  # is materialized (roi_pool's square bins: 6 copies before, 1 now).
+  features = jnp.zeros((2, 24, 20, 49 if op == "ps_roi_pool" else 3), jnp.float32)
   b, i = _boxes(5, 0)
-  assert _long_division_kernels(op, features, b, i) == 2
+  fn = lambda f, b, i: getattr(roipool_jax, op)(f, b, size, spatial_scale=0.25, box_indices=i)  # noqa: E731
+  assert _long_division_kernels(fn, features, b, i) == kernels

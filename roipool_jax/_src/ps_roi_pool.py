@@ -107,10 +107,9 @@ def ps_roi_pool(
 
 def ps_pool_edges(flat: boxes_lib.FlatBoxes, output_size, spatial_scale: float, map_size):
   """``(row_first, row_last, col_first, col_last)`` ``[K, P]`` bin edges (see ``ps_roi_pool``)."""
-  (oh, ow), (height, width) = output_size, map_size
+  height, width = map_size
   scaled = boxes_lib.scale_coords(flat.boxes, spatial_scale)
-  rs, re = roi_pool_lib.quantized_edges(scaled[:, 1], scaled[:, 3], oh, 0, height - 1)
-  cs, ce = roi_pool_lib.quantized_edges(scaled[:, 0], scaled[:, 2], ow, 0, width - 1)
+  rs, re, cs, ce = roi_pool_lib.quantized_box_edges(scaled, output_size, 0, (height - 1, width - 1))
   re = jnp.where(flat.valid[:, None], re, rs)  # invalid boxes: empty bins
   return rs, re, cs, ce
 

@@ -17,13 +17,14 @@ QUANTIZATIONS = ("round", "floor")
 
 
 def quantized_edges(lo, hi, num_bins, extra, limit):
-  """Caffe-style integer bin edges ``[first, last)`` ``[K, P]`` along one axis.
+  """Caffe-style integer bin edges ``[first, last)`` ``[..., P]`` along one axis.
 
   ``start = round(lo)``, ``end = round(hi)`` (C round), ``roi = max(end - start
   + extra, 1)`` cells, ``bin = roi / P`` (correctly rounded); bin ``j`` is
   ``[floor(j * bin) + start, ceil((j + 1) * bin) + start)`` clipped to ``[0,
   limit]``. ``roi_pool`` uses ``extra = 1, limit = L``; ``ps_roi_pool``
-  ``extra = 0, limit = L - 1``.
+  ``extra = 0, limit = L - 1``. ``lo`` and ``hi`` are ``[K]`` (one axis) or
+  ``[K, A]`` (A axes with the same P; ``limit`` is then an int array ``[1, A, 1]``).
   """
   start = boxes_lib.to_int(boxes_lib.round_half_away(lo))
   end = boxes_lib.to_int(boxes_lib.round_half_away(hi))
@@ -31,21 +32,39 @@ def quantized_edges(lo, hi, num_bins, extra, limit):
   # Computed once: both edges (and each predicate) would otherwise compile their own copy of
   # the long division. The predicates read ``lo``, which is one multiply from the boxes.
   bin_size = boxes_lib.materialize(boxes_lib.exact_div(roi.astype(lo.dtype), num_bins), key=lo)
-  bin_size = bin_size[:, None]
+  bin_size, start = bin_size[..., None], start[..., None]
   # Separate iotas for j and j + 1: no add that could be fused into an FMA.
-  j = jnp.arange(num_bins, dtype=lo.dtype)
-  j_next = jnp.arange(1, num_bins + 1, dtype=lo.dtype)
-  first = boxes_lib.to_int(jnp.floor(j[None] * bin_size)) + start[:, None]
-  last = boxes_lib.to_int(jnp.ceil(j_next[None] * bin_size)) + start[:, None]
+  shape = (1,) * lo.ndim + (num_bins,)
+  j = jnp.arange(num_bins, dtype=lo.dtype).reshape(shape)
+  j_next = jnp.arange(1, num_bins + 1, dtype=lo.dtype).reshape(shape)
+  first = boxes_lib.to_int(jnp.floor(j * bin_size)) + start
+  last = boxes_lib.to_int(jnp.ceil(j_next * bin_size)) + start
   return boxes_lib.materialize((jnp.clip(first, 0, limit), jnp.clip(last, 0, limit)), key=lo)
 
 
-def _round_mode_edges(lo, hi, _size, num_bins, extent):
-  """torchvision / Caffe bin edges along one axis; see :func:`roi_pool`."""
-  return quantized_edges(lo, hi, num_bins, 1, extent)
+def quantized_box_edges(scaled, output_size, extra, limits):
+  """:func:`quantized_edges` of both axes: ``(row_first, row_last, col_first, col_last)``.
+
+  Args:
+    scaled: ``[K, 4]`` boxes ``(x1, y1, x2, y2)`` in feature cells.
+    output_size: ``(oh, ow)``.
+    extra: as in :func:`quantized_edges`.
+    limits: ``(row_limit, col_limit)`` ints.
+
+  Square outputs compute both axes as one ``[K, 2]`` array: one long division
+  to compile instead of two, the same values.
+  """
+  (oh, ow), (row_limit, col_limit) = output_size, limits
+  if oh != ow:
+    rs, re = quantized_edges(scaled[:, 1], scaled[:, 3], oh, extra, row_limit)
+    cs, ce = quantized_edges(scaled[:, 0], scaled[:, 2], ow, extra, col_limit)
+    return rs, re, cs, ce
+  limit = jnp.array([row_limit, col_limit], jnp.int32).reshape(1, 2, 1)
+  first, last = quantized_edges(scaled[:, 1::-1], scaled[:, 3:1:-1], oh, extra, limit)
+  return first[:, 0], last[:, 0], first[:, 1], last[:, 1]
 
 
-def _floor_mode_edges(lo, _hi, size, num_bins, extent):
+def _floor_mode_edges(lo, size, num_bins, extent):
   """The article's bin edges along one axis; see :func:`roi_pool`."""
   start = boxes_lib.to_int(jnp.floor(lo))
   length = boxes_lib.to_int(jnp.floor(size))
@@ -62,13 +81,15 @@ def pool_bins(
   map_size: tuple[int, int],
 ) -> bin_max_lib.Bins:
   """Integer bin rectangles of ``roi_pool`` (exposed for the demo and tests)."""
-  edges = _round_mode_edges if quantization == "round" else _floor_mode_edges
   b = flat.boxes
   scaled = boxes_lib.scale_coords(b, spatial_scale)
-  size = boxes_lib.scale_coords(b[:, 2:] - b[:, :2], spatial_scale)
   (oh, ow), (height, width) = output_size, map_size
-  rs, re = edges(scaled[:, 1], scaled[:, 3], size[:, 1], oh, height)
-  cs, ce = edges(scaled[:, 0], scaled[:, 2], size[:, 0], ow, width)
+  if quantization == "round":  # torchvision / Caffe
+    rs, re, cs, ce = quantized_box_edges(scaled, output_size, 1, map_size)
+  else:
+    size = boxes_lib.scale_coords(b[:, 2:] - b[:, :2], spatial_scale)
+    rs, re = _floor_mode_edges(scaled[:, 1], size[:, 1], oh, height)
+    cs, ce = _floor_mode_edges(scaled[:, 0], size[:, 0], ow, width)
   re = jnp.where(flat.valid[:, None], re, rs)  # invalid boxes: empty bins
   return bin_max_lib.Bins(flat.image_index, rs, re, cs, ce)
 
