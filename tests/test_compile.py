@@ -155,7 +155,8 @@ def _long_division_kernels(fn, *args) -> int:
     ("roi_pool", 7, 1),  # square: both axes in one [K, 2] division
     ("roi_pool", (7, 5), 2),
     ("ps_roi_pool", 7, 1),
-    ("roi_align", 7, 2),  # adaptive grid
+    ("roi_align", 7, 1),  # adaptive grid
+    ("roi_align", (5, 7), 2),
   ],
 )
 def test_box_geometry_runs_each_long_division_once(op, size, kernels):

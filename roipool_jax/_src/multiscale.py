@@ -241,8 +241,7 @@ def _pyramid_gather(features, flat, level, size, scales, ratio, aligned):
   per_box = lambda values, dtype: jnp.asarray(np.asarray(values), dtype)[level]  # noqa: E731
   height, width = per_box(heights, jnp.int32), per_box(widths, jnp.int32)
   scale = per_box(scales, boxes.dtype)
-  rows = sampling.axis_geometry(boxes[:, 1], boxes[:, 3], valid, oh, scale, ratio, aligned)
-  cols = sampling.axis_geometry(boxes[:, 0], boxes[:, 2], valid, ow, scale, ratio, aligned)
+  rows, cols = sampling.box_axes(boxes, valid, size, scale, ratio, aligned)
   if ratio > 0:
     ty, _ = sampling.sample_taps(rows, oh, height[:, None, None], ratio, True)
     tx, _ = sampling.sample_taps(cols, ow, width[:, None, None], ratio, True)

@@ -16,14 +16,9 @@ MODES = ("avg", "max")
 
 def align_geometry(flat, output_size, spatial_scale, sampling_ratio, aligned):
   """``(rows, cols)`` :class:`sampling.Axis` of every box."""
-  b, (oh, ow) = flat.boxes, output_size
-  rows = sampling.axis_geometry(
-    b[:, 1], b[:, 3], flat.valid, oh, spatial_scale, sampling_ratio, aligned
+  return sampling.box_axes(
+    flat.boxes, flat.valid, output_size, spatial_scale, sampling_ratio, aligned
   )
-  cols = sampling.axis_geometry(
-    b[:, 0], b[:, 2], flat.valid, ow, spatial_scale, sampling_ratio, aligned
-  )
-  return rows, cols
 
 
 def _max_samples(sampling_ratio: int, length: int) -> int:
