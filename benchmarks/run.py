@@ -288,8 +288,8 @@ def _time_jitted(op, features, boxes, repeats):
   return times, grad, out
 
 
-def bench_jax(config, features, boxes, indices, impl, repeats):
-  first = first_call_s(config, features, boxes, indices, impl)
+def bench_jax(config, features, boxes, indices, impl, repeats, first_call=True):
+  first = first_call_s(config, features, boxes, indices, impl) if first_call else None
   times, grad, out = _time_jitted(jax_op(config, indices, impl), features, boxes, repeats)
   return dict(
     **times,
@@ -395,9 +395,9 @@ def bench_torch(config, features, boxes, indices, dtype, repeats):
     return None
 
 
-def run_config(config, dtype, impl, repeats, bandwidth):
+def run_config(config, dtype, impl, repeats, bandwidth, first_call=True):
   features, boxes, indices = make_inputs(config, dtype)
-  ours = bench_jax(config, features, boxes, indices, impl, repeats)
+  ours = bench_jax(config, features, boxes, indices, impl, repeats, first_call)
   if config.op in BASELINE_OPS:
     theirs = bench_baseline(config, features, boxes, indices, repeats)
   elif config.torch:
@@ -435,6 +435,10 @@ def _ms(value):
   return "n/a" if value is None else (f"{value:.1f}" if value >= 1 else f"{value:.2f}")
 
 
+def _seconds(value):
+  return "n/a" if value is None else f"{value:.2f}"
+
+
 def _times(value, reference):
   return "n/a" if value is None or reference is None else f"{reference / value:.1f}x"
 
@@ -460,7 +464,7 @@ def markdown(rows, header):
       f"{_ms(r['floor_fwd_ms'])} / {_ms(r['floor_fwd_bwd_ms'])} | "
       f"{r['jax_fwd_ms'] / r['floor_fwd_ms']:.1f}, "
       f"{r['jax_fwd_bwd_ms'] / r['floor_fwd_bwd_ms']:.1f} | "
-      f"{r['jax_peak_mb']:.1f} ({r['per_box_copy_mb']:.0f}) | {r['first_call_s']:.2f} |"
+      f"{r['jax_peak_mb']:.1f} ({r['per_box_copy_mb']:.0f}) | {_seconds(r['first_call_s'])} |"
     )
   lines += ["", *cost_bound(rows)]
   return "\n".join(lines) + "\n"
@@ -528,6 +532,12 @@ def main(argv=None):
   parser.add_argument("--impl", default="auto", choices=["auto", "gather", "einsum"])
   parser.add_argument("--only", help="run the configs whose name contains this")
   parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
+  parser.add_argument(
+    "--no-first-call",
+    dest="first_call",
+    action="store_false",
+    help="skip the first-call column (it clears JAX's caches and compiles every op once more)",
+  )
   parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
   args = parser.parse_args(argv)
 
@@ -536,10 +546,11 @@ def main(argv=None):
     configs = [c.quick() for c in configs]
   bandwidth = copy_bandwidth(32 if args.quick else 256)
   rows = []
-  for dtype in args.dtypes:
+  for name in args.dtypes:
+    dtype = jnp.dtype(name).type
     for config in configs:
-      print(f"{config.name} ({dtype}) ...", file=sys.stderr, flush=True)
-      rows.append(run_config(config, jnp.dtype(dtype).type, args.impl, args.repeats, bandwidth))
+      print(f"{config.name} ({name}) ...", file=sys.stderr, flush=True)
+      rows.append(run_config(config, dtype, args.impl, args.repeats, bandwidth, args.first_call))
 
   where = machine()
   header = (

@@ -12,7 +12,8 @@ from tests.quick import some
 
 @pytest.mark.parametrize("only", some(["VGG16", None]))
 def test_quick_suite_writes_markdown_json_and_plot(only, tmp_path):
-  select = ["--only", only] if only else []
+  # Every config once; the first-call column (a second compile of each op) for one config.
+  select = ["--only", only] if only else ["--no-first-call"]
   argv = ["--quick", "--repeats", "1", "--dtypes", "float32", "--out", str(tmp_path), *select]
   rows = suite.main(argv)
   ops = {r["op"] for r in rows}
@@ -38,6 +39,7 @@ def test_quick_suite_writes_markdown_json_and_plot(only, tmp_path):
     assert r["jax_fwd_ms"] > 0 and r["jax_fwd_bwd_ms"] > 0
     assert r["floor_fwd_ms"] > 0 and r["floor_fwd_bwd_ms"] == 2 * r["floor_fwd_ms"]
     assert 0 < r["jax_peak_mb"] < 64  # tiny shapes: nothing near a per-box copy
+    assert (r["first_call_s"] > 0) if only else (r["first_call_s"] is None)
   reports = {p.suffix for p in tmp_path.iterdir()}
   assert {".md", ".json", ".png"} <= reports
   saved = json.loads(next(tmp_path.glob("*.json")).read_text())
