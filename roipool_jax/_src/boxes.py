@@ -248,6 +248,13 @@ def scale_coords(coords: jax.Array, spatial_scale: float) -> jax.Array:
   return coords * jnp.asarray(spatial_scale, coords.dtype)
 
 
+def row_col_edges(boxes: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(lo, hi)``, each ``[K, 2]``: a box's first and second edge per axis, rows then columns
+  (``(y1, x1)`` and ``(y2, x2)`` of ``[K, 4]`` boxes ``(x1, y1, x2, y2)``), so that square
+  outputs compute both axes' geometry as one array."""
+  return boxes[:, 1::-1], boxes[:, 3:1:-1]
+
+
 def round_half_away(x: jax.Array) -> jax.Array:
   """C ``round``: nearest integer, halves away from zero (``jnp.round`` rounds half to even)."""
   return lax.round(x, lax.RoundingMethod.AWAY_FROM_ZERO)

@@ -60,7 +60,7 @@ def quantized_box_edges(scaled, output_size, extra, limits):
     cs, ce = quantized_edges(scaled[:, 0], scaled[:, 2], ow, extra, col_limit)
     return rs, re, cs, ce
   limit = jnp.array([row_limit, col_limit], jnp.int32).reshape(1, 2, 1)
-  first, last = quantized_edges(scaled[:, 1::-1], scaled[:, 3:1:-1], oh, extra, limit)
+  first, last = quantized_edges(*boxes_lib.row_col_edges(scaled), oh, extra, limit)
   return first[:, 0], last[:, 0], first[:, 1], last[:, 1]
 
 

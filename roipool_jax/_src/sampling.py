@@ -148,9 +148,8 @@ def box_axes(
     return rows, cols
   if isinstance(spatial_scale, jax.Array) and spatial_scale.ndim:
     spatial_scale = spatial_scale[:, None]
-  both = axis_geometry(
-    boxes[:, 1::-1], boxes[:, 3:1:-1], valid[:, None], oh, spatial_scale, sampling_ratio, aligned
-  )
+  lo, hi = boxes_lib.row_col_edges(boxes)
+  both = axis_geometry(lo, hi, valid[:, None], oh, spatial_scale, sampling_ratio, aligned)
   return Axis(*(x[:, 0] for x in both)), Axis(*(x[:, 1] for x in both))
 
 
