@@ -88,6 +88,31 @@ def test_matches_numpy_reference(problem):
   np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(cotangent))[0]), want_grad, atol=1e-5)
 
 
+@pytest.mark.parametrize("divisor", [1, 3, 7, 14, 49, 224, 4095, 2**22 - 3, 2**22])
+def test_bin_sizes_are_correctly_rounded_float32_quotients(divisor):
+  # Bin edges flip when roi / P is one ulp off, so boxes.exact_div must round as IEEE does
+  # (NumPy's float32 division). Whole cells, random values, and random bit patterns (every
+  # exponent; inf and NaN pass through, subnormal results are not produced by boxes).
+  from roipool_jax._src.boxes import exact_div
+
+  rng = np.random.default_rng(divisor)
+  bits = rng.integers(0, 2**32, 50000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+  x = np.concatenate(
+    [
+      rng.integers(1, 2**24, 50000).astype(np.float32),
+      rng.uniform(-1e4, 1e4, 50000).astype(np.float32),
+      bits,
+      np.float32([0.0, -0.0, np.inf, -np.inf, np.nan, 1.0, -1.0]),
+    ]
+  )
+  with np.errstate(all="ignore"):
+    expected = x / np.float32(divisor)
+  normal = np.isfinite(x) & (np.abs(expected) >= np.finfo(np.float32).tiny)
+  got = np.asarray(exact_div(jnp.asarray(x), divisor))
+  np.testing.assert_array_equal(got[normal], expected[normal])
+  np.testing.assert_array_equal(got[~np.isfinite(x)], x[~np.isfinite(x)])
+
+
 def test_article_floor_scheme_bins():
   # The article: RoI at (x=296, y=192), w=200, h=145 on a 16x16 map (scale 1/32),
   # quantized to x=9, y=6, w=6, h=4; 3x3 pooling gives 1x2 bins; row 6+3=9 is lost.

@@ -288,8 +288,10 @@ def exact_div(x: jax.Array, divisor: int) -> jax.Array:
   the quotient is one ulp off. XLA does not promise a correctly rounded
   division (it rewrites division by a constant into a reciprocal multiply,
   and vectorized CPU division is approximate, in float32 and float64 alike),
-  so the quotient is built here with integer long division on the significand
-  (24 bits for float32, 53 for float64), rounded to nearest-even, and
+  so the quotient is built here in integers: the significand (24 bits for
+  float32, 53 for float64), shifted left, divided by the constant ``divisor``
+  in one to four steps of integer division (as many as the bits to produce
+  need without overflowing int32 or int64), rounded to nearest, and
   reassembled bit-exactly.
 
   Args:
@@ -316,24 +318,28 @@ def _long_division(x: jax.Array, divisor: int) -> jax.Array:
   sign = bits & bits_t(-(2 ** (width - 1)))
   biased = (bits >> frac) & fmt.exponent_mask
   significand = (bits & (2**frac - 1)) | 2**frac  # in [2**frac, 2**(frac+1)) for normal x
-  # Quotient significand / divisor lies in [2**k, 2**(k+1)) for k = shift or shift - 1.
-  shift = frac - (divisor.bit_length() - 1)
-  big = significand >= (divisor << shift)
-  k = jnp.where(big, shift, shift - 1).astype(bits_t)
-  denominator = jnp.left_shift(bits_t(divisor), k)
-  remainder = significand - denominator  # leading quotient bit is 1
-  quotient = jnp.ones_like(significand)
-  for _ in range(frac):
-    remainder = remainder * 2
-    bit = remainder >= denominator
-    remainder = jnp.where(bit, remainder - denominator, remainder)
-    quotient = quotient * 2 + bit.astype(bits_t)
-  remainder = remainder * 2
-  guard = remainder >= denominator
-  sticky = jnp.where(guard, remainder - denominator, remainder) > 0
-  quotient = quotient + (guard & (sticky | ((quotient & 1) == 1))).astype(bits_t)
+  # n = floor(significand * 2**extra / divisor) has frac + 2 or frac + 3 bits (at least the
+  # significand's frac + 1 and a guard bit), built by integer division by the constant divisor
+  # in as few steps as the integer width allows: each step appends `step` bits of quotient to
+  # n, from the remainder (< divisor) shifted left without overflow.
+  extra = divisor.bit_length() + 1
+  step_max = width - 2 - divisor.bit_length()
+  d = bits_t(divisor)
+  n, remainder = lax.div(significand, d), lax.rem(significand, d)
+  left = extra
+  while left:
+    step = min(step_max, left)
+    shifted = remainder << step
+    n = (n << step) + lax.div(shifted, d)
+    remainder = lax.rem(shifted, d)
+    left -= step
+  # Keep frac + 1 bits and round to nearest on the next (guard) bit. No quotient is a tie:
+  # with divisor = 2**j * odd, an exact quotient is (significand / odd) * 2**-j, at most
+  # frac + 1 bits, and a tie needs frac + 2. So the remainder never decides the rounding.
+  drop = jnp.where(n >= 2 ** (frac + 2), 2, 1).astype(bits_t)
+  quotient = (n >> drop) + ((n >> (drop - 1)) & 1)
   carry = quotient >> (frac + 1)  # rounding up to 2**(frac+1) bumps the exponent
-  exponent = biased + k - frac + carry
+  exponent = biased + drop - extra + carry
   out_bits = sign | (exponent << frac) | ((quotient >> carry) & (2**frac - 1))
   out = lax.bitcast_convert_type(out_bits, x.dtype)
   # Zeros, subnormals (never produced by box geometry) and inf/nan pass through x / d.
