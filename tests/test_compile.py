@@ -140,7 +140,7 @@ def test_materialize_is_the_identity_and_a_fusion_boundary():
 
 
 def _long_division_kernels(fn, *args) -> int:
-  """How many compiled kernels run :func:`boxes.exact_div`'s unrolled long division."""
+  """How many compiled kernels run :func:`boxes.exact_div`'s division of the significand."""
   hlo = jax.jit(fn).lower(*args).compile().as_text()
   bodies = hlo.split("\n}\n")
   # Its ~70 instructions (integer divisions, shifts and the rounding) carry its name; a
@@ -162,8 +162,8 @@ def _long_division_kernels(fn, *args) -> int:
 )
 def test_box_geometry_runs_each_long_division_once(op, size, kernels):
   # The exact division is dozens of instructions, a large share of the bin geometry's compile
-  # time. XLA duplicates it into every consumer kernel unless the quotient
-  # is materialized (roi_pool's square bins: 6 copies before, 1 now).
+  # time. XLA duplicates it into every consumer kernel unless the quotient is materialized
+  # (roi_pool's square bins: 6 copies before, 1 now).
   features = jnp.zeros((2, 24, 20, 49 if op == "ps_roi_pool" else 3), jnp.float32)
   b, i = _boxes(5, 0)
   fn = lambda f, b, i: getattr(roipool_jax, op)(f, b, size, spatial_scale=0.25, box_indices=i)  # noqa: E731
