@@ -221,10 +221,15 @@ def test_dtype_is_preserved_and_values_exact(dtype):
   x = jnp.asarray(features, dtype)
   out = roi_pool(x, boxes, 3, box_indices=indices)
   assert out.dtype == dtype
-  want, _ = reference.roi_pool(np.asarray(x, np.float32), boxes, indices, (3, 3), 1.0)
+  want, argmax = reference.roi_pool(np.asarray(x, np.float32), boxes, indices, (3, 3), 1.0)
   np.testing.assert_array_equal(np.asarray(out, np.float32), want)
   grad = jax.grad(lambda y: roi_pool(y, boxes, 3, box_indices=indices).astype(jnp.float32).sum())(x)
   assert grad.dtype == dtype
+  # The backward finds each arg-max against the forward's (narrowed) output: the same
+  # cells as in float32, and small integer sums, exact in every dtype.
+  ones = np.ones(argmax.shape, np.float32)
+  want_grad = reference.roi_pool_grad(features.shape, indices, argmax, ones)
+  np.testing.assert_array_equal(np.asarray(grad, np.float32), want_grad)
 
 
 def test_box_gradient_is_zero_and_finite():

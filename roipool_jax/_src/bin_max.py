@@ -23,26 +23,32 @@ materialized besides the output.
 
 Gradient
 --------
-Under differentiation the forward pass also returns each bin's arg-max per
-channel (``[K, oh, ow, C]`` int32, the residual torchvision keeps too),
-found by a second sweep over the same cells that visits them last to first,
-so that the first maximal cell in row-major order is the one that stays.
-(Tracking the arg-max inside the max sweep was measured 1.2-2x slower on
-XLA:CPU, per cell or per pass of ``SLOTS`` cells: XLA splits such a loop
-body into one fusion per carried array, which stores the gathered rows and
-recomputes the running maxima in the arg-max's fusion.) It is recorded as
-the flat element index ``cell * C + channel``, with ``N * H * W * C +
-channel`` (past the end) for bins without one. The backward pass then adds
-each cotangent there, in one scatter-add of single elements into a flat
-``[N * H * W * C]`` buffer in the compute dtype that drops the indices past the
-end. On XLA:CPU such a scatter moves an element 3x faster than one indexed
-by ``(cell, channel)`` pairs into ``[N * H * W, C]``, and is faster per bin
-than adding whole ``C`` rows of mostly zeros for every cell of small bins
-(both measured); its cost does not depend on the bins' size. Maps too large
-for an int32 element index (``(N * H * W + 1) * C > 2**31``) record cells
-and scatter ``(cell, channel)`` pairs.
+The forward pass keeps no arg-max: its residuals are the map, the bins and
+its own output. The backward pass visits the bins in the same sorted chunks.
+Per chunk it gathers the bins' maxima and cotangents, finds each bin's first
+maximal cell per channel by a sweep over the same cells that visits them last
+to first (so that the first maximal cell in row-major order is the one that
+stays), and adds the cotangents there. (Tracking the arg-max inside the max
+sweep was measured 1.2-2x slower on XLA:CPU, per cell or per pass of
+``SLOTS`` cells: XLA splits such a loop body into one fusion per carried
+array, which stores the gathered rows and recomputes the running maxima in
+the arg-max's fusion. Keeping a ``[K, oh, ow, C]`` int32 arg-max as a residual,
+as torchvision does, costs a pass to initialize it, a pass to write it in box
+order and one to read it back, and was measured slower.)
 
-The additions happen in the order of the bins ``(k, i, j)`` and channels;
+Each chunk's additions are one scatter-add of single elements, at flat
+element indices ``cell * C + channel``, into a flat ``[N * H * W * C]``
+buffer in the compute dtype; bins without a maximal cell (empty, or a NaN
+maximum) point past the end and are dropped. On XLA:CPU such a scatter moves
+an element 3x faster than one indexed by ``(cell, channel)`` pairs into
+``[N * H * W, C]``, and is faster per bin than adding whole ``C`` rows of
+mostly zeros for every cell of small bins (both measured); its cost does not
+depend on the bins' size. Maps too large for an int32 element index
+(``(N * H * W + 1) * C > 2**31``) record cells and scatter ``(cell,
+channel)`` pairs.
+
+The additions happen in a fixed order: chunk by chunk (bins sorted by cell
+count, ties in ``(k, i, j)`` order), then bin by bin and channel by channel.
 XLA:CPU executes a scatter sequentially, so the gradient is bitwise
 reproducible. (XLA:GPU adds colliding updates atomically, in no fixed
 order; the ``"einsum"`` implementation is deterministic everywhere.)
@@ -71,6 +77,12 @@ _CHUNK_ELEMENTS = 1 << 16
 # Arg-maxima are flat element indices when they fit below this (int32);
 # larger maps record cells, and the backward scatters (cell, channel) pairs.
 FLAT_INDEX_LIMIT = 2**31
+
+
+# Scatter of single elements of a flat buffer, indexed by [M, 1].
+_ELEMENTS = lax.ScatterDimensionNumbers(
+  update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
+)
 
 
 class Bins(NamedTuple):
@@ -149,29 +161,44 @@ def element_index(map_shape: tuple[int, ...]) -> bool:
   return (n_img * height * width + 1) * channels <= FLAT_INDEX_LIMIT
 
 
-def bin_max(features: jax.Array, bins: Bins, *, with_argmax: bool = False):
+def _arg_sweep(table, p: CellPlan, best, width: int, unit: int, nowhere: int):
+  """First maximal cell of each bin of a chunk and channel, ``[B, C]`` int32.
+
+  The sweep visits the cells last to first, so the first maximal cell in
+  row-major order writes last. With ``unit == C`` the result is the flat
+  element index ``cell * C + c``, with ``unit == 1`` the cell; bins without
+  a cell equal to ``best`` (empty, or a NaN maximum) keep ``nowhere + c``
+  (or ``nowhere``), past the end of the map.
+  """
+  passes = _passes(p)
+  lanes = jnp.arange(best.shape[1], dtype=jnp.int32)[None] if unit > 1 else 0
+
+  def arg_pass(u, arg):
+    t = passes - 1 - u
+    cell, valid = _cells_of_pass(p, t, width)
+    first = cell * unit
+    for s in reversed(range(SLOTS)):
+      v = dtypes.gather_rows(table, cell[:, s])
+      arg = jnp.where((v == best) & valid[:, s, None], first[:, s, None] + lanes, arg)
+    return arg
+
+  init = jnp.broadcast_to(nowhere + lanes, best.shape).astype(jnp.int32)
+  return lax.fori_loop(0, passes, arg_pass, init)
+
+
+def bin_max(features: jax.Array, bins: Bins) -> jax.Array:
   """Max over every bin rectangle; see the module docstring.
 
   Args:
     features: ``[N, H, W, C]`` map.
     bins: :class:`Bins` for K boxes with ``oh`` x ``ow`` bins.
-    with_argmax: also return each bin's first maximal cell (static).
 
   Returns:
-    ``[K, oh, ow, C]`` in the features' dtype, 0 for empty bins. With
-    ``with_argmax``, also ``[K, oh, ow, C]`` int32, the first maximal cell in
-    row-major order of each bin and channel ``c``: if
-    ``element_index(features.shape)``, as the flat element index ``((n * H +
-    h) * W + w) * C + c``, else as the flat cell ``(n * H + h) * W + w``. Empty
-    bins and bins whose maximum is NaN have no such cell and get ``N * H * W *
-    C + c`` (or ``N * H * W``), past the end of the map.
+    ``[K, oh, ow, C]`` in the features' dtype, 0 for empty bins.
   """
-  n_img, height, width, channels = features.shape
+  height, width, channels = features.shape[1:]
   table = features.reshape(-1, channels)
   neg_inf = jnp.array(-jnp.inf, dtypes.row_dtype(features.dtype))  # exact for any maximum
-  unit = channels if element_index(features.shape) else 1
-  nowhere = n_img * height * width * unit
-  lanes = jnp.arange(channels, dtype=jnp.int32)[None] if unit > 1 else 0
 
   def pool_chunk(p: CellPlan):
     def max_pass(t, best):
@@ -182,61 +209,71 @@ def bin_max(features: jax.Array, bins: Bins, *, with_argmax: bool = False):
       return best
 
     b = p.cells.shape[0]
-    passes = _passes(p)
-    best = lax.fori_loop(0, passes, max_pass, jnp.full((b, channels), neg_inf))
+    best = lax.fori_loop(0, _passes(p), max_pass, jnp.full((b, channels), neg_inf))
     full = p.cells[:, None] > 0
-    values = dtypes.narrow_bits(jnp.where(full, best, 0.0), features.dtype)
-    if not with_argmax:
-      return values
-
-    # A second sweep, last cell first, so the first maximal cell writes last.
-    # (Tracking the arg-max during the max sweep is 2x slower on XLA:CPU.)
-    def arg_pass(u, arg):
-      t = passes - 1 - u
-      cell, valid = _cells_of_pass(p, t, width)
-      first = cell * unit  # the cell's first element
-      for s in reversed(range(SLOTS)):
-        v = dtypes.gather_rows(table, cell[:, s])
-        arg = jnp.where((v == best) & valid[:, s, None], first[:, s, None], arg)
-      return arg
-
-    arg = lax.fori_loop(0, passes, arg_pass, jnp.full((b, channels), nowhere, jnp.int32))
-    return values, arg + lanes
+    return dtypes.narrow_bits(jnp.where(full, best, 0.0), features.dtype)
 
   k, oh = bins.row_start.shape
   ow = bins.col_start.shape[1]
   plan = _plan(bins, height, width)
   out = chunking.map_chunks(pool_chunk, plan, plan.cells, _chunk(k * oh * ow, channels))
-  out = jax.tree.map(lambda x: x.reshape(k, oh, ow, channels), out)
-  if with_argmax:
-    return dtypes.from_bits(out[0], features.dtype), out[1]
-  return dtypes.from_bits(out, features.dtype)
+  return dtypes.from_bits(out.reshape(k, oh, ow, channels), features.dtype)
 
 
-def bin_max_grad(map_shape: tuple[int, ...], argmax: jax.Array, cotangent: jax.Array) -> jax.Array:
+def bin_max_grad(
+  features: jax.Array, bins: Bins, values: jax.Array, cotangent: jax.Array
+) -> jax.Array:
   """Transpose of :func:`bin_max`: each cotangent goes to its bin's first maximal cell.
 
+  Visits the bins in the forward pass's chunks. Per chunk it finds each bin's
+  first maximal cell per channel (:func:`_arg_sweep`, against the forward's
+  ``values``) and adds the chunk's cotangents there, in one scatter-add of
+  single elements into the flat gradient (see the module docstring).
+
   Args:
-    map_shape: ``(N, H, W, C)`` of the map the forward pass read.
-    argmax: ``[K, oh, ow, C]`` arg-maxima from ``bin_max(..., with_argmax=True)``.
+    features: ``[N, H, W, C]`` map the forward pass read.
+    bins: the forward pass's :class:`Bins`.
+    values: ``[K, oh, ow, C]``, the forward pass's output.
     cotangent: ``[K, oh, ow, C]`` output cotangent, in the compute dtype.
 
   Returns:
     ``[N, H, W, C]`` gradient in the cotangent's dtype.
   """
+  map_shape = features.shape
   n_img, height, width, channels = map_shape
   cells = n_img * height * width
   dtype = cotangent.dtype
-  if cells == 0 or argmax.size == 0:
+  if cells == 0 or values.size == 0:
     return jnp.zeros(map_shape, dtype)
-  if element_index(map_shape):
-    # Arg-maxima past the end (no maximal cell) are dropped.
-    grad = jnp.zeros((cells * channels,), dtype)
-    grad = grad.at[argmax.reshape(-1)].add(cotangent.reshape(-1), mode="drop")
-    return grad.reshape(map_shape)
-  argmax = argmax.reshape(-1, channels)
-  update = jnp.where(argmax < cells, cotangent.reshape(-1, channels), jnp.zeros((), dtype))
-  lanes = jnp.arange(channels, dtype=jnp.int32)[None]
-  grad = jnp.zeros((cells, channels), dtype)
-  grad = grad.at[jnp.minimum(argmax, cells - 1), lanes].add(update, mode="promise_in_bounds")
+  table = features.reshape(-1, channels)
+  unit = channels if element_index(map_shape) else 1
+  nowhere = cells * unit
+  best_rows = values.reshape(-1, channels)
+  cot_rows = cotangent.reshape(-1, channels)
+
+  def add_chunk(grad, chunk):
+    p, row = chunk
+    best = dtypes.gather_rows(best_rows, row)
+    cot = cot_rows.at[row].get(mode="promise_in_bounds")
+    arg = _arg_sweep(table, p, best, width, unit, nowhere)
+    if unit > 1:  # flat element indices; those past the end (no maximal cell) are dropped
+      # lax, not `.at[]`: jnp would add a pass over the indices to wrap negative ones.
+      return lax.scatter_add(
+        grad,
+        arg.reshape(-1, 1),
+        cot.reshape(-1),
+        _ELEMENTS,
+        mode=lax.GatherScatterMode.FILL_OR_DROP,
+      )
+    update = jnp.where(arg < cells, cot, jnp.zeros((), dtype))
+    lanes = jnp.arange(channels, dtype=jnp.int32)[None]
+    return grad.at[jnp.minimum(arg, cells - 1), lanes].add(update, mode="promise_in_bounds")
+
+  k, oh = bins.row_start.shape
+  ow = bins.col_start.shape[1]
+  plan = _plan(bins, height, width)
+  rows = jnp.arange(k * oh * ow, dtype=jnp.int32)
+  zeros = jnp.zeros((cells * channels,) if unit > 1 else (cells, channels), dtype)
+  chunk = _chunk(k * oh * ow, channels)
+  grad = chunking.fold_chunks(add_chunk, zeros, (plan, rows), plan.cells, chunk)
   return grad.reshape(map_shape)

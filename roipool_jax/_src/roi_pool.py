@@ -100,17 +100,15 @@ def _max_over_bins(features: jax.Array, bins: bin_max_lib.Bins) -> jax.Array:
 
 
 def _max_over_bins_fwd(features, bins):
-  values, argmax = bin_max_lib.bin_max(features, bins, with_argmax=True)
-  # A zero-size stand-in carries the map's shape and dtype, not its values.
-  like = jnp.zeros((0,) + features.shape, features.dtype)
-  return values, (like, argmax)
+  values = bin_max_lib.bin_max(features, bins)
+  return values, (features, bins, values)
 
 
 def _max_over_bins_bwd(residuals, cotangent):
-  like, argmax = residuals
-  cotangent = cotangent.astype(dtypes.compute_dtype(like.dtype))
-  grad = bin_max_lib.bin_max_grad(like.shape[1:], argmax, cotangent)
-  return grad.astype(like.dtype), None
+  features, bins, values = residuals
+  cotangent = cotangent.astype(dtypes.compute_dtype(features.dtype))
+  grad = bin_max_lib.bin_max_grad(features, bins, values, cotangent)
+  return grad.astype(features.dtype), None
 
 
 _max_over_bins.defvjp(_max_over_bins_fwd, _max_over_bins_bwd)
@@ -176,11 +174,12 @@ def roi_pool(
   Implementations (``impl``; both give the same values and gradients):
 
   * ``"gather"``: bins are the unit of work, sorted by cell count; each pass
-    gathers a few cells of every bin (contiguous ``C`` vectors). Under
-    differentiation the forward pass also records each bin's arg-max cell
-    per channel (as torchvision does), and the backward pass adds each
-    cotangent there (:mod:`roipool_jax._src.bin_max`). Work is proportional to the
-    cells the bins hold inside the map: bins outside the map cost nothing.
+    gathers a few cells of every bin (contiguous ``C`` vectors). The
+    backward pass sweeps the same chunks of bins again, last cell first, to
+    find each bin's arg-max against the forward's output, and adds the
+    cotangents there (:mod:`roipool_jax._src.bin_max`); no arg-max is kept
+    between the passes. Work is proportional to the cells the bins hold
+    inside the map: bins outside the map cost nothing.
   * ``"einsum"``: masked separable maxima over broadcast operands, with no
     gather or scatter in the forward or backward HLO, and a backward that
     is bitwise deterministic on every backend
