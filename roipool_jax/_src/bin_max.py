@@ -234,27 +234,24 @@ def bin_max_grad(
     features: ``[N, H, W, C]`` map the forward pass read.
     bins: the forward pass's :class:`Bins`.
     values: ``[K, oh, ow, C]``, the forward pass's output.
-    cotangent: ``[K, oh, ow, C]`` output cotangent, in the compute dtype.
+    cotangent: ``[K, oh, ow, C]`` output cotangent, in the features' dtype (each
+      chunk's rows are widened as they are gathered).
 
   Returns:
-    ``[N, H, W, C]`` gradient in the cotangent's dtype.
+    ``[N, H, W, C]`` gradient in the compute dtype.
   """
   map_shape = features.shape
   n_img, height, width, channels = map_shape
   cells = n_img * height * width
-  dtype = cotangent.dtype
+  dtype = dtypes.compute_dtype(features.dtype)
   if cells == 0 or values.size == 0:
     return jnp.zeros(map_shape, dtype)
   table = features.reshape(-1, channels)
   unit = channels if element_index(map_shape) else 1
   nowhere = cells * unit
-  best_rows = values.reshape(-1, channels)
-  cot_rows = cotangent.reshape(-1, channels)
 
   def add_chunk(grad, chunk):
-    p, row = chunk
-    best = dtypes.gather_rows(best_rows, row)
-    cot = cot_rows.at[row].get(mode="promise_in_bounds")
+    p, (best, cot) = chunk
     arg = _arg_sweep(table, p, best, width, unit, nowhere)
     if unit > 1:  # flat element indices; those past the end (no maximal cell) are dropped
       # lax, not `.at[]`: jnp would add a pass over the indices to wrap negative ones.
@@ -272,8 +269,8 @@ def bin_max_grad(
   k, oh = bins.row_start.shape
   ow = bins.col_start.shape[1]
   plan = _plan(bins, height, width)
-  rows = jnp.arange(k * oh * ow, dtype=jnp.int32)
   zeros = jnp.zeros((cells * channels,) if unit > 1 else (cells, channels), dtype)
   chunk = _chunk(k * oh * ow, channels)
-  grad = chunking.fold_chunks(add_chunk, zeros, (plan, rows), plan.cells, chunk)
+  rows = (values.reshape(-1, channels), cotangent.reshape(-1, channels))
+  grad = chunking.fold_chunks(add_chunk, zeros, plan, plan.cells, chunk, rows)
   return grad.reshape(map_shape)

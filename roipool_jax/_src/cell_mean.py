@@ -116,8 +116,7 @@ def _table_grad(cotangent: jax.Array, rects: Rects, strides: tuple[int, int], ta
   units = rects.origin.shape[0]
   chunk = chunking.chunk_size(units, table_shape[1], _CHUNK_ELEMENTS)
   grad = jnp.zeros(table_shape, dtype)
-  per_bin = (rects, cotangent.astype(dtype))
-  return chunking.fold_chunks(chunk_scatter, grad, per_bin, _passes(rects), chunk)
+  return chunking.fold_chunks(chunk_scatter, grad, rects, _passes(rects), chunk, cotangent)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))

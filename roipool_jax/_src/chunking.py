@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from roipool_jax._src import dtypes
+
 
 def split(per_box: Any, chunk: int) -> Any:
   """Pads ``per_box`` leaves with zero boxes to whole chunks: ``[chunks, chunk, ...]``."""
@@ -101,17 +103,41 @@ def map_chunks(fn: Callable, per_box: Any, cost: jax.Array, chunk: int) -> Any:
   return lax.fori_loop(0, num_chunks, body, out)
 
 
-def fold_chunks(fn: Callable, init: Any, per_box: Any, cost: jax.Array, chunk: int) -> Any:
+def fold_chunks(
+  fn: Callable, init: Any, per_box: Any, cost: jax.Array, chunk: int, rows: Any = None
+) -> Any:
   """Folds ``carry = fn(carry, chunk)`` over chunks of boxes in order of ``cost``.
+
+  With ``rows`` (a pytree of ``[K, C]`` arrays, e.g. the output cotangent),
+  ``fn`` gets ``(per_box chunk, rows chunk)``: each chunk's rows are gathered
+  inside the loop and widened to :func:`dtypes.row_dtype` there (zeros for
+  the padding boxes of the last chunk). Sorting ``rows`` up front would cost
+  a permuted copy, a padded copy and, for 16-bit rows, an element-wise
+  conversion: passes over ``K * C`` elements each.
 
   The order of the chunks, hence of any accumulation into ``carry``, is a
   function of the inputs only: the result is bitwise reproducible.
   """
+  k = cost.shape[0]
+  step = fn
+  if rows is not None:
+    if k == 0:  # no chunk to visit, and no row to gather from
+      return init
+    # Stored as k - row, as in map_chunks, so that the zero padding points past the end.
+    per_box = (per_box, k - jnp.arange(k, dtype=jnp.int32))
+
+    def step(carry, data):
+      data, left = data
+      row = k - left
+      inside = (row < k)[:, None]
+      gather = lambda r: jnp.where(inside, dtypes.gather_rows(r, jnp.minimum(row, k - 1)), 0)  # noqa: E731
+      return fn(carry, (data, jax.tree.map(gather, rows)))
+
   _, chunks = _sorted_chunks(per_box, cost, chunk)
   num_chunks = jax.tree.leaves(chunks)[0].shape[0]
 
   def body(i, carry):
-    return fn(carry, jax.tree.map(lambda x: x[i], chunks))
+    return step(carry, jax.tree.map(lambda x: x[i], chunks))
 
   return lax.fori_loop(0, num_chunks, body, init)
 

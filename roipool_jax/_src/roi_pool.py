@@ -106,9 +106,8 @@ def _max_over_bins_fwd(features, bins):
 
 def _max_over_bins_bwd(residuals, cotangent):
   features, bins, values = residuals
-  cotangent = cotangent.astype(dtypes.compute_dtype(features.dtype))
   grad = bin_max_lib.bin_max_grad(features, bins, values, cotangent)
-  return grad.astype(features.dtype), None
+  return dtypes.narrow(grad, features.dtype), None
 
 
 _max_over_bins.defvjp(_max_over_bins_fwd, _max_over_bins_bwd)

@@ -226,9 +226,9 @@ def _table_grad(cotangent, geometry: Geometry, output_size, map_size, table_shap
 
     return lax.fori_loop(0, _chunk_passes(u), one_pass, grad)
 
-  per_unit = (units, cotangent.astype(dtype).reshape(-1, channels))
   grad = jnp.zeros(table_shape, dtype)
-  return chunking.fold_chunks(unit_chunk, grad, per_unit, cost, chunk)
+  cot = cotangent.reshape(-1, channels)
+  return chunking.fold_chunks(unit_chunk, grad, units, cost, chunk, cot)
 
 
 def _geometry_grad(table, cotangent, geometry: Geometry, output_size, map_size):

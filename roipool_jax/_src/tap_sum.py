@@ -380,9 +380,9 @@ def _features_grad(cotangent, wy, wx, plan: Plan, table_shape) -> jax.Array:
     return lax.fori_loop(0, _unit_passes(u), scatter_pass, grad)
 
   grad = jnp.zeros(table_shape, wy.dtype)
-  per_unit = (units, cotangent.astype(wy.dtype).reshape(-1, channels))
+  cot = cotangent.reshape(-1, channels)
   chunk = chunking.chunk_size(k * oh * ow, channels, _SCATTER_ELEMENTS)
-  return chunking.fold_chunks(unit_chunk, grad, per_unit, _unit_cost(units), chunk)
+  return chunking.fold_chunks(unit_chunk, grad, units, _unit_cost(units), chunk, cot)
 
 
 def _weights_grad(table, cotangent, wy, wx, plan: Plan):
@@ -414,9 +414,9 @@ def _weights_grad(table, cotangent, wy, wx, plan: Plan):
     return lax.fori_loop(0, _unit_passes(u), grad_pass, grads)
 
   init = (jnp.zeros_like(blocks[1]), jnp.zeros_like(blocks[3]))
-  per_unit = (units, cotangent.astype(wy.dtype).reshape(-1, channels))
+  cot = cotangent.reshape(-1, channels)
   chunk = chunking.chunk_size(k * oh * ow, channels, _WEIGHT_GRAD_ELEMENTS)
-  gy, gx = chunking.fold_chunks(unit_chunk, init, per_unit, _unit_cost(units), chunk)
+  gy, gx = chunking.fold_chunks(unit_chunk, init, units, _unit_cost(units), chunk, cot)
   gy, gx = gy.reshape(taps.wy.shape), gx.reshape(taps.wx.shape)
   return gy[:, :, : wy.shape[2]], gx[:, :, : wx.shape[2]]
 
