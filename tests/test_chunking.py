@@ -78,3 +78,34 @@ def test_walk_grid_visits_in_row_major_order():
     jnp.array([2], jnp.int32), jnp.array([3], jnp.int32), 4, record, (0, jnp.zeros(8, jnp.int32))
   )
   np.testing.assert_array_equal(np.asarray(seen), [0, 1, 2, 10, 11, 12, -1, -1])
+
+
+@pytest.mark.parametrize("k", [1, 5, 13])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_chunks_see_each_box_with_its_own_row_widened(k, dtype):
+  # Chunks of 4 (the last one padded), boxes visited in cost order: every box must get
+  # its own row of `rows`, widened to float32, and the padding boxes zero rows.
+  rng = np.random.default_rng(k)
+  cost = jnp.asarray(rng.integers(0, 3, k), jnp.int32)
+  ids = jnp.arange(k, dtype=jnp.int32)
+  rows = jnp.asarray(rng.integers(1, 9, (k, 3)), dtype)  # never zero
+
+  def per_chunk(data):
+    box, row = data
+    assert row.dtype == jnp.float32
+    return box, row
+
+  box, row = chunking.map_chunks(per_chunk, ids, cost, 4, rows)
+  np.testing.assert_array_equal(np.asarray(box), np.arange(k))
+  np.testing.assert_array_equal(np.asarray(row), np.asarray(rows, np.float32))
+
+  def fold(carry, data):
+    total, padding = carry
+    box, row = data
+    real = row[:, 0] > 0  # padding boxes (box id 0) see zero rows
+    total = total.at[box].add(jnp.where(real[:, None], row, 0.0))
+    return total, padding + jnp.sum(~real)
+
+  total, padding = chunking.fold_chunks(fold, (jnp.zeros((k, 3)), 0), ids, cost, 4, rows)
+  np.testing.assert_array_equal(np.asarray(total), np.asarray(rows, np.float32))
+  assert int(padding) == -(-k // 4) * 4 - k

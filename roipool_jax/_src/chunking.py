@@ -67,7 +67,21 @@ def chunk_size(num_boxes: int, per_box_elements: int, budget: int) -> int:
   return max(1, min(num_boxes, budget // max(1, per_box_elements)))
 
 
-def map_chunks(fn: Callable, per_box: Any, cost: jax.Array, chunk: int) -> Any:
+def _row_gather(rows: Any, k: int) -> Callable:
+  """``left -> rows[k - left]`` for a chunk's ``[B]`` ids stored as ``k - row``.
+
+  Each leaf of ``rows`` is ``[K, C]``; its rows come back widened to
+  :func:`dtypes.row_dtype`, zeros for padding boxes (``left == 0``).
+  """
+
+  def gather_leaf(r, row):
+    got = dtypes.gather_rows(r, jnp.minimum(row, k - 1))
+    return jnp.where((row < k)[:, None], got, 0)
+
+  return lambda left: jax.tree.map(lambda r: gather_leaf(r, k - left), rows)
+
+
+def map_chunks(fn: Callable, per_box: Any, cost: jax.Array, chunk: int, rows: Any = None) -> Any:
   """Applies ``fn`` to chunks of boxes in order of ``cost``; returns per-box outputs.
 
   Each chunk's outputs are written straight to their boxes' rows of the
@@ -79,6 +93,13 @@ def map_chunks(fn: Callable, per_box: Any, cost: jax.Array, chunk: int) -> Any:
     per_box: pytree of arrays with leading dim K.
     cost: ``[K]`` sort key (boxes of similar cost share a chunk).
     chunk: static boxes per chunk.
+    rows: optional pytree of ``[K, C]`` arrays (e.g. an output cotangent)
+      whose rows are gathered chunk by chunk, inside the loop, and widened to
+      :func:`dtypes.row_dtype` there (zeros for the padding boxes of the last
+      chunk); ``fn`` then takes ``(per_box chunk, rows chunk)``. Sorting them
+      up front with ``per_box`` would cost a permuted copy, a padded copy and,
+      for 16-bit rows, an element-wise conversion: passes over ``K * C``
+      elements each.
 
   Returns:
     ``fn``'s outputs with leading dim K, in the original box order.
@@ -90,15 +111,20 @@ def map_chunks(fn: Callable, per_box: Any, cost: jax.Array, chunk: int) -> Any:
   rows_left = (k - order).astype(jnp.int32)
   chunks = split((jax.tree.map(lambda x: x[order], per_box), rows_left), chunk)
   num_chunks = -(-k // chunk)
-  one_chunk = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), chunks[0])
-  shapes = jax.eval_shape(fn, one_chunk)
+  gather = _row_gather(rows, k)
+
+  def chunk_fn(data_left):
+    data, left = data_left
+    return fn(data) if rows is None else fn((data, gather(left)))
+
+  one_chunk = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), chunks)
+  shapes = jax.eval_shape(chunk_fn, one_chunk)
   out = jax.tree.map(lambda s: jnp.zeros((k,) + s.shape[1:], s.dtype), shapes)
 
   def body(i, out):
     data, left = jax.tree.map(lambda x: x[i], chunks)
-    rows = k - left
-    put = lambda o, y: o.at[rows].set(y, mode="drop", unique_indices=True)  # noqa: E731
-    return jax.tree.map(put, out, fn(data))
+    put = lambda o, y: o.at[k - left].set(y, mode="drop", unique_indices=True)  # noqa: E731
+    return jax.tree.map(put, out, chunk_fn((data, left)))
 
   return lax.fori_loop(0, num_chunks, body, out)
 
@@ -108,36 +134,22 @@ def fold_chunks(
 ) -> Any:
   """Folds ``carry = fn(carry, chunk)`` over chunks of boxes in order of ``cost``.
 
-  With ``rows`` (a pytree of ``[K, C]`` arrays, e.g. the output cotangent),
-  ``fn`` gets ``(per_box chunk, rows chunk)``: each chunk's rows are gathered
-  inside the loop and widened to :func:`dtypes.row_dtype` there (zeros for
-  the padding boxes of the last chunk). Sorting ``rows`` up front would cost
-  a permuted copy, a padded copy and, for 16-bit rows, an element-wise
-  conversion: passes over ``K * C`` elements each.
+  ``rows`` is as in :func:`map_chunks`: with it, ``fn`` takes ``(carry,
+  (per_box chunk, rows chunk))``.
 
   The order of the chunks, hence of any accumulation into ``carry``, is a
   function of the inputs only: the result is bitwise reproducible.
   """
   k = cost.shape[0]
-  step = fn
-  if rows is not None:
-    if k == 0:  # no chunk to visit, and no row to gather from
-      return init
-    # Stored as k - row, as in map_chunks, so that the zero padding points past the end.
-    per_box = (per_box, k - jnp.arange(k, dtype=jnp.int32))
-
-    def step(carry, data):
-      data, left = data
-      row = k - left
-      inside = (row < k)[:, None]
-      gather = lambda r: jnp.where(inside, dtypes.gather_rows(r, jnp.minimum(row, k - 1)), 0)  # noqa: E731
-      return fn(carry, (data, jax.tree.map(gather, rows)))
-
+  gather = _row_gather(rows, k)
+  # Boxes carry their ids as k - row, as in map_chunks: the zero padding points past the end.
+  per_box = (per_box, k - jnp.arange(k, dtype=jnp.int32))
   _, chunks = _sorted_chunks(per_box, cost, chunk)
   num_chunks = jax.tree.leaves(chunks)[0].shape[0]
 
   def body(i, carry):
-    return step(carry, jax.tree.map(lambda x: x[i], chunks))
+    data, left = jax.tree.map(lambda x: x[i], chunks)
+    return fn(carry, data if rows is None else (data, gather(left)))
 
   return lax.fori_loop(0, num_chunks, body, init)
 

@@ -235,7 +235,6 @@ def _geometry_grad(table, cotangent, geometry: Geometry, output_size, map_size):
   """``[K, 8]`` gradient of the float geometry: weight derivatives through ``jax.vjp``."""
   channels = table.shape[1]
   units, cost, chunk = _prepare(geometry, output_size, map_size, channels)
-  dtype = geometry.floats.dtype
 
   def unit_chunk(data):
     u, cot = data
@@ -254,8 +253,8 @@ def _geometry_grad(table, cotangent, geometry: Geometry, output_size, map_size):
 
     return lax.fori_loop(0, _chunk_passes(u), one_pass, jnp.zeros_like(floats))
 
-  per_unit = (units, cotangent.astype(dtype).reshape(-1, channels))
-  grads = chunking.map_chunks(unit_chunk, per_unit, cost, chunk)  # [U, 8]
+  cot = cotangent.reshape(-1, channels)
+  grads = chunking.map_chunks(unit_chunk, units, cost, chunk, cot)  # [U, 8]
   k = geometry.floats.shape[0]
   return jnp.sum(grads.reshape(k, -1, 8), axis=1)
 
