@@ -10,7 +10,7 @@ How the work is bounded
 -----------------------
 The unit of work is a *bin*, not a box. The cells of a bin are numbered in
 row-major order. The ``K * oh * ow`` bins are sorted by their cell count and
-processed in small sequential chunks (``lax.map``). Within a chunk, a loop with
+processed in small sequential chunks (a ``fori_loop``). Within a chunk, a loop with
 a data-dependent trip count makes passes; pass ``p`` gathers cells
 ``[p * S, p * S + S)`` of every bin at once (``S = SLOTS``; each cell is one
 contiguous ``C`` vector of the NHWC map, a fast gather), masks the slots past
