@@ -55,11 +55,17 @@ def sort_order(cost: jax.Array) -> jax.Array:
 def _sorted_chunks(per_box: Any, cost: jax.Array, chunk: int):
   """Sorts ``per_box`` leaves by ``cost`` and splits them into ``[chunks, chunk, ...]``.
 
-  Padding boxes (to fill the last chunk) are zeros; callers must make a zero
-  cost/count mean "nothing to do".
+  Each box also carries ``left = K - (its original index)``, so that the zero
+  padding of the last chunk (``left == 0``) points past the end. Callers must
+  make a zero cost/count mean "nothing to do" for the padding boxes.
+
+  Returns:
+    ``(per_box, left)`` chunks and their number.
   """
+  k = cost.shape[0]
   order = sort_order(cost)
-  return order, split(jax.tree.map(lambda x: x[order], per_box), chunk)
+  left = (k - order).astype(jnp.int32)
+  return split((jax.tree.map(lambda x: x[order], per_box), left), chunk), -(-k // chunk)
 
 
 def chunk_size(num_boxes: int, per_box_elements: int, budget: int) -> int:
@@ -67,18 +73,21 @@ def chunk_size(num_boxes: int, per_box_elements: int, budget: int) -> int:
   return max(1, min(num_boxes, budget // max(1, per_box_elements)))
 
 
-def _row_gather(rows: Any, k: int) -> Callable:
-  """``left -> rows[k - left]`` for a chunk's ``[B]`` ids stored as ``k - row``.
+def _with_rows(rows: Any, k: int) -> Callable:
+  """``(data, left) -> data``, or ``(data, rows chunk)`` when ``rows`` is given.
 
-  Each leaf of ``rows`` is ``[K, C]``; its rows come back widened to
-  :func:`dtypes.row_dtype`, zeros for padding boxes (``left == 0``).
+  Each leaf of ``rows`` is ``[K, C]``; the chunk's rows (box ``k - left``)
+  come back widened to :func:`dtypes.row_dtype`, zeros for padding boxes
+  (``left == 0``).
   """
 
   def gather_leaf(r, row):
     got = dtypes.gather_rows(r, jnp.minimum(row, k - 1))
     return jnp.where((row < k)[:, None], got, 0)
 
-  return lambda left: jax.tree.map(lambda r: gather_leaf(r, k - left), rows)
+  if rows is None:
+    return lambda data, left: data
+  return lambda data, left: (data, jax.tree.map(lambda r: gather_leaf(r, k - left), rows))
 
 
 def map_chunks(fn: Callable, per_box: Any, cost: jax.Array, chunk: int, rows: Any = None) -> Any:
@@ -105,26 +114,16 @@ def map_chunks(fn: Callable, per_box: Any, cost: jax.Array, chunk: int, rows: An
     ``fn``'s outputs with leading dim K, in the original box order.
   """
   k = cost.shape[0]
-  order = sort_order(cost)
-  # Position of each sorted box, stored as k - position so that the zero
-  # padding of the last chunk points past the end (and is dropped).
-  rows_left = (k - order).astype(jnp.int32)
-  chunks = split((jax.tree.map(lambda x: x[order], per_box), rows_left), chunk)
-  num_chunks = -(-k // chunk)
-  gather = _row_gather(rows, k)
-
-  def chunk_fn(data_left):
-    data, left = data_left
-    return fn(data) if rows is None else fn((data, gather(left)))
-
+  chunks, num_chunks = _sorted_chunks(per_box, cost, chunk)
+  arguments = _with_rows(rows, k)
   one_chunk = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), chunks)
-  shapes = jax.eval_shape(chunk_fn, one_chunk)
+  shapes = jax.eval_shape(lambda c: fn(arguments(*c)), one_chunk)
   out = jax.tree.map(lambda s: jnp.zeros((k,) + s.shape[1:], s.dtype), shapes)
 
   def body(i, out):
     data, left = jax.tree.map(lambda x: x[i], chunks)
     put = lambda o, y: o.at[k - left].set(y, mode="drop", unique_indices=True)  # noqa: E731
-    return jax.tree.map(put, out, chunk_fn((data, left)))
+    return jax.tree.map(put, out, fn(arguments(data, left)))
 
   return lax.fori_loop(0, num_chunks, body, out)
 
@@ -140,16 +139,11 @@ def fold_chunks(
   The order of the chunks, hence of any accumulation into ``carry``, is a
   function of the inputs only: the result is bitwise reproducible.
   """
-  k = cost.shape[0]
-  gather = _row_gather(rows, k)
-  # Boxes carry their ids as k - row, as in map_chunks: the zero padding points past the end.
-  per_box = (per_box, k - jnp.arange(k, dtype=jnp.int32))
-  _, chunks = _sorted_chunks(per_box, cost, chunk)
-  num_chunks = jax.tree.leaves(chunks)[0].shape[0]
+  chunks, num_chunks = _sorted_chunks(per_box, cost, chunk)
+  arguments = _with_rows(rows, cost.shape[0])
 
   def body(i, carry):
-    data, left = jax.tree.map(lambda x: x[i], chunks)
-    return fn(carry, data if rows is None else (data, gather(left)))
+    return fn(carry, arguments(*jax.tree.map(lambda x: x[i], chunks)))
 
   return lax.fori_loop(0, num_chunks, body, init)
 
