@@ -54,6 +54,18 @@ def test_gather_rows_reads_exact_values(dtype):
   np.testing.assert_array_equal(np.asarray(rows), want)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_gather_rows_reads_a_lane_table_as_its_transpose(dtype):
+  x = _float32_edge_cases()[: 8 * 7 * 5].reshape(8, 7, 5)  # [M, C, P]: 8 * 5 rows of 7
+  table = jnp.asarray(x).astype(dtype)
+  assert dtypes.table_rows(table) == 40
+  cells = jnp.asarray([[0, 4, 5, 39], [23, 23, 1, 38]], jnp.int32)
+  rows = dtypes.gather_rows(table, cells)
+  assert rows.shape == (2, 4, 7) and rows.dtype == dtypes.row_dtype(dtype)
+  transposed = np.swapaxes(np.asarray(table.astype(rows.dtype)), 1, 2).reshape(40, 7)
+  np.testing.assert_array_equal(np.asarray(rows), transposed[np.asarray(cells)])
+
+
 def test_narrow_differentiates_as_astype():
   x = jnp.asarray(np.linspace(-3, 3, 11), jnp.float32)
   cot = jnp.asarray(np.arange(11), jnp.bfloat16)

@@ -23,7 +23,10 @@ Gradient (a ``custom_vjp``)
 ---------------------------
 Each bin's cotangent divided by its cell count is scatter-added to every one
 of its cells, chunk after chunk, pass after pass, slot after slot: a fixed
-order, so bitwise reproducible on CPU (XLA:GPU scatters with atomics). The
+order, so bitwise reproducible on CPU (XLA:GPU scatters with atomics). For a
+lane table (:func:`dtypes.table_rows`) the rows are scattered into a
+contiguous ``[M * P, C]`` buffer, transposed once at the end: measured faster
+than scattering ``C`` values ``P`` apart. The
 rectangles are integers and get no gradient.
 
 Unused slots contribute exactly 0 even when the table holds inf or NaN.
@@ -124,7 +127,8 @@ def cell_mean(table: jax.Array, rects: Rects, strides: tuple[int, int]) -> jax.A
   """``[U, C]`` mean of the table rows in each bin's rectangle; see the module docstring.
 
   Args:
-    table: ``[M, C]`` rows (at least one row).
+    table: ``[M, C]`` rows (at least one row), or a lane table ``[M, C, P]``
+      read as ``M * P`` rows in place (:func:`dtypes.table_rows`).
     rects: :class:`Rects` of ``U`` bins, inside the table.
     strides: static ``(row_stride, col_stride)``, table rows from one cell to the
       next down a column and along a row, the same for every bin.
@@ -136,14 +140,16 @@ def cell_mean(table: jax.Array, rects: Rects, strides: tuple[int, int]) -> jax.A
 
 
 def _cell_mean_fwd(table, rects, strides):
-  # The table itself is not needed: an empty [M, 0] stand-in carries its rows and dtype.
+  # The table itself is not needed: an empty [M, 0(, P)] stand-in carries its shape and dtype.
   return cell_mean(table, rects, strides), (rects, table[:, :0])
 
 
 def _cell_mean_bwd(strides, residuals, cotangent):
   rects, like = residuals
-  shape = (like.shape[0], cotangent.shape[1])
+  shape = (dtypes.table_rows(like), cotangent.shape[1])
   grad = _table_grad(cotangent, rects, strides, shape, dtypes.compute_dtype(like.dtype))
+  if like.ndim == 3:  # scattered into contiguous rows (faster than in place), then transposed
+    grad = jnp.swapaxes(grad.reshape(like.shape[0], like.shape[2], -1), 1, 2)
   return dtypes.narrow(grad, like.dtype), jax.tree.map(lambda _: None, rects)
 
 

@@ -35,8 +35,44 @@ def row_dtype(table_dtype) -> np.dtype:
   return compute_dtype(table_dtype)
 
 
+def table_rows(table) -> int:
+  """Rows of a table: ``M`` for ``[M, C]``, ``M * P`` for a lane table ``[M, C, P]``.
+
+  A *lane table* ``[M, C, P]`` is read as the ``[M * P, C]`` table
+  ``swapaxes(table, 1, 2)``: row ``r`` is ``table[r // P, :, r % P]``, ``C``
+  values ``P`` apart. :func:`gather_rows` reads it in place, so the
+  transpose is never materialized (XLA:CPU cannot fuse a transpose into a
+  gather inside a loop: it copies the whole map on every call).
+  """
+  return table.shape[0] * (table.shape[2] if table.ndim == 3 else 1)
+
+
+def _lane_index(table, flat: jax.Array) -> jax.Array:
+  """``[R, 2]`` ``(r // P, r % P)`` start indices of lane-table rows ``flat``."""
+  lanes = table.shape[2]
+  return jnp.stack([flat // lanes, flat % lanes], axis=-1)
+
+
+# Row r of a lane table [M, C, P]: the C values at (r // P, :, r % P).
+_LANE_GATHER = lax.GatherDimensionNumbers(
+  offset_dims=(1,), collapsed_slice_dims=(0, 2), start_index_map=(0, 2)
+)
+
+
+def _take_rows(table: jax.Array, flat: jax.Array) -> jax.Array:
+  """``[R, C]`` rows ``flat`` ``[R]`` of an ``[M, C]`` or lane table, no bounds handling."""
+  if table.ndim == 2:
+    return table.at[flat].get(mode="promise_in_bounds")
+  mode = lax.GatherScatterMode.PROMISE_IN_BOUNDS
+  slice_sizes = (1, table.shape[1], 1)
+  return lax.gather(table, _lane_index(table, flat), _LANE_GATHER, slice_sizes, mode=mode)
+
+
 def gather_rows(table: jax.Array, cells: jax.Array) -> jax.Array:
   """``table[cells]``, ``cells.shape + (C,)``, as one gather indexed by a flat vector.
+
+  ``table`` is ``[M, C]`` or a lane table ``[M, C, P]`` (:func:`table_rows`);
+  ``cells`` must lie in ``[0, table_rows(table))``.
 
   XLA:CPU moves whole rows about twice as fast for a ``[M]`` index as for the
   same indices shaped ``[B, oh, ow]``. A bfloat16 table is read as its 16-bit
@@ -49,11 +85,11 @@ def gather_rows(table: jax.Array, cells: jax.Array) -> jax.Array:
   """
   flat = cells.reshape(-1)
   if table.dtype == jnp.bfloat16:
-    bits = lax.bitcast_convert_type(table, jnp.uint16).at[flat].get(mode="promise_in_bounds")
+    bits = _take_rows(lax.bitcast_convert_type(table, jnp.uint16), flat)
     rows = lax.bitcast_convert_type(bits.astype(jnp.uint32) << 16, jnp.float32)
   else:
-    rows = table.at[flat].get(mode="promise_in_bounds").astype(row_dtype(table.dtype))
-  return rows.reshape(cells.shape + table.shape[1:])
+    rows = _take_rows(table, flat).astype(row_dtype(table.dtype))
+  return rows.reshape(cells.shape + (table.shape[1],))
 
 
 def narrow_bits(x: jax.Array, dtype) -> jax.Array:

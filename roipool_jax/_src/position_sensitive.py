@@ -4,7 +4,7 @@ For an ``oh x ow`` output with ``C_out`` channels the map has ``C = C_out * oh
 * ow`` channels, and bin ``(i, j)`` of output channel ``c`` reads input
 channel ``(c * oh + i) * ow + j`` (torchvision's layout). With ``P = oh * ow``
 and ``p = i * ow + j`` that channel is ``c * P + p``, so the map, read as
-``[N, H, W, C_out, P]`` and transposed once to ``[N, H, W, P, C_out]``, is a
+``[N, H, W, C_out, P]`` and transposed to ``[N, H, W, P, C_out]``, is a
 table of ``N * H * W * P`` rows of ``C_out`` values in which bin ``p`` of the
 box on image ``n`` reads row ``((n * H + y) * W + x) * P + p``.
 
@@ -13,8 +13,17 @@ carry ``y * W * P + i * ow``, column taps ``x * P + j``, with stride 1), so
 ``ps_roi_align`` runs on the same gather kernel, with the same cost bound and
 gradients, as ``roi_align``'s average; ``ps_roi_pool`` averages rectangles of
 the same table (:mod:`roipool_jax._src.cell_mean`). Either way each bin
-gathers ``C_out`` values per cell, never ``C``. The transposed table is one
-copy of the map, never one per box.
+gathers ``C_out`` values per cell, never ``C``.
+
+Two forms of the table, chosen by measurement on XLA:CPU:
+
+* :func:`channel_table`, the transposed copy (one copy of the map per call,
+  never one per box), for ``ps_roi_align``: its bilinear taps read many rows
+  per bin, and a contiguous row is one or two cache lines.
+* :func:`lane_table`, the map itself read as ``[N * H * W, C_out, P]``, for
+  ``ps_roi_pool``'s forward: its bins read each of their cells once, so
+  reading the ``C_out`` values ``P`` apart in place costs less than copying
+  the whole map first (R-FCN's 300 boxes: about 3 vs 4 ms per call).
 """
 
 from __future__ import annotations
@@ -40,11 +49,19 @@ def check_channels(features, output_size: tuple[int, int]) -> int:
 
 
 def channel_table(features: jax.Array, output_size: tuple[int, int]) -> jax.Array:
-  """The ``[N * H * W * P, C_out]`` table of the module docstring."""
+  """The ``[N * H * W * P, C_out]`` table of the module docstring (a transposed copy)."""
   n, h, w, c = features.shape
   bins = output_size[0] * output_size[1]
-  grouped = features.reshape(n, h, w, c // bins, bins)
-  return jnp.swapaxes(grouped, 3, 4).reshape(n * h * w * bins, c // bins)
+  return jnp.swapaxes(lane_table(features, output_size), 1, 2).reshape(n * h * w * bins, c // bins)
+
+
+def lane_table(features: jax.Array, output_size: tuple[int, int]) -> jax.Array:
+  """The same table as the lane table ``[N * H * W, C_out, P]`` (:func:`dtypes.table_rows`):
+  a reshape of the map, whose rows the kernels read and write in place, ``C_out``
+  values ``P`` apart."""
+  n, h, w, c = features.shape
+  bins = output_size[0] * output_size[1]
+  return features.reshape(n * h * w, c // bins, bins)
 
 
 def bin_plan(image_index: jax.Array, ty: Taps, tx: Taps, map_shape) -> tap_sum.Plan:

@@ -59,9 +59,10 @@ def ps_roi_pool(
   outputs keep the features' dtype. ``K = 0`` boxes or ``N = 0`` images give
   empty outputs and zero gradients.
 
-  Cost: each bin gathers its own cells (``C_out`` values each), four per
-  pass, from the map transposed once to ``[N, H, W, oh * ow, C_out]``; bins
-  outside the map cost nothing (:mod:`roipool_jax._src.cell_mean`).
+  Cost: each bin gathers its own cells (``C_out`` values each, read in
+  place from the map), four per pass; bins outside the map cost nothing
+  (:mod:`roipool_jax._src.cell_mean`). The backward scatters into one
+  ``[N * H * W * oh * ow, C_out]`` buffer and transposes it once.
 
   Args:
     features: ``[N, H, W, C_out * oh * ow]`` floating feature map.
@@ -132,5 +133,5 @@ def _ps_roi_pool(features, flat, *, size, scale):
     height=jnp.broadcast_to((re - rs)[:, :, None], shape).reshape(-1),
     width=jnp.broadcast_to((ce - cs)[:, None, :], shape).reshape(-1),
   )
-  table = position_sensitive.channel_table(features, size)
+  table = position_sensitive.lane_table(features, size)
   return cell_mean.cell_mean(table, rects, (width * bins, bins)).reshape(shape + (table.shape[1],))
