@@ -7,10 +7,10 @@ with torchvision and with the memory-bandwidth floor.
 
 For each config and dtype it times, after compilation and a warm-up run, the
 median of ``--repeats`` runs of the jitted forward and of forward+backward
-(the gradient with respect to the features, as torchvision has no box
-gradient). When torch/torchvision are importable, the same op runs on the same
-data in the same process (NCHW; CUDA when JAX runs on a GPU and torch sees
-one). It also reports:
+(the output and its gradient with respect to the features, both returned, as
+a training step needs both; torchvision has no box gradient). When
+torch/torchvision are importable, the same op runs on the same data in the
+same process (NCHW; CUDA when JAX runs on a GPU and torch sees one). It also reports:
 
 * ``floor``: the bytes that must move (features read once and the output
   written once; for forward+backward also the cotangent read and the feature
@@ -282,7 +282,15 @@ def _time_jitted(op, features, boxes, repeats):
   # The cotangent is an argument, as in a training step: a closed-over array would be
   # compiled into the program as a constant, which XLA:CPU reads more slowly.
   cot = jnp.ones(out.shape, out.dtype)
-  grad = jax.jit(jax.grad(lambda f, b, c: jnp.vdot(op(f, b), c).astype(jnp.float32)))
+
+  # The output and the feature gradient, as a training step (and torchvision's
+  # forward+backward) computes both: with the gradient alone, XLA would drop the forward
+  # of every op whose backward does not read the output.
+  @jax.jit
+  def grad(f, b, c):
+    out, vjp = jax.vjp(lambda f: op(f, b), f)
+    return out, vjp(c)[0]
+
   times = dict(
     fwd_ms=median_ms(lambda: jax.block_until_ready(fwd(features, boxes)), repeats),
     fwd_bwd_ms=median_ms(lambda: jax.block_until_ready(grad(features, boxes, cot)), repeats),
