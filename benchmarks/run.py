@@ -510,7 +510,7 @@ def plot(rows, path, title):
   import matplotlib.pyplot as plt
 
   dtypes = sorted({r["dtype"] for r in rows}, reverse=True)
-  fig, axes = plt.subplots(len(dtypes), 1, figsize=(13, 4.2 * len(dtypes)), squeeze=False)
+  fig, axes = plt.subplots(len(dtypes), 1, figsize=(13, 5.2 * len(dtypes)), squeeze=False)
   series = [
     ("jax_fwd_ms", "roipool_jax fwd", "tab:blue", ""),
     ("torch_fwd_ms", "torchvision fwd", "tab:orange", ""),
@@ -528,7 +528,8 @@ def plot(rows, path, title):
     ax.plot([], [], color="k", lw=2, label="memory floor")
     ax.set_yscale("log")
     ax.set_ylabel("ms (log)")
-    ax.set_xticks(x, [r["config"].replace(", ", "\n", 1) for r in subset], fontsize=8)
+    labels = [r["config"].replace(", ", "\n", 1) for r in subset]
+    ax.set_xticks(x, labels, fontsize=8, rotation=35, ha="right", rotation_mode="anchor")
     ax.set_title(f"{title}, {dtype}")
     ax.legend(fontsize=8, ncol=5, loc="upper left")
   fig.tight_layout()
