@@ -1,5 +1,7 @@
 """ps_roi_pool and ps_roi_align: torchvision fixtures, NumPy reference, properties, gradients."""
 
+import functools
+
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -184,6 +186,21 @@ def test_jit_vmap_and_per_image_boxes_agree(op):
   mapped = jax.vmap(fn, in_axes=(None, 0, None))(features, stacked, indices)
   np.testing.assert_array_equal(mapped[0], eager)
   np.testing.assert_allclose(mapped[1], fn(features, boxes[::-1], indices), rtol=1e-6)
+  # vmap over two maps, the boxes shared: the outputs and gradients of the calls one by one,
+  # bit for bit for the gather kernels (true divisions stay true divisions when only the map
+  # is batched); batched matmuls may sum in another order.
+  maps = np.stack([features, features[..., ::-1] * 3.0 - 1.0])
+  mapped = jax.vmap(fn, in_axes=(0, None, None))(maps, boxes, indices)
+  loss = lambda f: jnp.sum(jnp.sin(fn(f, boxes, indices)))  # noqa: E731
+  grads = jax.vmap(jax.grad(loss))(maps)
+  same = (
+    functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
+    if "einsum" in op
+    else np.testing.assert_array_equal
+  )
+  for j in range(2):
+    same(mapped[j], fn(maps[j], boxes, indices))
+    same(grads[j], jax.grad(loss)(maps[j]))
   # Per-image [N, R, 4] boxes: box r of image n.
   per_image = np.stack([boxes[:2], boxes[2:]])
   out = fn(features, per_image, None)

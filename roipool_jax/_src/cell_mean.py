@@ -71,10 +71,16 @@ def _per_cell(x: jax.Array, r: Rects) -> jax.Array:
   """``x [B, C] / max(count, 1)``, a true division (as torchvision's kernel divides).
 
   XLA rewrites ``x / broadcast(d)`` as ``x * broadcast(1 / d)``, which rounds
-  differently, unless the divisor is opaque to it.
+  differently, unless the divisor is opaque to it: it reaches the division
+  through an optimization barrier, built at ``x``'s shape by a select from
+  ``x`` that always picks the count. Under ``vmap`` over the map alone (the
+  counts unbatched), the select makes the divisor batched with ``x`` before
+  the barrier; a plain broadcast would be batched after it, in reach of the
+  rewrite.
   """
-  divisor = jnp.broadcast_to(jnp.maximum(_count(r), 1)[:, None], x.shape)
-  return x / lax.optimization_barrier(divisor).astype(x.dtype)
+  count = jnp.maximum(_count(r), 1)[:, None].astype(x.dtype)
+  divisor = jnp.where(jnp.zeros(x.shape, bool), x, count)
+  return x / lax.optimization_barrier(divisor)
 
 
 def _walk(r: Rects, strides: tuple[int, int], visit, state):
