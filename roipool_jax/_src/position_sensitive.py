@@ -57,8 +57,8 @@ def channel_table(features: jax.Array, output_size: tuple[int, int]) -> jax.Arra
 
 def lane_table(features: jax.Array, output_size: tuple[int, int]) -> jax.Array:
   """The same table as the lane table ``[N * H * W, C_out, P]`` (:func:`dtypes.table_rows`):
-  a reshape of the map, whose rows the kernels read and write in place, ``C_out``
-  values ``P`` apart."""
+  a reshape of the map, whose rows ``ps_roi_pool``'s forward reads in place,
+  ``C_out`` values ``P`` apart."""
   n, h, w, c = features.shape
   bins = output_size[0] * output_size[1]
   return features.reshape(n * h * w, c // bins, bins)
