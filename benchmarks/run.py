@@ -276,7 +276,8 @@ def first_call_s(config, features, boxes, indices, impl):
 
 
 def _time_jitted(op, features, boxes, repeats):
-  """Median ms of ``jit(op)`` and of its jitted feature gradient, and the compiled pieces."""
+  """Median ms of ``jit(op)`` and of its jitted forward+backward (the output and the feature
+  gradient), that compiled forward+backward with its cotangent, and the output."""
   fwd = jax.jit(op)
   out = fwd(features, boxes)
   # The cotangent is an argument, as in a training step: a closed-over array would be
@@ -287,23 +288,23 @@ def _time_jitted(op, features, boxes, repeats):
   # forward+backward) computes both: with the gradient alone, XLA would drop the forward
   # of every op whose backward does not read the output.
   @jax.jit
-  def grad(f, b, c):
+  def fwd_bwd(f, b, c):
     out, vjp = jax.vjp(lambda f: op(f, b), f)
     return out, vjp(c)[0]
 
   times = dict(
     fwd_ms=median_ms(lambda: jax.block_until_ready(fwd(features, boxes)), repeats),
-    fwd_bwd_ms=median_ms(lambda: jax.block_until_ready(grad(features, boxes, cot)), repeats),
+    fwd_bwd_ms=median_ms(lambda: jax.block_until_ready(fwd_bwd(features, boxes, cot)), repeats),
   )
-  return times, (grad, cot), out
+  return times, (fwd_bwd, cot), out
 
 
 def bench_jax(config, features, boxes, indices, impl, repeats, first_call=True):
   first = first_call_s(config, features, boxes, indices, impl) if first_call else None
-  times, (grad, cot), out = _time_jitted(jax_op(config, indices, impl), features, boxes, repeats)
+  times, (fwd_bwd, cot), out = _time_jitted(jax_op(config, indices, impl), features, boxes, repeats)
   return dict(
     **times,
-    peak_mb=(peak_bytes(grad, features, boxes, cot) or 0) / 2**20,
+    peak_mb=(peak_bytes(fwd_bwd, features, boxes, cot) or 0) / 2**20,
     out_bytes=out.nbytes,
     first_call_s=first,
   )
