@@ -248,12 +248,15 @@ def test_gradient_is_bitwise_deterministic():
     np.testing.assert_array_equal(np.asarray(g(features)), first)
 
 
+@pytest.mark.parametrize("rank_limit", [2**20, 0], ids=["float-ranks", "integer-ranks"])
 @pytest.mark.parametrize("flat_limit", [2**31, 0], ids=["flat-index", "cell-channel-pairs"])
-def test_both_backward_paths_send_ties_to_the_first_cell(flat_limit, monkeypatch):
+def test_both_backward_paths_send_ties_to_the_first_cell(flat_limit, rank_limit, monkeypatch):
   # Bins of 1 to ~100 cells; integer features tie everywhere, integer
   # cotangents make every sum exact, so both scatters (flat element index, and
-  # the (cell, channel) pairs of maps too large for it) must equal the reference.
+  # the (cell, channel) pairs of maps too large for it) must equal the reference,
+  # whether cells are enumerated with float32 or integer division.
   monkeypatch.setattr(bin_max, "FLAT_INDEX_LIMIT", flat_limit)
+  monkeypatch.setattr(bin_max, "FLOAT_RANK_LIMIT", rank_limit)
   jax.clear_caches()
   rng = np.random.default_rng(3)
   features = rng.integers(-2, 3, (2, 20, 24, 5)).astype(np.float32)
@@ -268,6 +271,21 @@ def test_both_backward_paths_send_ties_to_the_first_cell(flat_limit, monkeypatch
   want = reference.roi_pool_grad(features.shape, indices, argmax, cot)
   np.testing.assert_array_equal(np.asarray(got), want)
   jax.clear_caches()
+
+
+def test_float_rank_split_is_exact_up_to_its_limit():
+  # Where a float32 quotient could round across an integer: the ranks just
+  # below and at every multiple of the bin width, up to the largest rank allowed.
+  limit = bin_max.FLOAT_RANK_LIMIT
+  widths = np.array([1, 2, 3, 5, 7, 10, 31, 97, 127, 255, 1000, 1023, 1025, 4093, 65521, limit])
+  for cols in widths:
+    multiples = np.arange(1, limit // cols + 1, dtype=np.int64) * cols
+    rank = np.unique(np.concatenate([multiples - 1, multiples, [0, limit - 1]]))
+    rank = rank[rank < limit].astype(np.int32)
+    c = np.full_like(rank, cols)
+    row, col = jax.jit(bin_max._row_col)(rank, c, 1.0 / c.astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(row), rank // cols, err_msg=f"cols={cols}")
+    np.testing.assert_array_equal(np.asarray(col), rank % cols, err_msg=f"cols={cols}")
 
 
 # ------------------------------------------------------------------ degenerate boxes
