@@ -50,9 +50,8 @@ def check_channels(features, output_size: tuple[int, int]) -> int:
 
 def channel_table(features: jax.Array, output_size: tuple[int, int]) -> jax.Array:
   """The ``[N * H * W * P, C_out]`` table of the module docstring (a transposed copy)."""
-  n, h, w, c = features.shape
-  bins = output_size[0] * output_size[1]
-  return jnp.swapaxes(lane_table(features, output_size), 1, 2).reshape(n * h * w * bins, c // bins)
+  lanes = lane_table(features, output_size)
+  return jnp.swapaxes(lanes, 1, 2).reshape(-1, lanes.shape[1])
 
 
 def lane_table(features: jax.Array, output_size: tuple[int, int]) -> jax.Array:
