@@ -92,6 +92,28 @@ def test_matches_numpy_reference(problem, ratio, aligned, mode):
   np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("impl", ["gather", "einsum"])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_scaled_box_edges_are_rounded_as_in_c(aligned, impl):
+  """``x2 * s - x1 * s`` rounds both products, as the C kernels do.
+
+  With ``s = 1/3`` a box from x = 44 to 56 spans 4.000001 cells in float32,
+  so each of its 2 bins (2.0000005 cells) takes ceil = 3 samples. An FMA
+  contraction of the subtraction (one rounding) gives 4.0 and 2 samples;
+  with ``aligned`` (``x * s - 0.5``) the same happens from x = 7 to 25.
+  """
+  lo = np.tile(np.arange(0.0, 60.0), 2)
+  hi = lo + np.repeat([12.0, 18.0], 60)
+  boxes = np.stack([lo, lo[::-1], hi, lo[::-1] + 7], axis=1).astype(np.float32)
+  features = np.random.default_rng(0).standard_normal((1, 24, 24, 2)).astype(np.float32)
+  indices = np.zeros(len(boxes), np.int32)
+  expected = reference.roi_align(features, boxes, indices, (3, 2), 1 / 3, -1, aligned, "avg")
+  out = roi_align(
+    features, boxes, (3, 2), spatial_scale=1 / 3, aligned=aligned, box_indices=indices, impl=impl
+  )
+  np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=2e-6)
+
+
 def test_huge_boxes_adaptive_match_reference_and_stay_bounded():
   rng = np.random.default_rng(0)
   features = rng.standard_normal((1, 8, 10, 2)).astype(np.float32)

@@ -242,10 +242,20 @@ def divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
   return numerator / materialize(jnp.broadcast_to(denominator, shape))
 
 
-def scale_coords(coords: jax.Array, spatial_scale: float) -> jax.Array:
-  """``coords * spatial_scale`` in the dtype of ``coords`` (one IEEE multiply, as the C kernels
-  do with ``T spatial_scale``)."""
-  return coords * jnp.asarray(spatial_scale, coords.dtype)
+def scale_coords(coords, spatial_scale):
+  """``coords * spatial_scale`` in the dtype of ``coords``, each product rounded on its own.
+
+  One IEEE multiply per coordinate, as the C kernels compute it with ``T
+  spatial_scale``. ``coords`` is an array or a pytree of arrays (scaled in one
+  :func:`materialize`). The products are materialized because XLA:CPU
+  contracts a product feeding an add or subtract of the same fusion into one
+  FMA, which skips the product's rounding: ``x2 * s - x1 * s`` then differs
+  from the C kernels' in the last bit whenever ``s`` is not a power of two
+  (``44 / 3`` and ``56 / 3`` in float32: 4.0 instead of 4.000001), enough to
+  change RoIAlign's adaptive sample count ``ceil(roi / bins)``.
+  """
+  scaled = jax.tree.map(lambda c: c * jnp.asarray(spatial_scale, c.dtype), coords)
+  return materialize(scaled)
 
 
 def row_col_edges(boxes: jax.Array) -> tuple[jax.Array, jax.Array]:

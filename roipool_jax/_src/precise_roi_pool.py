@@ -43,8 +43,8 @@ def integral_taps(lo, hi, num_bins: int, length: int, spatial_scale: float, dens
   Returns:
     :class:`sampling.Taps` with ``T = L``; a bin of zero length has no taps.
   """
-  start = lo * spatial_scale
-  size = jnp.maximum(hi * spatial_scale - start, 0.0)
+  start, end = boxes_lib.scale_coords((lo, hi), spatial_scale)
+  size = jnp.maximum(end - start, 0.0)
   bin_size = (size / num_bins)[:, None, None]  # [K, 1, 1]
   p = jnp.arange(num_bins, dtype=lo.dtype)[None, :, None]
   a = start[:, None, None] + boxes_lib.materialize(bin_size * p)  # [K, P, 1]

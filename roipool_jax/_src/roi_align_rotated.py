@@ -136,10 +136,8 @@ def rotated_geometry(flat, map_shape, size, scale, ratio, aligned, clockwise):
   oh, ow = size
   dtype = boxes.dtype
   offset = jnp.asarray(0.5 if aligned else 0.0, dtype)
-  cx = boxes_lib.scale_coords(boxes[:, 0], scale) - offset
-  cy = boxes_lib.scale_coords(boxes[:, 1], scale) - offset
-  w = boxes_lib.scale_coords(boxes[:, 2], scale)
-  h = boxes_lib.scale_coords(boxes[:, 3], scale)
+  cx, cy, w, h = boxes_lib.scale_coords(tuple(boxes[:, i] for i in range(4)), scale)
+  cx, cy = cx - offset, cy - offset
   if aligned:
     valid = valid & (w >= 0) & (h >= 0)
   else:

@@ -104,8 +104,8 @@ def axis_geometry(
       ``roi_size <= -1``), instead of giving zeros. Only with a fixed grid.
   """
   offset = jnp.asarray(0.5 if aligned else 0.0, lo.dtype)
-  start = boxes_lib.scale_coords(lo, spatial_scale) - offset
-  end = boxes_lib.scale_coords(hi, spatial_scale) - offset
+  start, end = boxes_lib.scale_coords((lo, hi), spatial_scale)
+  start, end = start - offset, end - offset
   size = end - start
   inverted = size < 0
   if not aligned and flip:
