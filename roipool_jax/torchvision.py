@@ -30,7 +30,11 @@ is truncated to an int32 (as torchvision's kernels do), and an index outside
 (no gradient) under ``jit``, instead of reading out of bounds.
 ``ps_roi_align`` outputs 0 where torchvision outputs NaN (zero-size boxes
 with adaptive sampling), and ``ps_roi_pool``'s gradient is the exact gradient
-of its forward (see :func:`roipool_jax.ps_roi_pool`).
+of its forward (see :func:`roipool_jax.ps_roi_pool`). ``MultiScaleRoIAlign``
+raises a ``ValueError`` when the maps' inferred scales are not consecutive
+powers of two (tiny maps of odd image sizes can round two levels to the same
+scale); torchvision then maps boxes between the first and last scale and
+pools those of levels past its list of maps as zeros.
 
 Examples:
   >>> import jax.numpy as jnp

@@ -22,9 +22,10 @@ def infer_levels(
   """Spatial scales of the levels and the pyramid level ``k_min`` of the first.
 
   As torchvision: each level's scale is ``2 ** round(log2(H_l / image_h))``
-  (float32 arithmetic, rounding half to even), the first level is
-  ``k_min = -log2(scale_0)``, and the levels must be consecutive
-  (``scale_l = scale_0 / 2 ** l``).
+  (float32 arithmetic, rounding half to even) and the first level is
+  ``k_min = -log2(scale_0)``. Unlike torchvision, the levels must be
+  consecutive (``scale_l = scale_0 / 2 ** l``); torchvision also accepts
+  other scales, and pools boxes whose level has no map as zeros.
   """
   scales = []
   for h, _ in map_sizes:
