@@ -210,6 +210,31 @@ def roi_align_cases():
         grad=grad,
         cotangent=cot,
       )
+  # Whole-pixel boxes at scale 1/3: x2 * s - x1 * s rounds twice in C (44 to 56 px spans
+  # 4.000001 cells, so 2 bins take 3 samples each), which an FMA would not.
+  f = rng.standard_normal((1, 24, 24, 2)).astype(np.float32)
+  lo = np.tile(np.arange(0.0, 60.0), 2)
+  hi = lo + np.repeat([12.0, 18.0], 60)
+  boxes = np.stack([lo, lo[::-1], hi, lo[::-1] + 7], axis=1).astype(np.float32)
+  indices = np.zeros(len(boxes), np.int32)
+  for aligned in (False, True):
+
+    def op(x, r, aligned=aligned):
+      return torchvision.ops.roi_align(x, r, (3, 2), 1 / 3, -1, aligned)
+
+    out, grad, cot = _run(op, f, boxes, indices, len(cases))
+    cases[f"third_scale_aligned{int(aligned)}"] = dict(
+      features=f,
+      boxes=boxes,
+      box_indices=indices,
+      output_size=np.array((3, 2)),
+      spatial_scale=np.float32(1 / 3),
+      sampling_ratio=np.int32(-1),
+      aligned=np.bool_(aligned),
+      output=out,
+      grad=grad,
+      cotangent=cot,
+    )
   return cases
 
 
