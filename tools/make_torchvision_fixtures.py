@@ -164,77 +164,35 @@ def roi_align_cases():
   )
   # (Inverted boxes are left out: roipool_jax deliberately gives them zeros.)
   cases = {}
+
+  def add(name, features, boxes, indices, size, scale, ratio, aligned):
+    def op(x, r):
+      return torchvision.ops.roi_align(x, r, size, scale, ratio, aligned)
+
+    options = dict(sampling_ratio=np.int32(ratio), aligned=np.bool_(aligned))
+    cases[name] = _case(op, features, boxes, indices, size, scale, len(cases), **options)
+
   for aligned in (False, True):
     for ratio in (-1, 1, 2, 3):
-      boxes = np.concatenate([random_boxes, special]).astype(np.float32)
-      indices = rng.integers(0, 2, len(boxes)).astype(np.int32)
-      size, scale = (3, 4), 1 / 16
-
-      def op(x, r, size=size, scale=scale, ratio=ratio, aligned=aligned):
-        return torchvision.ops.roi_align(x, r, size, scale, ratio, aligned)
-
-      out, grad, cot = _run(op, feats, boxes, indices, len(cases))
-      cases[f"aligned{int(aligned)}_ratio{ratio}"] = dict(
-        features=feats,
-        boxes=boxes,
-        box_indices=indices,
-        output_size=np.array(size),
-        spatial_scale=np.float32(scale),
-        sampling_ratio=np.int32(ratio),
-        aligned=np.bool_(aligned),
-        output=out,
-        grad=grad,
-        cotangent=cot,
+      boxes = np.concatenate([random_boxes, special])
+      indices = rng.integers(0, 2, len(boxes))
+      add(
+        f"aligned{int(aligned)}_ratio{ratio}", feats, boxes, indices, (3, 4), 1 / 16, ratio, aligned
       )
   # FPN P2-like scale, 7x7, and a single-row map.
   for name, shape, scale in (("p2_scale", (1, 20, 24, 2), 0.25), ("one_row", (1, 1, 6, 2), 1.0)):
     f = rng.standard_normal(shape).astype(np.float32)
     boxes = np.concatenate([rng.uniform(-8, 60, (6, 2)), rng.uniform(60, 110, (6, 2))], 1)
-    boxes = boxes.astype(np.float32)
-    indices = np.zeros(6, np.int32)
     for aligned in (False, True):
-
-      def op(x, r, scale=scale, aligned=aligned):
-        return torchvision.ops.roi_align(x, r, 7, scale, -1, aligned)
-
-      out, grad, cot = _run(op, f, boxes, indices, len(cases))
-      cases[f"{name}_aligned{int(aligned)}"] = dict(
-        features=f,
-        boxes=boxes,
-        box_indices=indices,
-        output_size=np.array((7, 7)),
-        spatial_scale=np.float32(scale),
-        sampling_ratio=np.int32(-1),
-        aligned=np.bool_(aligned),
-        output=out,
-        grad=grad,
-        cotangent=cot,
-      )
+      add(f"{name}_aligned{int(aligned)}", f, boxes, np.zeros(6), (7, 7), scale, -1, aligned)
   # Whole-pixel boxes at scale 1/3: x2 * s - x1 * s rounds twice in C (44 to 56 px spans
   # 4.000001 cells, so 2 bins take 3 samples each), which an FMA would not.
   f = rng.standard_normal((1, 24, 24, 2)).astype(np.float32)
   lo = np.tile(np.arange(0.0, 60.0), 2)
   hi = lo + np.repeat([12.0, 18.0], 60)
-  boxes = np.stack([lo, lo[::-1], hi, lo[::-1] + 7], axis=1).astype(np.float32)
-  indices = np.zeros(len(boxes), np.int32)
+  boxes = np.stack([lo, lo[::-1], hi, lo[::-1] + 7], axis=1)
   for aligned in (False, True):
-
-    def op(x, r, aligned=aligned):
-      return torchvision.ops.roi_align(x, r, (3, 2), 1 / 3, -1, aligned)
-
-    out, grad, cot = _run(op, f, boxes, indices, len(cases))
-    cases[f"third_scale_aligned{int(aligned)}"] = dict(
-      features=f,
-      boxes=boxes,
-      box_indices=indices,
-      output_size=np.array((3, 2)),
-      spatial_scale=np.float32(1 / 3),
-      sampling_ratio=np.int32(-1),
-      aligned=np.bool_(aligned),
-      output=out,
-      grad=grad,
-      cotangent=cot,
-    )
+    add(f"third_scale_aligned{int(aligned)}", f, boxes, np.zeros(120), (3, 2), 1 / 3, -1, aligned)
   return cases
 
 
