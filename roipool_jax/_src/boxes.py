@@ -251,8 +251,8 @@ def scale_coords(coords, spatial_scale):
   contracts a product feeding an add or subtract of the same fusion into one
   FMA, which skips the product's rounding: ``x2 * s - x1 * s`` then differs
   from the C kernels' in the last bit whenever ``s`` is not a power of two
-  (``44 / 3`` and ``56 / 3`` in float32: 4.0 instead of 4.000001), enough to
-  change RoIAlign's adaptive sample count ``ceil(roi / bins)``.
+  (``56 * s - 44 * s`` at ``s = 1/3`` in float32: 4.0 instead of 4.000001),
+  enough to change RoIAlign's adaptive sample count ``ceil(roi / bins)``.
   """
   scaled = jax.tree.map(lambda c: c * jnp.asarray(spatial_scale, c.dtype), coords)
   return materialize(scaled)
