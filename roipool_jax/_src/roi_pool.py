@@ -82,12 +82,12 @@ def pool_bins(
 ) -> bin_max_lib.Bins:
   """Integer bin rectangles of ``roi_pool`` (exposed for the demo and tests)."""
   b = flat.boxes
-  scaled = boxes_lib.scale_coords(b, spatial_scale)
   (oh, ow), (height, width) = output_size, map_size
   if quantization == "round":  # torchvision / Caffe
+    scaled = boxes_lib.scale_coords(b, spatial_scale)
     rs, re, cs, ce = quantized_box_edges(scaled, output_size, 1, map_size)
-  else:
-    size = boxes_lib.scale_coords(b[:, 2:] - b[:, :2], spatial_scale)
+  else:  # corners and sizes scaled together: one materialize
+    scaled, size = boxes_lib.scale_coords((b, b[:, 2:] - b[:, :2]), spatial_scale)
     rs, re = _floor_mode_edges(scaled[:, 1], size[:, 1], oh, height)
     cs, ce = _floor_mode_edges(scaled[:, 0], size[:, 0], ow, width)
   re = jnp.where(flat.valid[:, None], re, rs)  # invalid boxes: empty bins
