@@ -19,27 +19,50 @@ import torch
 import torchvision
 
 OUT = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+# Cases of tools/fuzz_torchvision.py kept as fixtures: (seed, index) pairs of its
+# draw(), stored in float32 as fuzz_<seed>_<index> next to the op's other cases.
+FUZZED = ((0, 274), (0, 733), (0, 752), (0, 825), (0, 901))
+FILES = {
+  "roi_pool": "torchvision_roi_pool.npz",
+  "roi_align": "torchvision_roi_align.npz",
+  "multi_scale_roi_align": "torchvision_multiscale.npz",
+  "ps_roi_pool": "torchvision_position_sensitive.npz",
+  "ps_roi_align": "torchvision_position_sensitive.npz",
+}
 
 
-def _run(op, features, boxes, indices, seed):
-  """Runs ``op(x_nchw, rois)``; returns NHWC output, NHWC feature gradient, cotangent."""
-  x = torch.tensor(features).permute(0, 3, 1, 2).contiguous().requires_grad_(True)
-  rois = torch.cat([torch.tensor(indices, dtype=torch.float32)[:, None], torch.tensor(boxes)], 1)
-  y = op(x, rois)
-  cotangent = np.random.default_rng(seed).standard_normal(y.shape).astype(np.float32)
+def run_torchvision(op, maps, boxes, indices, seed, absolute=False):
+  """Runs ``op(maps, boxes, indices)`` on torch tensors (maps NCHW) and its backward.
+
+  Returns torchvision's NHWC output, the NHWC gradient of each map and the NHWC
+  cotangent: standard normal from ``seed``, in the boxes' dtype, or its
+  magnitude with ``absolute`` (the gradient then sums, in each cell, the
+  magnitudes of the terms added there).
+  """
+  xs = [torch.tensor(m).permute(0, 3, 1, 2).contiguous().requires_grad_(True) for m in maps]
+  y = op(xs, torch.tensor(boxes), torch.tensor(indices))
+  cotangent = np.random.default_rng(seed).standard_normal(y.shape).astype(boxes.dtype)
+  if absolute:
+    cotangent = np.abs(cotangent)
   y.backward(torch.tensor(cotangent))
-  return (
-    y.detach().permute(0, 2, 3, 1).numpy(),
-    x.grad.permute(0, 2, 3, 1).numpy(),
-    cotangent.transpose(0, 2, 3, 1),
-  )
+  nhwc = lambda t: t.detach().permute(0, 2, 3, 1).numpy()  # noqa: E731
+  return nhwc(y), [nhwc(x.grad) for x in xs], cotangent.transpose(0, 2, 3, 1)
+
+
+def with_rois(op):
+  """``op(x, rois)`` of one map as ``op(maps, boxes, indices)``: rois are ``[K, 5]``."""
+
+  def run(maps, boxes, indices):
+    return op(maps[0], torch.cat([indices.to(boxes.dtype)[:, None], boxes], 1))
+
+  return run
 
 
 def _case(op, features, boxes, indices, output_size, scale, seed, **extra):
   """One fixture case: the inputs, the options and torchvision's output and gradient."""
   boxes = np.asarray(boxes, np.float32)
   indices = np.asarray(indices, np.int32)
-  out, grad, cot = _run(op, features, boxes, indices, seed)
+  out, (grad,), cot = run_torchvision(with_rois(op), [features], boxes, indices, seed)
   return dict(
     features=features,
     boxes=boxes,
@@ -210,30 +233,43 @@ def multiscale_cases():
   boxes = np.concatenate([boxes, [[10, 10, 234, 234], [5, 5, 5, 40], [3, 3, 4, 4]]])
   boxes = boxes.astype(np.float32)
   indices = rng.integers(0, 2, len(boxes)).astype(np.int32)
+  order = np.argsort(indices, kind="stable")  # torchvision returns the boxes image by image
+  boxes, indices = boxes[order], indices[order]
   cases = {}
   for name, first, ratio in (("p2_p5_ratio2", 0, 2), ("p3_p5_adaptive", 1, -1)):
     levels = pyramid[first:]
-    names = [f"p{first + 2 + i}" for i in range(len(levels))]
-    pooler = torchvision.ops.MultiScaleRoIAlign(names, 7, ratio)
-    xs = [torch.tensor(f).permute(0, 3, 1, 2).contiguous().requires_grad_(True) for f in levels]
-    per_image = [torch.tensor(boxes[indices == n]) for n in range(2)]
-    y = pooler(dict(zip(names, xs, strict=True)), per_image, image_shapes)
-    cotangent = np.random.default_rng(len(cases)).standard_normal(y.shape).astype(np.float32)
-    y.backward(torch.tensor(cotangent))
-    order = np.concatenate([np.flatnonzero(indices == n) for n in range(2)])  # rows of y
-    case = dict(
-      boxes=boxes[order],
-      box_indices=indices[order],
-      image_size=np.array([256, 320]),
-      sampling_ratio=np.int32(ratio),
-      output=y.detach().permute(0, 2, 3, 1).numpy(),
-      cotangent=cotangent.transpose(0, 2, 3, 1),
+    out, grads, cot = run_torchvision(
+      pyramid_op(len(levels), 7, ratio, image_shapes), levels, boxes, indices, len(cases)
     )
-    for i, (f, x) in enumerate(zip(levels, xs, strict=True)):
+    case = dict(
+      boxes=boxes,
+      box_indices=indices,
+      image_size=np.array([256, 320]),
+      output_size=np.array([7, 7]),
+      sampling_ratio=np.int32(ratio),
+      output=out,
+      cotangent=cot,
+    )
+    for i, (f, g) in enumerate(zip(levels, grads, strict=True)):
       case[f"features{i}"] = f
-      case[f"grad{i}"] = x.grad.permute(0, 2, 3, 1).numpy()
+      case[f"grad{i}"] = g
     cases[name] = case
   return cases
+
+
+def pyramid_op(levels, output_size, sampling_ratio, image_shapes):
+  """``torchvision.ops.MultiScaleRoIAlign`` as ``op(maps, boxes, indices)``.
+
+  The boxes must be grouped by image, in image order: the output rows follow them.
+  """
+  names = [f"p{i}" for i in range(levels)]
+  pooler = torchvision.ops.MultiScaleRoIAlign(names, output_size, sampling_ratio)
+
+  def run(maps, boxes, indices):
+    per_image = [boxes[indices == n] for n in range(maps[0].shape[0])]
+    return pooler(dict(zip(names, maps, strict=True)), per_image, image_shapes)
+
+  return run
 
 
 def position_sensitive_cases():
@@ -305,6 +341,26 @@ def position_sensitive_cases():
   return cases
 
 
+def fuzzed_cases():
+  """``{file: {name: case}}`` for the :data:`FUZZED` cases, with torchvision's results."""
+  import fuzz_torchvision  # here, not at the top: it imports this module
+
+  files = {}
+  for seed, index in FUZZED:
+    case = fuzz_torchvision.draw(seed, index)
+    for key, value in case.items():
+      if isinstance(value, np.ndarray) and value.dtype == np.float64:
+        case[key] = value.astype(np.float32)
+    op = fuzz_torchvision.torchvision_op(case)
+    maps = fuzz_torchvision.maps_of(case)
+    out, grads, cot = run_torchvision(op, maps, case["boxes"], case["box_indices"], index)
+    case.update(output=out, cotangent=cot)
+    case.update({"grad" if "features" in case else f"grad{i}": g for i, g in enumerate(grads)})
+    prefix = {"ps_roi_pool": "pool_", "ps_roi_align": "align_"}.get(case["op"], "")
+    files.setdefault(FILES[case.pop("op")], {})[f"{prefix}fuzz_{seed}_{index}"] = case
+  return files
+
+
 def _save(cases, name):
   flat = {f"{case}/{key}": value for case, d in cases.items() for key, value in d.items()}
   path = OUT / name
@@ -314,10 +370,16 @@ def _save(cases, name):
 
 def main():
   OUT.mkdir(parents=True, exist_ok=True)
-  _save(roi_pool_cases(), "torchvision_roi_pool.npz")
-  _save(roi_align_cases(), "torchvision_roi_align.npz")
-  _save(multiscale_cases(), "torchvision_multiscale.npz")
-  _save(position_sensitive_cases(), "torchvision_position_sensitive.npz")
+  files = {
+    FILES["roi_pool"]: roi_pool_cases(),
+    FILES["roi_align"]: roi_align_cases(),
+    FILES["multi_scale_roi_align"]: multiscale_cases(),
+    FILES["ps_roi_pool"]: position_sensitive_cases(),
+  }
+  for name, cases in fuzzed_cases().items():
+    files[name].update(cases)
+  for name, cases in files.items():
+    _save(cases, name)
 
 
 if __name__ == "__main__":
