@@ -58,6 +58,7 @@ import roipool_jax
 from roipool_jax._src import validation
 
 __all__ = (
+  "BoxesShapeError",
   "MultiScaleRoIAlign",
   "PSRoIAlign",
   "PSRoIPool",
@@ -70,6 +71,16 @@ __all__ = (
 )
 
 Size = int | tuple[int, int]
+
+
+class BoxesShapeError(ValueError, AssertionError):
+  """A ``boxes`` argument that is neither ``[K, 5]`` rois nor a list of ``[L, 4]`` boxes.
+
+  A ``ValueError``, as for every bad value in roipool_jax, and an
+  ``AssertionError``, which is what torchvision raises for it
+  (``torch._assert`` in ``check_roi_boxes_shape``): code that catches either
+  keeps working.
+  """
 
 
 def _nhwc(name: str, input: jax.typing.ArrayLike) -> jax.Array:
@@ -103,8 +114,8 @@ def convert_boxes(boxes: object) -> tuple[jax.Array, jax.Array]:
 
   Raises:
     TypeError: ``boxes`` that is neither an array nor a list of arrays.
-    ValueError: an array that is not ``[K, 5]``, or a list element that is
-      not ``[L, 4]``.
+    BoxesShapeError: (a ``ValueError`` and an ``AssertionError``) an array
+      that is not ``[K, 5]``, or a list element that is not ``[L, 4]``.
   """
   if isinstance(boxes, (list, tuple)):
     if not boxes:
@@ -112,7 +123,7 @@ def convert_boxes(boxes: object) -> tuple[jax.Array, jax.Array]:
     for i, b in enumerate(boxes):
       validation.array_dtype(f"boxes[{i}]", b)
       if np.ndim(b) != 2 or np.shape(b)[1] != 4:
-        raise ValueError(
+        raise BoxesShapeError(
           f"`boxes[{i}]` must be [L, 4] (x1, y1, x2, y2) boxes of image {i}; got shape "
           f"{np.shape(b)}."
         )
@@ -123,7 +134,7 @@ def convert_boxes(boxes: object) -> tuple[jax.Array, jax.Array]:
     return jnp.concatenate([a.astype(dtype) for a in arrays]), jnp.asarray(indices)
   dtype = validation.array_dtype("boxes", boxes)
   if np.ndim(boxes) != 2 or np.shape(boxes)[1] != 5:
-    raise ValueError(
+    raise BoxesShapeError(
       "`boxes` must be torchvision's rois [K, 5] (batch_index, x1, y1, x2, y2) or a list of "
       f"[L, 4] arrays, one per image; got shape {np.shape(boxes)} and dtype {dtype}."
     )
@@ -314,7 +325,7 @@ class PSRoIAlign:
     return ps_roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class MultiScaleRoIAlign:
   """``torchvision.ops.MultiScaleRoIAlign`` over a dict of named NCHW levels.
 
@@ -328,7 +339,8 @@ class MultiScaleRoIAlign:
 
   Attributes:
     featmap_names: the keys of the levels to use, finest first.
-    output_size: ``oh`` or ``(oh, ow)``.
+    output_size: ``(oh, ow)``; an int ``oh`` given is kept as ``(oh, oh)``, as
+      torchvision keeps it (and prints it: the ``repr`` is torchvision's).
     sampling_ratio: samples per bin axis, ``<= 0`` adaptive.
     canonical_scale: the box size (pixels) that maps to ``canonical_level``.
     canonical_level: the FPN level of a ``canonical_scale`` box.
@@ -339,6 +351,16 @@ class MultiScaleRoIAlign:
   sampling_ratio: int
   canonical_scale: float = 224
   canonical_level: int = 4
+
+  def __post_init__(self):
+    size = self.output_size
+    object.__setattr__(self, "output_size", (size, size) if isinstance(size, int) else tuple(size))
+
+  def __repr__(self) -> str:
+    return (
+      f"{type(self).__name__}(featmap_names={self.featmap_names}, "
+      f"output_size={self.output_size}, sampling_ratio={self.sampling_ratio})"
+    )
 
   def __call__(
     self,

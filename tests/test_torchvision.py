@@ -140,10 +140,14 @@ def test_empty_inputs_and_float64(op):
 
 def test_errors_speak_of_torchvision_layouts():
   x = jnp.ones((1, 3, 8, 8))
-  with pytest.raises(ValueError, match=r"rois \[K, 5\].*got shape \(2, 4\)"):
-    tv.roi_align(x, jnp.ones((2, 4)), 2)
-  with pytest.raises(ValueError, match=r"`boxes\[1\]` must be \[L, 4\]"):
-    tv.roi_pool(x, [jnp.ones((2, 4)), jnp.ones((2, 5))], 2)
+  # Box shapes: a ValueError, and the AssertionError that torchvision raises.
+  for error in (ValueError, AssertionError):
+    with pytest.raises(error, match=r"rois \[K, 5\].*got shape \(2, 4\)"):
+      tv.roi_align(x, jnp.ones((2, 4)), 2)
+    with pytest.raises(error, match=r"`boxes\[1\]` must be \[L, 4\]"):
+      tv.roi_pool(x, [jnp.ones((2, 4)), jnp.ones((2, 5))], 2)
+    with pytest.raises(error, match=r"`boxes\[0\]` must be \[L, 4\]"):
+      tv.RoIAlign(2, 1.0, 2)(x, [jnp.ones((1, 3))])
   with pytest.raises(ValueError, match=r"`input` must be NCHW"):
     tv.roi_pool(jnp.ones((3, 8, 8)), jnp.ones((2, 5)), 2)
   pooler = tv.MultiScaleRoIAlign(["p2"], 7, 2)
@@ -158,3 +162,21 @@ def test_nhwc_api_errors_point_to_this_layer():
 
   with pytest.raises(ValueError, match=r"roipool_jax\.torchvision"):
     roipool_jax.roi_align(jnp.ones((1, 8, 8, 3)), jnp.ones((2, 5)), 2)
+
+
+def test_module_reprs_are_torchvision_s():
+  # As torchvision prints them (MultiScaleRoIAlign keeps an int output_size as a pair).
+  assert repr(tv.RoIAlign((7, 7), 0.25, 2)) == (
+    "RoIAlign(output_size=(7, 7), spatial_scale=0.25, sampling_ratio=2, aligned=False)"
+  )
+  assert repr(tv.RoIPool(7, 0.25)) == "RoIPool(output_size=7, spatial_scale=0.25)"
+  assert repr(tv.PSRoIAlign(7, 0.25, 2)) == (
+    "PSRoIAlign(output_size=7, spatial_scale=0.25, sampling_ratio=2)"
+  )
+  assert repr(tv.PSRoIPool(7, 0.25)) == "PSRoIPool(output_size=7, spatial_scale=0.25)"
+  for size in (7, (7, 7), [7, 7]):
+    pooler = tv.MultiScaleRoIAlign(["0"], size, 2, canonical_scale=112)
+    assert pooler.output_size == (7, 7)
+    assert repr(pooler) == (
+      "MultiScaleRoIAlign(featmap_names=['0'], output_size=(7, 7), sampling_ratio=2)"
+    )

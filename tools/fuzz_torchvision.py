@@ -4,11 +4,12 @@ Needs torch and torchvision (``pip install -e ".[torch]"``); CI never runs it.
 Run from the repo root:
 
     python tools/fuzz_torchvision.py --cases 200 --seed 0
-    python tools/fuzz_torchvision.py --cases 50 --ops roi_align,multi_scale_roi_align
+    python tools/fuzz_torchvision.py --cases 50 --ops roi_align,multi_scale_roi_align --impl einsum
 
 Each case is drawn from ``numpy.random.default_rng((seed, index))``, so a
 reported ``seed/index`` pair redraws the same case on any machine. The ops,
-through the public NHWC API under ``jit``:
+through the public NHWC API under ``jit`` (``--impl`` picks the backend of the ops
+that have one):
 
 * ``roi_pool``, ``roi_align`` (``sampling_ratio`` in -1..3, both ``aligned``),
   ``ps_roi_align`` and ``ps_roi_pool`` (forward only: its gradient differs
@@ -135,10 +136,13 @@ def torchvision_op(case: dict):
   return with_rois(lambda x, rois: fn(x, rois, size, scale, *ratio, **options))
 
 
-def roipool_op(case: dict):
-  """``op(maps, boxes, box_indices)`` with roipool_jax's op and the case's options (NHWC)."""
+def roipool_op(case: dict, impl: str = "auto"):
+  """``op(maps, boxes, box_indices)`` with roipool_jax's op and the case's options (NHWC).
+
+  ``impl`` goes to every op that has one (all but ``ps_roi_pool``).
+  """
   op, size = case["op"], tuple(int(s) for s in case["output_size"])
-  options = {}
+  options = {} if op == "ps_roi_pool" else {"impl": impl}
   if "sampling_ratio" in case:
     options["sampling_ratio"] = int(case["sampling_ratio"])
   if "aligned" in case:
@@ -153,9 +157,9 @@ def roipool_op(case: dict):
   return lambda maps, boxes, indices: fn(maps[0], boxes, size, box_indices=indices, **options)
 
 
-def roipool_result(case: dict, cotangent: np.ndarray):
+def roipool_result(case: dict, cotangent: np.ndarray, impl: str = "auto"):
   """roipool_jax's output and feature gradients under ``jit``."""
-  fn = roipool_op(case)
+  fn = roipool_op(case, impl)
 
   @jax.jit
   def run(maps, boxes, indices, cot):
@@ -167,7 +171,7 @@ def roipool_result(case: dict, cotangent: np.ndarray):
   return np.asarray(out), [np.asarray(g) for g in grads]
 
 
-def check(case: dict) -> list[str]:
+def check(case: dict, impl: str = "auto") -> list[str]:
   """The ways roipool_jax differs from torchvision on ``case`` (empty: it agrees).
 
   ``roi_pool``'s output must match exactly, the others' within 1e-4 (float32)
@@ -178,7 +182,7 @@ def check(case: dict) -> list[str]:
   op, maps = torchvision_op(case), maps_of(case)
   boxes, indices = case["boxes"], case["box_indices"]
   expected, expected_grads, cotangent = run_torchvision(op, maps, boxes, indices, seed=0)
-  out, grads = roipool_result(case, cotangent)
+  out, grads = roipool_result(case, cotangent, impl)
   tol = 0.0 if case["op"] == "roi_pool" else (1e-4 if boxes.dtype == np.float32 else 1e-10)
   if case["op"] == "ps_roi_align":  # torchvision's empty bins divide 0 by 0
     expected = np.nan_to_num(expected, nan=0.0)
@@ -210,6 +214,7 @@ def main():
   parser.add_argument("--cases", type=int, default=100)
   parser.add_argument("--start", type=int, default=0, help="first case index")
   parser.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of the ops")
+  parser.add_argument("--impl", default="auto", choices=("auto", "gather", "einsum"))
   args = parser.parse_args()
   ops = set(args.ops.split(","))
   if ops - set(OPS):
@@ -222,7 +227,7 @@ def main():
     if case["op"] not in ops:
       continue
     checked += 1
-    problems = check(case)
+    problems = check(case, args.impl)
     if problems:
       failed += 1
       print(f"MISMATCH {args.seed}/{index}: {describe(case)}: {'; '.join(problems)}", flush=True)
