@@ -7,7 +7,9 @@ read the committed .npz files, so CI never needs torch. Run from the repo root:
 
 Every case stores NHWC features, the flat boxes, their image indices, the
 options, torchvision's output (converted to NHWC) and torchvision's gradient
-with respect to the features for a fixed random cotangent.
+with respect to the features for a fixed random cotangent. Besides the
+hand-written cases, each file holds the cases of :data:`FUZZED`, drawn by
+``tools/fuzz_torchvision.py`` (named ``fuzz_<seed>_<index>``).
 """
 
 from __future__ import annotations
