@@ -353,8 +353,7 @@ class MultiScaleRoIAlign:
   canonical_level: int = 4
 
   def __post_init__(self):
-    size = self.output_size
-    object.__setattr__(self, "output_size", (size, size) if isinstance(size, int) else tuple(size))
+    object.__setattr__(self, "output_size", validation.normalize_size(self.output_size))
 
   def __repr__(self) -> str:
     return (

@@ -174,7 +174,7 @@ def test_module_reprs_are_torchvision_s():
     "PSRoIAlign(output_size=7, spatial_scale=0.25, sampling_ratio=2)"
   )
   assert repr(tv.PSRoIPool(7, 0.25)) == "PSRoIPool(output_size=7, spatial_scale=0.25)"
-  for size in (7, (7, 7), [7, 7]):
+  for size in (7, np.int64(7), (7, 7), [7, 7]):
     pooler = tv.MultiScaleRoIAlign(["0"], size, 2, canonical_scale=112)
     assert pooler.output_size == (7, 7)
     assert repr(pooler) == (
