@@ -1,4 +1,4 @@
-"""The torchvision parity fixtures (tools/make_torchvision_fixtures.py): reading and checking."""
+"""Parity fixtures (tools/make_torchvision_fixtures.py, tensorflow_parity.py): reading, checking."""
 
 import pathlib
 
@@ -19,11 +19,11 @@ def load_cases(filename: str) -> dict[str, dict[str, np.ndarray]]:
 
 
 def assert_gradients_match(vjp, cotangent, expected, tol=1e-5):
-  """Checks ``vjp(cotangent)`` against torchvision's gradients ``expected`` (one per input).
+  """Checks ``vjp(cotangent)`` against the stored gradients ``expected`` (one per input).
 
   A gradient cell sums the cotangents of every output that read it, weighted
-  by non-negative weights, in another order than torchvision's. So each cell
-  may differ by ``tol`` times (1 + the sum of the magnitudes of those terms),
+  by non-negative weights, in another order than the reference library. So each
+  cell may differ by ``tol`` times (1 + the sum of the magnitudes of those terms),
   which is what ``vjp(|cotangent|)`` computes.
   """
   grads = vjp(jnp.asarray(cotangent))

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from roipool_jax import crop_and_resize, roi_align
-from tests import reference
+from tests import fixtures_io, reference
 from tests.quick import some
 
 # ------------------------------------------------------------------ TensorFlow's own cases
@@ -195,6 +195,51 @@ def test_tensorflow_formula(problem, method, extrapolation, impl):
   np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
 
 
+TF_FIXTURES = fixtures_io.load_cases("tensorflow_crop_and_resize.npz")
+
+
+@pytest.mark.parametrize(
+  "name, impl",
+  some([(name, ("gather", "einsum")[i % 2]) for i, name in enumerate(sorted(TF_FIXTURES))], 4),
+)
+def test_matches_tensorflow_fixtures(name, impl):
+  # Drawn by tools/tensorflow_parity.py: output, image and box gradients of
+  # tf.image.crop_and_resize, on whole-cell, flipped, zero-size and huge boxes too.
+  # Each case runs on one backend, alternately (each compiles its own programs).
+  c = TF_FIXTURES[name]
+
+  def crop(image, boxes):
+    return crop_and_resize(
+      image,
+      boxes,
+      tuple(int(s) for s in c["crop_size"]),
+      box_indices=c["box_indices"],
+      box_format="tf",
+      method=str(c["method"]),
+      extrapolation_value=float(c["extrapolation_value"]),
+      impl=impl,
+    )
+
+  image, boxes = jnp.asarray(c["image"]), jnp.asarray(c["boxes"])
+  out = jax.jit(crop)(image, boxes)
+  np.testing.assert_allclose(np.asarray(out), c["output"], rtol=1e-5, atol=1e-5)
+  if "grad_image" not in c:  # integer image: no gradient
+    return
+  vjp = jax.jit(lambda cot: jax.vjp(crop, image, boxes)[1](cot))
+  fixtures_io.assert_gradients_match(lambda cot: vjp(cot)[:1], c["cotangent"], [c["grad_image"]])
+  grad_boxes = np.asarray(vjp(jnp.asarray(c["cotangent"]))[1])
+  if c["method"] == "nearest":  # piecewise constant (TensorFlow: its bilinear box gradient)
+    np.testing.assert_array_equal(grad_boxes, np.zeros_like(grad_boxes))
+    return
+  # Boxes where TensorFlow's box-gradient kernel puts a point on other cells than its
+  # forward kernel does are left out (see crop_and_resize's docstring).
+  compared = c["box_gradient_compared"]
+  want = c["grad_boxes"][compared]
+  np.testing.assert_allclose(
+    grad_boxes[compared], want, rtol=1e-5, atol=1e-5 * (1 + np.abs(want).max(initial=0))
+  )
+
+
 def test_tensorflow_gradients_match_autodiff_of_its_formula():
   rng = np.random.default_rng(0)
   image = jnp.asarray(rng.standard_normal((2, 6, 7, 3)), jnp.float32)
@@ -211,6 +256,28 @@ def test_tensorflow_gradients_match_autodiff_of_its_formula():
   got, want = jax.grad(ours, (0, 1))(image, boxes), jax.grad(dense, (0, 1))(image, boxes)
   for name, a, b in zip(("features", "boxes"), got, want, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_tensorflow_box_gradient_at_whole_cells_is_its_kernels():
+  # Points on whole cells: TensorFlow's kernel reads rows floor(y) and ceil(y), the
+  # same row there, so such a point adds nothing to the box gradient along y (and
+  # likewise along x). [0, 0, 1, 1] on a 3 x 5 image puts every point of a 3 x 5
+  # crop on a cell; the other boxes mix whole and fractional points.
+  image = jnp.asarray(np.random.default_rng(1).standard_normal((1, 3, 5, 2)), jnp.float32)
+  boxes = jnp.array([[0, 0, 1, 1], [0, 0.3, 1, 0.8], [0.5, 0.25, 0.75, 1], [1, 1, 0, 0]])
+  indices = np.zeros(4, np.int32)
+  cot = jnp.asarray(np.random.default_rng(2).standard_normal((4, 3, 5, 2)), jnp.float32)
+
+  def ours(f, b):
+    return jnp.vdot(crop_and_resize(f, b, (3, 5), box_indices=indices, box_format="tf"), cot)
+
+  def dense(f, b):
+    return jnp.vdot(reference.dense_tf_crop_and_resize(f, b, indices, (3, 5)), cot)
+
+  got, want = jax.grad(ours, (0, 1))(image, boxes), jax.grad(dense, (0, 1))(image, boxes)
+  np.testing.assert_array_equal(got[1][0], np.zeros(4))  # every point on a cell
+  for name, a, b in zip(("features", "boxes"), got, want, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 # ------------------------------------------------------------------ pixel boxes

@@ -99,10 +99,20 @@ def crop_and_resize(
 
   With ``box_format="tf"``, ``extrapolation_value`` and ``method`` this is
   ``tf.image.crop_and_resize(image, boxes, box_indices, crop_size, method,
-  extrapolation_value)`` on NHWC maps, with these differences: floating maps
-  keep their dtype (TensorFlow returns float32 for every dtype; integer maps
-  give float32 here too), and a box with a non-finite coordinate gives zeros
-  (TensorFlow raises an error).
+  extrapolation_value)`` on NHWC maps, gradients included, with these
+  differences:
+
+  * floating maps keep their dtype (TensorFlow returns float32 for every
+    dtype; integer maps give float32 here too), and float64 maps are sampled
+    at float64 points;
+  * a box with a non-finite coordinate gives zeros (TensorFlow raises an
+    error);
+  * ``nearest`` crops have no box gradient (TensorFlow gives them its bilinear
+    box gradient, as an approximation);
+  * TensorFlow's box-gradient kernel recomputes the points with the step
+    rounded as ``(y2 - y1) * ((H - 1) / (ch - 1))``. Where that moves a point
+    onto a whole cell or off it, its box gradient is not the derivative of
+    its own output; here it is.
 
   Boxes with a non-finite coordinate, or (under ``jit``) an out-of-range
   ``box_indices`` entry, give zeros and zero gradients, and never affect
@@ -116,9 +126,13 @@ def crop_and_resize(
   Gradients (bilinear): to the features, each sample's cotangent times its
   weights on its cells (``custom_vjp``, as :func:`roi_align`); to the box
   coordinates, the exact derivative of the sample points through the weights
-  (0 where a point does not count). Nearest: the feature gradient goes to the
-  chosen cell, and the box gradient is 0 (piecewise constant). The
-  extrapolated value has no gradient. Integer maps have no gradient.
+  (0 where a point does not count). Where a point lies on a whole row, the
+  derivative along ``y`` is one-sided, ``F[y + 1] - F[y]``, under RoIAlign's
+  edge rule, and 0 under TensorFlow's, whose two rows are ``floor(y)`` and
+  ``ceil(y)``, the same row there (columns alike). Nearest: the feature
+  gradient goes to the chosen cell, and the box gradient is 0 (piecewise
+  constant). The extrapolated value has no gradient. Integer maps have no
+  gradient.
 
   Args:
     features: ``[N, H, W, C]`` feature map or image, floating or integer.

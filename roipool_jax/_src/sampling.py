@@ -192,7 +192,10 @@ def corners(y: jax.Array, length: int, extrapolate: bool = False):
     both cells are ``length - 1``, with all the weight on ``low``.
   * ``extrapolate`` (TensorFlow's ``crop_and_resize``): positions outside
     ``[0, length - 1]`` do not count (the op gives them its extrapolation
-    value); inside, the same two cells and weights.
+    value); inside, the cells are ``floor(y)`` and ``ceil(y)``, as in
+    TensorFlow's kernel: the same weights, but at a whole-number ``y`` both
+    are one cell, so the derivative along ``y`` there is 0, not the
+    one-sided ``F[y + 1] - F[y]``.
   """
   if extrapolate:
     inside = (y >= 0.0) & (y <= length - 1)
@@ -202,7 +205,10 @@ def corners(y: jax.Array, length: int, extrapolate: bool = False):
   low = boxes_lib.to_int(jnp.floor(y))
   edge = low >= length - 1
   low = jnp.minimum(low, length - 1)
-  high = jnp.where(edge, low, low + 1)
+  if extrapolate:
+    high = jnp.minimum(boxes_lib.to_int(jnp.ceil(y)), length - 1)
+  else:
+    high = jnp.where(edge, low, low + 1)
   frac = jnp.where(edge, 0.0, y - low.astype(y.dtype))
   w_high = jnp.where(inside, frac, 0.0)
   w_low = jnp.where(inside, 1.0 - frac, 0.0)

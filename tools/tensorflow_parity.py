@@ -1,0 +1,261 @@
+"""``crop_and_resize(box_format="tf")`` against ``tf.image.crop_and_resize``: fuzzing and fixtures.
+
+Needs TensorFlow (``pip install -e ".[tensorflow]"``); CI never runs it, the
+tests read the fixtures it stores. Run from the repo root:
+
+    python tools/tensorflow_parity.py --cases 300 --seed 1   # fuzz: compare, print mismatches
+    python tools/tensorflow_parity.py --write                # store the fixtures
+
+Each case is drawn from ``numpy.random.default_rng((seed, index))``, so a
+reported ``seed/index`` pair redraws the same case on any machine:
+
+* images ``[N, H, W, C]`` with ``N <= 3``, ``H, W`` from 1 to 12, ``C <= 4``:
+  float32 or float64 (``jax_enable_x64``), rounded to integers a third of the
+  time, or uint8 (forward only: no gradient);
+* up to 24 normalized ``(y1, x1, y2, x2)`` boxes of one kind per case:
+  random in ``[-0.3, 1.3]``, on whole cells (multiples of ``1 / (H - 1)``,
+  where a point on a cell adds nothing to the box gradient along its axis;
+  float32 and uint8 only), flipped, zero-size, or much larger than the image;
+* crops from 1 x 1 to 6 x 6, ``bilinear`` or ``nearest``, extrapolation
+  values 0, -1.5 and 7.
+
+Compared: the output; the image gradient; the box gradient for ``bilinear``
+(TensorFlow gives ``nearest`` crops the bilinear box gradient as an
+approximation; roipool_jax gives them 0, a documented difference), except
+for boxes where TensorFlow's box-gradient kernel, rounding the step in its
+own way, puts a point on other cells than its forward kernel
+(:func:`gradient_points_agree`; a few boxes in a hundred cases). TensorFlow
+computes in float32, so float64 cases are compared at float32 tolerances.
+
+``--write`` stores cases ``0..FIXTURE_CASES-1`` of seed 0, in float32, with
+TensorFlow's output and gradients, as ``tests/fixtures/tensorflow_crop_and_resize.npz``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import roipool_jax  # noqa: E402
+
+FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+FIXTURE_CASES = 40
+METHODS = ("bilinear", "nearest")
+
+
+def _boxes(rng, k, height, width, whole_cells=True):
+  """``[k, 4]`` normalized ``(y1, x1, y2, x2)``, one kind of box per case."""
+  kind = rng.integers(0 if whole_cells else 2, 5)
+  boxes = rng.uniform(-0.3, 1.3, (k, 4))
+  if kind == 1:  # whole cells
+    cells = np.array([height, width, height, width]) - 1
+    boxes = rng.integers(-1, cells + 2, (k, 4)) / np.maximum(cells, 1)
+  if kind == 2:  # flipped
+    boxes = boxes[:, [2, 3, 0, 1]]
+  if kind == 3:  # zero-size
+    boxes[:, 2:] = boxes[:, :2]
+  if kind == 4:  # much larger than the image
+    boxes = boxes * 4 - 1.5
+  return boxes
+
+
+def draw(seed: int, index: int) -> dict:
+  """Case ``index`` of ``seed``: inputs and options."""
+  rng = np.random.default_rng((seed, index))
+  n, height, width = (int(v) for v in rng.integers(1, [4, 13, 13]))
+  image = rng.standard_normal((n, height, width, int(rng.integers(1, 5))))
+  kind = rng.integers(0, 3)
+  if kind == 0:
+    image = np.round(image)
+  if kind < 2:
+    image = image.astype(np.float32)
+  if rng.random() < 0.15:
+    image = rng.integers(0, 256, image.shape).astype(np.uint8)
+  k = int(rng.integers(0, 25))
+  # float64 maps sample at float64 points; where a point lies on a cell, or half-way
+  # between two, in TensorFlow's float32 arithmetic, one ulp decides its cells, so
+  # whole-cell boxes are drawn for the other dtypes only. TensorFlow's boxes are float32.
+  boxes = _boxes(rng, k, height, width, whole_cells=image.dtype != np.float64)
+  boxes = boxes.astype(np.float32).astype(image.dtype if image.dtype == np.float64 else np.float32)
+  crop = rng.integers(1, 7, 2).astype(np.int32)
+  return dict(
+    image=image,
+    boxes=boxes,
+    box_indices=rng.integers(0, n, k).astype(np.int32),
+    crop_size=crop,
+    method=np.str_(METHODS[rng.integers(0, 2)]),
+    extrapolation_value=np.float32(rng.choice([0.0, -1.5, 7.0])),
+    cotangent=rng.standard_normal((k, *crop, image.shape[-1])).astype(np.float32),
+  )
+
+
+def _tf_points(lo, hi, num, length, gradient_kernel):
+  """TensorFlow's float32 sample points ``[K, num]`` along one axis.
+
+  Its forward kernel's step is ``(hi - lo) * (length - 1) / (num - 1)``; its
+  box-gradient kernel's is ``(hi - lo) * ((length - 1) / (num - 1))``, rounded
+  differently.
+  """
+  f32 = np.float32
+  lo, hi, extent = lo.astype(f32), hi.astype(f32), f32(length - 1)
+  if num == 1:
+    return ((lo + hi).astype(np.float64) * 0.5 * (length - 1)).astype(f32)[:, None]
+  if gradient_kernel:
+    step = (hi - lo) * (extent / f32(num - 1))
+  else:
+    step = (hi - lo) * extent / f32(num - 1)
+  return lo[:, None] * extent + np.arange(num, dtype=f32)[None] * step[:, None]
+
+
+def gradient_points_agree(case: dict) -> np.ndarray:
+  """``[K]`` bool: whether TensorFlow's two kernels put every point of each box on the same cells.
+
+  Where they do not (a point on a cell in one and an ulp off it in the
+  other), TensorFlow's box gradient is not the derivative of its own output,
+  and roipool_jax's (the derivative of the output) differs from it.
+  """
+  _, height, width, _ = case["image"].shape
+  crop, boxes = case["crop_size"], case["boxes"]
+  agree = np.ones(len(boxes), bool)
+  for axis, length in ((0, height), (1, width)):
+    lo, hi, num = boxes[:, axis], boxes[:, axis + 2], int(crop[axis])
+    cells = []
+    for gradient_kernel in (False, True):
+      y = _tf_points(lo, hi, num, length, gradient_kernel)
+      cells.append((np.floor(y), np.ceil(y), (y >= 0) & (y <= length - 1)))
+    for a, b in zip(*cells, strict=True):
+      agree &= np.all(a == b, axis=1)
+  return agree
+
+
+def tensorflow_result(case: dict):
+  """TensorFlow's output, image gradient and box gradient (None without gradients)."""
+  image = tf.constant(case["image"])
+  boxes = tf.constant(case["boxes"], tf.float32)
+  crop = [int(s) for s in case["crop_size"]]
+  options = dict(method=str(case["method"]), extrapolation_value=float(case["extrapolation_value"]))
+  if case["image"].dtype == np.uint8:
+    out = tf.image.crop_and_resize(image, boxes, case["box_indices"], crop, **options)
+    return out.numpy(), None, None
+  with tf.GradientTape() as tape:
+    tape.watch([image, boxes])
+    out = tf.image.crop_and_resize(image, boxes, case["box_indices"], crop, **options)
+    loss = tf.reduce_sum(out * tf.constant(case["cotangent"]))
+  grad_image, grad_boxes = tape.gradient(loss, [image, boxes])
+  return out.numpy(), grad_image.numpy(), grad_boxes.numpy()
+
+
+def roipool_result(case: dict, impl: str = "auto"):
+  """roipool_jax's output, image gradient and box gradient under ``jit``."""
+
+  @jax.jit
+  def run(image, boxes, cot):
+    def crop(image, boxes):
+      return roipool_jax.crop_and_resize(
+        image,
+        boxes,
+        tuple(int(s) for s in case["crop_size"]),
+        box_indices=case["box_indices"],
+        box_format="tf",
+        method=str(case["method"]),
+        extrapolation_value=float(case["extrapolation_value"]),
+        impl=impl,
+      )
+
+    if not jnp.issubdtype(image.dtype, jnp.floating):
+      return crop(image, boxes), None, None
+    out, vjp = jax.vjp(crop, image, boxes)
+    return (out, *vjp(cot.astype(out.dtype)))
+
+  out, grad_image, grad_boxes = run(case["image"], case["boxes"], case["cotangent"])
+  return tuple(None if a is None else np.asarray(a) for a in (out, grad_image, grad_boxes))
+
+
+def check(case: dict, impl: str = "auto") -> list[str]:
+  """The ways roipool_jax differs from TensorFlow on ``case`` (empty: it agrees).
+
+  Outputs within 1e-5 (relative and absolute); gradients within 1e-5 times
+  (1 + the largest magnitude of the gradient), since each cell sums terms in
+  another order.
+  """
+  want = tensorflow_result(case)
+  got = roipool_result(case, impl)
+  problems = []
+  names = ("output", "image gradient", "box gradient")
+  for name, a, b in zip(names, got, want, strict=True):
+    if b is None or (name == "box gradient" and case["method"] == "nearest"):
+      continue
+    if name == "box gradient":
+      agree = gradient_points_agree(case)
+      a, b = a[agree], b[agree]
+    tol = 1e-5 if name == "output" else 1e-5 * (1 + np.abs(b).max(initial=0))
+    if not np.allclose(a, b, rtol=1e-5, atol=tol):
+      problems.append(f"{name} off by up to {np.abs(a - b).max():.3g}")
+  return problems
+
+
+def describe(case: dict) -> str:
+  image = "x".join(str(d) for d in case["image"].shape)
+  crop = tuple(int(s) for s in case["crop_size"])
+  return (
+    f"{case['image'].dtype} image {image}, {len(case['boxes'])} boxes, crop {crop}, "
+    f"{case['method']}, extrapolation {float(case['extrapolation_value'])}"
+  )
+
+
+def write(seed: int = 0) -> None:
+  """Stores cases ``0..FIXTURE_CASES-1`` of ``seed`` in float32 with TensorFlow's results."""
+  arrays = {}
+  for index in range(FIXTURE_CASES):
+    case = draw(seed, index)
+    if case["image"].dtype == np.float64:
+      case.update(image=case["image"].astype(np.float32), boxes=case["boxes"].astype(np.float32))
+    out, grad_image, grad_boxes = tensorflow_result(case)
+    fields = dict(case, output=out)
+    if grad_image is not None:
+      fields.update(grad_image=grad_image, grad_boxes=grad_boxes)
+      fields["box_gradient_compared"] = gradient_points_agree(case)
+    for field, value in fields.items():
+      arrays[f"case_{seed}_{index}/{field}"] = np.asarray(value)
+  FIXTURES.mkdir(exist_ok=True)
+  np.savez_compressed(FIXTURES / "tensorflow_crop_and_resize.npz", **arrays)
+  print(f"wrote {FIXTURE_CASES} cases (tensorflow {tf.__version__})")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--cases", type=int, default=100)
+  parser.add_argument("--start", type=int, default=0, help="first case index")
+  parser.add_argument("--impl", default="auto", choices=("auto", "gather", "einsum"))
+  parser.add_argument("--write", action="store_true", help="store the fixtures instead")
+  args = parser.parse_args()
+  if args.write:
+    write()
+    return
+  failed = skipped = 0
+  for index in range(args.start, args.start + args.cases):
+    case = draw(args.seed, index)
+    if case["method"] == "bilinear" and case["image"].dtype != np.uint8:
+      skipped += int(np.sum(~gradient_points_agree(case)))
+    problems = check(case, args.impl)
+    if problems:
+      failed += 1
+      print(f"MISMATCH {args.seed}/{index}: {describe(case)}: {'; '.join(problems)}", flush=True)
+  print(
+    f"tensorflow {tf.__version__}: {args.cases} cases, {failed} mismatches; box gradients of "
+    f"{skipped} boxes not compared (TensorFlow's kernels put a point on different cells)"
+  )
+  raise SystemExit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+  main()
