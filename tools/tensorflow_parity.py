@@ -31,8 +31,8 @@ Compared: the output; the image gradient; the box gradient for ``bilinear``
 approximation; roipool_jax gives them 0, a documented difference), except
 for boxes where TensorFlow's box-gradient kernel, rounding the step in its
 own way, puts a point on other cells than its forward kernel
-(:func:`gradient_points_agree`; a few boxes in a hundred cases). TensorFlow
-computes in float32, so float64 cases are compared at float32 tolerances.
+(:func:`gradient_points_agree`; a few boxes in a hundred cases). The
+tolerances are :func:`check`'s.
 
 ``--write`` stores cases ``0..FIXTURE_CASES-1`` of seed 0, in float32, with
 TensorFlow's output and gradients, as ``tests/fixtures/tensorflow_crop_and_resize.npz``.
@@ -140,6 +140,12 @@ def _tf_points(lo, hi, num, length, gradient_kernel):
   return lo[:, None] * extent + np.arange(num, dtype=f32)[None] * step[:, None]
 
 
+def _tf_cells(lo, hi, num, length, gradient_kernel):
+  """TensorFlow's points (:func:`_tf_points`), their cells ``floor``/``ceil``, and which count."""
+  y = _tf_points(lo, hi, num, length, gradient_kernel)
+  return y, np.floor(y), np.ceil(y), (y >= 0) & (y <= length - 1)
+
+
 def gradient_points_agree(case: dict) -> np.ndarray:
   """``[K]`` bool: whether TensorFlow's two kernels put every point of each box on the same cells.
 
@@ -152,11 +158,9 @@ def gradient_points_agree(case: dict) -> np.ndarray:
   agree = np.ones(len(boxes), bool)
   for axis, length in ((0, height), (1, width)):
     lo, hi, num = boxes[:, axis], boxes[:, axis + 2], int(crop[axis])
-    cells = []
-    for gradient_kernel in (False, True):
-      y = _tf_points(lo, hi, num, length, gradient_kernel)
-      cells.append((np.floor(y), np.ceil(y), (y >= 0) & (y <= length - 1)))
-    for a, b in zip(*cells, strict=True):
+    forward = _tf_cells(lo, hi, num, length, gradient_kernel=False)[1:]
+    backward = _tf_cells(lo, hi, num, length, gradient_kernel=True)[1:]
+    for a, b in zip(forward, backward, strict=True):
       agree &= np.all(a == b, axis=1)
   return agree
 
@@ -215,11 +219,10 @@ def box_gradient_magnitudes(case: dict) -> np.ndarray:
   _, height, width, _ = image.shape
   boxes, crop = case["boxes"], [int(s) for s in case["crop_size"]]
 
-  def cells(lo, hi, num, length):
-    y = _tf_points(lo, hi, num, length, gradient_kernel=True)
-    inside = (y >= 0) & (y <= length - 1)
-    y = np.clip(y, 0, length - 1)
-    return np.floor(y).astype(int), np.ceil(y).astype(int), y - np.floor(y), inside
+  def cells(lo, hi, num, length):  # points that do not count read cell 0 (weight 0 below)
+    y, low, high, inside = _tf_cells(lo, hi, num, length, gradient_kernel=True)
+    lerp = np.where(inside, y - low, np.float32(0))
+    return np.where(inside, low, 0).astype(int), np.where(inside, high, 0).astype(int), lerp, inside
 
   top, bottom, y_lerp, in_y = cells(boxes[:, 0], boxes[:, 2], crop[0], height)
   left, right, x_lerp, in_x = cells(boxes[:, 1], boxes[:, 3], crop[1], width)
@@ -261,12 +264,13 @@ def check(case: dict, impl: str = "auto") -> list[str]:
   for name, a, b in zip(names, got, want, strict=True):
     if b is None or (name == "box gradient" and case["method"] == "nearest"):
       continue
-    size = 1 + np.abs(b).max(initial=0)
     if name == "box gradient":
       agree = gradient_points_agree(case)
       size = (1 + box_gradient_magnitudes(case)[agree]) * max(1, max(case["image"].shape[1:3]) / 16)
       a, b = a[agree], b[agree]
-    tol = 1e-5 * scale * (1 if name == "output" else size)
+    else:
+      size = 1 if name == "output" else 1 + np.abs(b).max(initial=0)
+    tol = 1e-5 * scale * size
     if not np.allclose(a, b, rtol=1e-5 * scale, atol=tol):
       problems.append(f"{name} off by up to {np.abs(a - b).max():.3g}")
   return problems
