@@ -59,6 +59,7 @@ from roipool_jax._src import validation
 
 __all__ = (
   "BoxesShapeError",
+  "ChannelsError",
   "MultiScaleRoIAlign",
   "PSRoIAlign",
   "PSRoIPool",
@@ -83,6 +84,29 @@ class BoxesShapeError(ValueError, AssertionError):
   """
 
 
+class ChannelsError(ValueError, RuntimeError):
+  """Position-sensitive maps whose channel count ``C`` is not a multiple of ``oh * ow``.
+
+  A ``ValueError``, as for every bad value in roipool_jax, and a
+  ``RuntimeError``, which is what torchvision raises for it (a ``TORCH_CHECK``
+  in its kernels): code that catches either keeps working.
+  """
+
+
+def _ps_nhwc(input: jax.typing.ArrayLike, output_size: Size) -> jax.Array:
+  """:func:`_nhwc` of position-sensitive maps: ``C`` must be ``C_out * oh * ow``."""
+  features = _nhwc("input", input)
+  oh, ow = validation.normalize_size(output_size)
+  channels = features.shape[-1]
+  if channels % (oh * ow):
+    raise ChannelsError(
+      f"`input` channels C must be a multiple of oh * ow = {oh} * {ow} = {oh * ow} "
+      f"(C = C_out * oh * ow); got input shape {np.shape(input)} (NCHW) and output_size "
+      f"{output_size}."
+    )
+  return features
+
+
 def _nhwc(name: str, input: jax.typing.ArrayLike) -> jax.Array:
   """``[N, C, H, W]`` to ``[N, H, W, C]``, with errors that speak of NCHW."""
   validation.array_dtype(name, input)
@@ -96,10 +120,11 @@ def _nchw(pooled: jax.Array) -> jax.Array:
   return pooled.transpose(0, 3, 1, 2)
 
 
-def _on_nchw(op, input, boxes, output_size, **options) -> jax.Array:
+def _on_nchw(op, input, boxes, output_size, *, position_sensitive=False, **options) -> jax.Array:
   """``op`` (an NHWC roipool_jax op) on NCHW ``input`` and torchvision ``boxes``; NCHW out."""
   b, indices = convert_boxes(boxes)
-  return _nchw(op(_nhwc("input", input), b, output_size, box_indices=indices, **options))
+  features = _ps_nhwc(input, output_size) if position_sensitive else _nhwc("input", input)
+  return _nchw(op(features, b, output_size, box_indices=indices, **options))
 
 
 def convert_boxes(boxes: object) -> tuple[jax.Array, jax.Array]:
@@ -213,8 +238,19 @@ def ps_roi_pool(
 
   Returns:
     ``[K, C_out, oh, ow]`` in the maps' dtype.
+
+  Raises:
+    ChannelsError: (a ``ValueError`` and a ``RuntimeError``) ``C`` is not a
+      multiple of ``oh * ow``.
   """
-  return _on_nchw(roipool_jax.ps_roi_pool, input, boxes, output_size, spatial_scale=spatial_scale)
+  return _on_nchw(
+    roipool_jax.ps_roi_pool,
+    input,
+    boxes,
+    output_size,
+    position_sensitive=True,
+    spatial_scale=spatial_scale,
+  )
 
 
 def ps_roi_align(
@@ -236,12 +272,17 @@ def ps_roi_align(
 
   Returns:
     ``[K, C_out, oh, ow]`` in the maps' dtype.
+
+  Raises:
+    ChannelsError: (a ``ValueError`` and a ``RuntimeError``) ``C`` is not a
+      multiple of ``oh * ow``.
   """
   return _on_nchw(
     roipool_jax.ps_roi_align,
     input,
     boxes,
     output_size,
+    position_sensitive=True,
     spatial_scale=spatial_scale,
     sampling_ratio=sampling_ratio,
   )

@@ -148,6 +148,13 @@ def test_errors_speak_of_torchvision_layouts():
       tv.roi_pool(x, [jnp.ones((2, 4)), jnp.ones((2, 5))], 2)
     with pytest.raises(error, match=r"`boxes\[0\]` must be \[L, 4\]"):
       tv.RoIAlign(2, 1.0, 2)(x, [jnp.ones((1, 3))])
+  # Position-sensitive channels: a ValueError, and torchvision's RuntimeError (TORCH_CHECK),
+  # naming the NCHW shape given.
+  for error in (ValueError, RuntimeError):
+    with pytest.raises(error, match=r"multiple of oh \* ow = 2 \* 3 = 6.*\(1, 3, 8, 8\) \(NCHW\)"):
+      tv.ps_roi_pool(x, jnp.zeros((1, 5)), (2, 3))
+    with pytest.raises(error, match=r"multiple of oh \* ow = 2 \* 2 = 4"):
+      tv.PSRoIAlign(2, 1.0, 2)(x, [jnp.ones((1, 4))])
   with pytest.raises(ValueError, match=r"`input` must be NCHW"):
     tv.roi_pool(jnp.ones((3, 8, 8)), jnp.ones((2, 5)), 2)
   pooler = tv.MultiScaleRoIAlign(["p2"], 7, 2)
