@@ -374,3 +374,11 @@ def test_bad_options_raise():
     crop_and_resize(image, boxes, 2, box_format="tf", spatial_scale=0.5)
   with pytest.raises(ValueError, match="pixel boxes only"):
     crop_and_resize(image, boxes, 2, box_format="tf", aligned=False)
+
+
+def test_box_shape_errors_name_the_format_s_coordinates():
+  image = IMAGE_2X2
+  with pytest.raises(ValueError, match=r"\(y1, x1, y2, x2\) normalized.*got shape \(2, 5\)\.$"):
+    crop_and_resize(image, np.zeros((2, 5), np.float32), 2, box_format="tf")
+  with pytest.raises(ValueError, match=r"as \(x1, y1, x2, y2\);.*torchvision's rois"):
+    crop_and_resize(image, np.zeros((2, 5), np.float32), 2)

@@ -192,6 +192,7 @@ def crop_and_resize(
       )
     if extrapolation_value is None:
       extrapolation_value = 0.0
+    validation.check_boxes(boxes, layout="(y1, x1, y2, x2) normalized to the map")
   impl = backends.resolve(impl)
   features = jnp.asarray(features)
   if not jnp.issubdtype(features.dtype, jnp.floating):

@@ -79,8 +79,12 @@ def check_features(features: object, name: str = "features", allow_integer: bool
     raise ValueError(f"`{name}` must have H >= 1 and W >= 1; got shape {shape} ([N, H, W, C]).")
 
 
-def check_boxes(boxes: object, coords: int = 4) -> None:
-  """Checks ``boxes`` is a numeric ``[K, coords]`` or ``[N, R, coords]`` array."""
+def check_boxes(boxes: object, coords: int = 4, layout: str | None = None) -> None:
+  """Checks ``boxes`` is a numeric ``[K, coords]`` or ``[N, R, coords]`` array.
+
+  ``layout`` names the coordinates in the error (by default ``(x1, y1, x2, y2)``,
+  or the rotated boxes' for ``coords == 5``).
+  """
   dtype = array_dtype("boxes", boxes)
   shape = np.shape(boxes)
   if not (jnp.issubdtype(dtype, np.floating) or jnp.issubdtype(dtype, np.integer)):
@@ -89,9 +93,10 @@ def check_boxes(boxes: object, coords: int = 4) -> None:
     )
   if len(shape) not in (2, 3) or shape[-1] != coords:
     hint = ""
-    if len(shape) == 2 and shape[-1] == coords + 1:
-      hint = f"; {TORCHVISION_ROIS_HINT}" if coords == 4 else f"; {ROTATED_ROIS_HINT}"
-    layout = "(x1, y1, x2, y2)" if coords == 4 else "(cx, cy, w, h, angle_degrees)"
+    if layout is None:
+      if len(shape) == 2 and shape[-1] == coords + 1:
+        hint = f"; {TORCHVISION_ROIS_HINT}" if coords == 4 else f"; {ROTATED_ROIS_HINT}"
+      layout = "(x1, y1, x2, y2)" if coords == 4 else "(cx, cy, w, h, angle_degrees)"
     raise ValueError(
       f"`boxes` must be [K, {coords}] (with `box_indices`) or [N, R, {coords}] (per image), as "
       f"{layout}; got shape {shape}{hint}."
