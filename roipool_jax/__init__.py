@@ -6,6 +6,7 @@ from roipool_jax._src.multiscale import multi_scale_roi_align
 from roipool_jax._src.precise_roi_pool import precise_roi_pool
 from roipool_jax._src.ps_roi_align import ps_roi_align
 from roipool_jax._src.ps_roi_pool import ps_roi_pool
+from roipool_jax._src.riroi_align_rotated import riroi_align_rotated
 from roipool_jax._src.roi_align import roi_align
 from roipool_jax._src.roi_align_rotated import roi_align_rotated
 from roipool_jax._src.roi_pool import roi_pool
@@ -21,6 +22,7 @@ __all__ = (
   "precise_roi_pool",
   "ps_roi_align",
   "ps_roi_pool",
+  "riroi_align_rotated",
   "roi_align",
   "roi_align_rotated",
   "roi_pool",

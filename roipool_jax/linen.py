@@ -51,6 +51,10 @@ class RoIAlignRotated(layers.RoIAlignRotatedConfig, nn.Module):
   __doc__ = layers.module_docstring(layers.RoIAlignRotatedConfig, "Linen")
 
 
+class RiRoIAlignRotated(layers.RiRoIAlignRotatedConfig, nn.Module):
+  __doc__ = layers.module_docstring(layers.RiRoIAlignRotatedConfig, "Linen")
+
+
 class PreciseRoIPool(layers.PreciseRoIPoolConfig, nn.Module):
   __doc__ = layers.module_docstring(layers.PreciseRoIPoolConfig, "Linen")
 
@@ -95,6 +99,7 @@ __all__ = (
   "PSRoIAlign",
   "PSRoIPool",
   "PreciseRoIPool",
+  "RiRoIAlignRotated",
   "RoIAlign",
   "RoIAlignRotated",
   "RoIPool",

@@ -66,6 +66,11 @@ class RoIAlignRotated(layers.RoIAlignRotatedConfig, nnx.Module):
 
 
 @dataclasses.dataclass
+class RiRoIAlignRotated(layers.RiRoIAlignRotatedConfig, nnx.Module):
+  __doc__ = layers.module_docstring(layers.RiRoIAlignRotatedConfig, "NNX")
+
+
+@dataclasses.dataclass
 class PreciseRoIPool(layers.PreciseRoIPoolConfig, nnx.Module):
   __doc__ = layers.module_docstring(layers.PreciseRoIPoolConfig, "NNX")
 
@@ -155,6 +160,7 @@ __all__ = (
   "PSRoIAlign",
   "PSRoIPool",
   "PreciseRoIPool",
+  "RiRoIAlignRotated",
   "RoIAlign",
   "RoIAlignRotated",
   "RoIPool",

@@ -449,6 +449,42 @@ def ps_roi_align(features, boxes, box_indices, output_size, scale, sampling_rati
   return out
 
 
+def _rotated_samples(box, scale, output_size, sampling_ratio, aligned, clockwise, t):
+  """The sample points of one rotated box, as detectron2's / mmcv's kernels place them.
+
+  Returns ``{(i, j): [(y, x), ...]}`` and the divisor ``max(g_h * g_w, 1)``, or
+  None for a box that gives zeros (non-finite, or negative with ``aligned``).
+  """
+  if not np.all(np.isfinite(box)):
+    return None
+  oh, ow = output_size
+  s, offset = t(scale), t(0.5 if aligned else 0.0)
+  cx, cy = box[0] * s - offset, box[1] * s - offset
+  w, h = box[2] * s, box[3] * s
+  if aligned and (w < 0 or h < 0):
+    return None
+  if not aligned:
+    w, h = max(w, t(1)), max(h, t(1))
+  theta = t(float(box[4]) * math.pi / 180.0)
+  if clockwise:
+    theta = -theta
+  cos, sin = t(math.cos(theta)), t(math.sin(theta))
+  bin_h, bin_w = h / t(oh), w / t(ow)
+  gh = sampling_ratio if sampling_ratio > 0 else math.ceil(h / t(oh))
+  gw = sampling_ratio if sampling_ratio > 0 else math.ceil(w / t(ow))
+  start_h, start_w = -h / t(2), -w / t(2)
+  points = {}
+  for i in range(oh):
+    for j in range(ow):
+      points[i, j] = []
+      for a in range(gh):
+        yy = start_h + t(i) * bin_h + (t(a) + t(0.5)) * bin_h / t(gh)
+        for b in range(gw):
+          xx = start_w + t(j) * bin_w + (t(b) + t(0.5)) * bin_w / t(gw)
+          points[i, j].append((yy * cos - xx * sin + cy, yy * sin + xx * cos + cx))
+  return points, t(max(gh * gw, 1))
+
+
 def roi_align_rotated(
   features, boxes, box_indices, output_size, scale, sampling_ratio, aligned, clockwise, dtype=F32
 ):
@@ -462,41 +498,54 @@ def roi_align_rotated(
   features = np.asarray(features, dtype)
   oh, ow = output_size
   out = np.zeros((len(boxes), oh, ow, features.shape[3]), dtype)
-  s, offset = t(scale), t(0.5 if aligned else 0.0)
   for k, box in enumerate(np.asarray(boxes, dtype)):
-    if not np.all(np.isfinite(box)):
+    samples = _rotated_samples(box, scale, output_size, sampling_ratio, aligned, clockwise, t)
+    if samples is None:
       continue
-    cx, cy = box[0] * s - offset, box[1] * s - offset
-    w, h = box[2] * s, box[3] * s
-    if aligned and (w < 0 or h < 0):
-      continue
-    if not aligned:
-      w, h = max(w, t(1)), max(h, t(1))
-    theta = t(float(box[4]) * math.pi / 180.0)
-    if clockwise:
-      theta = -theta
-    cos, sin = t(math.cos(theta)), t(math.sin(theta))
-    bin_h, bin_w = h / t(oh), w / t(ow)
-    gh = sampling_ratio if sampling_ratio > 0 else math.ceil(h / t(oh))
-    gw = sampling_ratio if sampling_ratio > 0 else math.ceil(w / t(ow))
-    count = t(max(gh * gw, 1))
-    start_h, start_w = -h / t(2), -w / t(2)
+    points, count = samples
     image = features[box_indices[k]]
-    for i in range(oh):
-      for j in range(ow):
-        total = np.zeros(features.shape[3], dtype)
-        for a in range(gh):
-          yy = start_h + t(i) * bin_h + (t(a) + t(0.5)) * bin_h / t(gh)
-          for b in range(gw):
-            xx = start_w + t(j) * bin_w + (t(b) + t(0.5)) * bin_w / t(gw)
-            y = yy * cos - xx * sin + cy
-            x = yy * sin + xx * cos + cx
-            total = total + bilinear(image, y, x)
-        out[k, i, j] = total / count
+    for (i, j), bin_points in points.items():
+      total = np.zeros(features.shape[3], dtype)
+      for y, x in bin_points:
+        total = total + bilinear(image, y, x)
+      out[k, i, j] = total / count
   return out
 
 
-# ------------------------------------------------------------------ Precise RoI pooling
+def riroi_align_rotated(
+  features, boxes, box_indices, output_size, scale, sampling_ratio, orientations, clockwise
+):
+  """mmcv's ``RiRoIAlignRotated`` forward as its kernel writes it, in float64.
+
+  Per output channel ``g * O + o``: the orientation index from the angle
+  (``u = angle * O / 360``), then at every sample ``(1 - f) *`` channel
+  ``g * O + (o - s) mod O`` ``+ f *`` channel ``g * O + (o - s + 1) mod O``,
+  averaged over the bin. Sampling as :func:`roi_align_rotated` with
+  ``aligned=False``. Non-finite boxes give zeros.
+  """
+  features = np.asarray(features, np.float64)
+  channels = features.shape[3]
+  out = np.zeros((len(boxes),) + tuple(output_size) + (channels,))
+  for k, box in enumerate(np.asarray(boxes, np.float64)):
+    samples = _rotated_samples(box, scale, output_size, sampling_ratio, False, clockwise, float)
+    if samples is None:
+      continue
+    points, count = samples
+    u = box[4] * orientations / 360
+    m = math.floor(u)
+    f, shift = u - m, m % orientations
+    image = features[box_indices[k]]
+    for c in range(channels):
+      group, o = divmod(c, orientations)
+      low = group * orientations + (o - shift) % orientations
+      high = group * orientations + (o - shift + 1) % orientations
+      for (i, j), bin_points in points.items():
+        total = 0.0
+        for y, x in bin_points:
+          values = bilinear(image, y, x)
+          total += (1 - f) * values[low] + f * values[high]
+        out[k, i, j, c] = total / count
+  return out
 
 
 def _cell(image, h, w):

@@ -61,12 +61,14 @@ MODULES = {
   "ps_roi_pool": "PSRoIPool",
   "ps_roi_align": "PSRoIAlign",
   "roi_align_rotated": "RoIAlignRotated",
+  "riroi_align_rotated": "RiRoIAlignRotated",
   "precise_roi_pool": "PreciseRoIPool",
 }  # deform_roi_pool's modules learn their offsets: tests/test_deform_modules.py
 NO_EINSUM = (
   "roi_pool",
   "ps_roi_pool",
   "roi_align_rotated",
+  "riroi_align_rotated",
   "deform_roi_pool",
 )  # roi_pool's einsum path is tested in test_backends
 MAPS = [(5, 7), (1, 1), (8, 6)]
@@ -174,6 +176,13 @@ def ops(draw, name: str) -> Op:
       aligned=draw(st.booleans()),
       clockwise=draw(st.booleans()),
     )
+  elif name == "riroi_align_rotated":
+    options = dict(
+      num_orientations=draw(st.sampled_from([1, 2, 4])),
+      spatial_scale=draw(scale),
+      sampling_ratio=draw(st.sampled_from([-1, 0, 1, 2])),
+      clockwise=draw(st.booleans()),
+    )
   elif name == "ps_roi_align":
     options = dict(
       spatial_scale=draw(scale),
@@ -254,6 +263,7 @@ def problems(
   )
   if op.name.startswith("ps_"):  # C = C_out * oh * ow
     c *= int(np.prod(_out_size(op)))
+  c *= op.kwargs.get("num_orientations", 1)  # C = C_g * O
   dtype = draw(st.sampled_from(dtypes))
   per_image = draw(st.booleans()) if per_image is None else per_image
   k = draw(st.sampled_from(counts))
@@ -270,7 +280,7 @@ def problems(
     extent = np.array([w, h], float)
   total = n * k if per_image else k
   boxes = _boxes(rng, total, extent, degenerate)
-  if op.name == "roi_align_rotated":  # (cx, cy, w, h, angle) of the same boxes, turned
+  if op.name.endswith("roi_align_rotated"):  # (cx, cy, w, h, angle) of the same boxes, turned
     centre, size = (boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]
     boxes = np.concatenate([centre, size, rng.uniform(-360, 360, (total, 1))], axis=1)
   boxes = boxes.astype(np.float32)

@@ -24,6 +24,7 @@ INDICES = jnp.asarray([0, 1])
 PYRAMID = [jnp.ones((2, 8, 8, 3)), jnp.ones((2, 4, 4, 3))]
 ROTATED = jnp.asarray([[3.0, 3.0, 4.0, 2.0, 30.0], [4.0, 4.0, 5.0, 5.0, -10.0]])
 PS_FEATURES = jnp.ones((2, 8, 8, 12))  # C = 3 * 2 * 2: position-sensitive with 2x2 bins
+RI_FEATURES = jnp.ones((2, 8, 8, 8))  # C = 1 * 8: one group of 8 orientation channels
 
 # Per function: the positional call and its module name.
 CALLS = {
@@ -40,6 +41,9 @@ CALLS = {
   ),
   "roi_align_rotated": (
     lambda **o: roipool_jax.roi_align_rotated(FEATURES, ROTATED, 2, box_indices=INDICES, **o)
+  ),
+  "riroi_align_rotated": (
+    lambda **o: roipool_jax.riroi_align_rotated(RI_FEATURES, ROTATED, 2, box_indices=INDICES, **o)
   ),
   "ps_roi_pool": (
     lambda **o: roipool_jax.ps_roi_pool(PS_FEATURES, BOXES, 2, box_indices=INDICES, **o)
@@ -61,6 +65,7 @@ MODULES = {
   "roi_warp": ("RoIWarp", dict(output_size=2)),
   "multi_scale_roi_align": ("MultiScaleRoIAlign", dict(output_size=2, image_size=(8, 8))),
   "roi_align_rotated": ("RoIAlignRotated", dict(output_size=2)),
+  "riroi_align_rotated": ("RiRoIAlignRotated", dict(output_size=2)),
   "ps_roi_pool": ("PSRoIPool", dict(output_size=2)),
   "ps_roi_align": ("PSRoIAlign", dict(output_size=2)),
   "precise_roi_pool": ("PreciseRoIPool", dict(output_size=2)),
@@ -95,6 +100,7 @@ OPTIONS = {
   "image_size": ([(8.0, 8.0), "8", None], [(0, 8), (8, 8, 3)]),
   "canonical_scale": POSITIVE,
   "canonical_level": ([4.5, True, "4", None], []),
+  "num_orientations": (INT[0], [0, -8]),
   "gamma": (["0.1", None, True, jnp.asarray(0.1)], [math.inf, math.nan]),
 }
 # Array arguments, checked by the per-op tests and below.
@@ -137,10 +143,12 @@ def _positional(fn, size):
 
 
 def _boxes(fn):
-  return ROTATED if fn == "roi_align_rotated" else BOXES
+  return ROTATED if fn.endswith("roi_align_rotated") else BOXES
 
 
 def _features(fn):
+  if fn == "riroi_align_rotated":
+    return RI_FEATURES
   return PS_FEATURES if fn.startswith("ps_") else FEATURES
 
 

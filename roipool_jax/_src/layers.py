@@ -19,6 +19,7 @@ from roipool_jax._src.multiscale import multi_scale_roi_align
 from roipool_jax._src.precise_roi_pool import precise_roi_pool
 from roipool_jax._src.ps_roi_align import ps_roi_align
 from roipool_jax._src.ps_roi_pool import ps_roi_pool
+from roipool_jax._src.riroi_align_rotated import riroi_align_rotated
 from roipool_jax._src.roi_align import roi_align
 from roipool_jax._src.roi_align_rotated import roi_align_rotated
 from roipool_jax._src.roi_pool import roi_pool
@@ -285,6 +286,37 @@ class RoIAlignRotatedConfig:
       spatial_scale=self.spatial_scale,
       sampling_ratio=self.sampling_ratio,
       aligned=self.aligned,
+      clockwise=self.clockwise,
+      box_indices=box_indices,
+    )
+
+
+@dataclasses.dataclass
+class RiRoIAlignRotatedConfig:
+  """Options of :func:`roipool_jax.riroi_align_rotated`.
+
+  Attributes:
+    output_size: ``oh`` or ``(oh, ow)``.
+    num_orientations: orientation channels per group (the map's innermost).
+    spatial_scale: feature cells per image pixel.
+    sampling_ratio: samples per bin axis; ``<= 0`` adaptive.
+    clockwise: the sampling grid turns clockwise (mmcv's option).
+  """
+
+  output_size: Size
+  num_orientations: int = 8
+  spatial_scale: float = 1.0
+  sampling_ratio: int = 0
+  clockwise: bool = False
+
+  def __call__(self, features, boxes, box_indices=None):
+    return riroi_align_rotated(
+      features,
+      boxes,
+      self.output_size,
+      num_orientations=self.num_orientations,
+      spatial_scale=self.spatial_scale,
+      sampling_ratio=self.sampling_ratio,
       clockwise=self.clockwise,
       box_indices=box_indices,
     )
