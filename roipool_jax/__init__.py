@@ -1,5 +1,6 @@
 """roipool_jax: RoI pooling ops for JAX (NHWC features, (x1, y1, x2, y2) boxes)."""
 
+from roipool_jax._src.bezier_align import bezier_align
 from roipool_jax._src.crop_and_resize import crop_and_resize
 from roipool_jax._src.deform_roi_pool import deform_roi_pool
 from roipool_jax._src.multiscale import multi_scale_roi_align
@@ -16,6 +17,7 @@ from roipool_jax._src.roi_warp import roi_warp
 __version__ = "0.3.0"
 
 __all__ = (
+  "bezier_align",
   "crop_and_resize",
   "deform_roi_pool",
   "multi_scale_roi_align",

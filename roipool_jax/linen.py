@@ -55,6 +55,10 @@ class RiRoIAlignRotated(layers.RiRoIAlignRotatedConfig, nn.Module):
   __doc__ = layers.module_docstring(layers.RiRoIAlignRotatedConfig, "Linen")
 
 
+class BezierAlign(layers.BezierAlignConfig, nn.Module):
+  __doc__ = layers.module_docstring(layers.BezierAlignConfig, "Linen")
+
+
 class PreciseRoIPool(layers.PreciseRoIPoolConfig, nn.Module):
   __doc__ = layers.module_docstring(layers.PreciseRoIPoolConfig, "Linen")
 
@@ -92,6 +96,7 @@ class ModulatedDeformRoIPool(DeformRoIPool):
 
 
 __all__ = (
+  "BezierAlign",
   "CropAndResize",
   "DeformRoIPool",
   "ModulatedDeformRoIPool",

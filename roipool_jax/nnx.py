@@ -71,6 +71,11 @@ class RiRoIAlignRotated(layers.RiRoIAlignRotatedConfig, nnx.Module):
 
 
 @dataclasses.dataclass
+class BezierAlign(layers.BezierAlignConfig, nnx.Module):
+  __doc__ = layers.module_docstring(layers.BezierAlignConfig, "NNX")
+
+
+@dataclasses.dataclass
 class PreciseRoIPool(layers.PreciseRoIPoolConfig, nnx.Module):
   __doc__ = layers.module_docstring(layers.PreciseRoIPoolConfig, "NNX")
 
@@ -153,6 +158,7 @@ class ModulatedDeformRoIPool(DeformRoIPool):
 
 
 __all__ = (
+  "BezierAlign",
   "CropAndResize",
   "DeformRoIPool",
   "ModulatedDeformRoIPool",

@@ -548,6 +548,47 @@ def riroi_align_rotated(
   return out
 
 
+def bezier_align(features, boxes, box_indices, output_size, scale, sampling_ratio, aligned):
+  """mmcv's ``BezierAlign`` CPU forward, in float64 (mmcv's double curve arithmetic).
+
+  ``boxes [K, 16]``: ``p0..p3`` (top curve, left to right) then ``q0..q3``
+  (bottom curve, right to left). Non-finite boxes give zeros.
+  """
+  features = np.asarray(features, np.float64)
+  oh, ow = output_size
+  out = np.zeros((len(boxes), oh, ow, features.shape[3]))
+  for k, box in enumerate(np.asarray(boxes, np.float64)):
+    if not np.all(np.isfinite(box)):
+      continue
+    p = box.reshape(8, 2) * scale
+    top, bottom = p[:4], p[[7, 6, 5, 4]]
+    offset = 0.5 if aligned else 0.0
+    roi_w = max(abs(top[0, 0] - top[3, 0]), abs(bottom[0, 0] - bottom[3, 0]))
+    roi_h = max(abs(top[0, 1] - top[3, 1]), abs(bottom[0, 1] - bottom[3, 1]))
+    if not aligned:
+      roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
+    bin_h, bin_w = roi_h / oh, roi_w / ow
+    gh = sampling_ratio if sampling_ratio > 0 else math.ceil(bin_h)
+    gw = sampling_ratio if sampling_ratio > 0 else math.ceil(bin_w)
+    image = features[box_indices[k]]
+    for i in range(oh):
+      v = float(np.float32(i) / np.float32(oh))
+      for j in range(ow):
+        u = float(np.float32(j) / np.float32(ow))
+        weights = np.array([(1 - u) ** 3, 3 * u * (1 - u) ** 2, 3 * u * u * (1 - u), u**3])
+        x0, y0 = weights @ top
+        x1, y1 = weights @ bottom
+        cx, cy = x1 * v + x0 * (1 - v) - offset, y1 * v + y0 * (1 - v) - offset
+        total = np.zeros(features.shape[3])
+        for a in range(gh):
+          y = cy - 0.5 * bin_h + (a + 0.5) * bin_h / gh
+          for b in range(gw):
+            x = cx - 0.5 * bin_w + (b + 0.5) * bin_w / gw
+            total = total + bilinear(image, y, x)
+        out[k, i, j] = total / max(gh * gw, 1)
+  return out
+
+
 def _cell(image, h, w):
   """``image[h, w]``, or zeros outside the map (PrRoI pooling's convention)."""
   height, width = image.shape[:2]

@@ -62,9 +62,11 @@ MODULES = {
   "ps_roi_align": "PSRoIAlign",
   "roi_align_rotated": "RoIAlignRotated",
   "riroi_align_rotated": "RiRoIAlignRotated",
+  "bezier_align": "BezierAlign",
   "precise_roi_pool": "PreciseRoIPool",
 }  # deform_roi_pool's modules learn their offsets: tests/test_deform_modules.py
 NO_EINSUM = (
+  "bezier_align",
   "roi_pool",
   "ps_roi_pool",
   "roi_align_rotated",
@@ -176,6 +178,12 @@ def ops(draw, name: str) -> Op:
       aligned=draw(st.booleans()),
       clockwise=draw(st.booleans()),
     )
+  elif name == "bezier_align":
+    options = dict(
+      spatial_scale=draw(scale),
+      sampling_ratio=draw(st.sampled_from([-1, 0, 1, 2])),
+      aligned=draw(st.booleans()),
+    )
   elif name == "riroi_align_rotated":
     options = dict(
       num_orientations=draw(st.sampled_from([1, 2, 4])),
@@ -283,6 +291,14 @@ def problems(
   if op.name.endswith("roi_align_rotated"):  # (cx, cy, w, h, angle) of the same boxes, turned
     centre, size = (boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]
     boxes = np.concatenate([centre, size, rng.uniform(-360, 360, (total, 1))], axis=1)
+  if op.name == "bezier_align":  # the box's top and bottom edges as curves, bent a little
+    t = np.array([0, 1 / 3, 2 / 3, 1])
+    with np.errstate(invalid="ignore", over="ignore"):  # inf boxes give NaN: degenerate too
+      xs = boxes[:, :1] + t * (boxes[:, 2:3] - boxes[:, :1])
+      bend = rng.uniform(-0.2, 0.2, (total, 8)) * (boxes[:, 3:4] - boxes[:, 1:2])
+      top = np.stack([xs, boxes[:, 1:2] + bend[:, :4]], -1)
+      bottom = np.stack([xs, boxes[:, 3:4] + bend[:, 4:]], -1)[:, ::-1]
+    boxes = np.concatenate([top, bottom], 1).reshape(total, 16)
   boxes = boxes.astype(np.float32)
   if per_image:
     return Problem(features, boxes.reshape(n, k, boxes.shape[-1]), None)

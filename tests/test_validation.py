@@ -22,6 +22,7 @@ FEATURES = jnp.ones((2, 8, 8, 3))
 BOXES = jnp.asarray([[1.0, 1.0, 6.0, 6.0], [0.0, 2.0, 4.0, 7.0]])
 INDICES = jnp.asarray([0, 1])
 PYRAMID = [jnp.ones((2, 8, 8, 3)), jnp.ones((2, 4, 4, 3))]
+BEZIER = jnp.asarray([[1.0, 1, 2, 0, 4, 0, 6, 1, 6, 6, 4, 7, 2, 7, 1, 6]] * 2)
 ROTATED = jnp.asarray([[3.0, 3.0, 4.0, 2.0, 30.0], [4.0, 4.0, 5.0, 5.0, -10.0]])
 PS_FEATURES = jnp.ones((2, 8, 8, 12))  # C = 3 * 2 * 2: position-sensitive with 2x2 bins
 RI_FEATURES = jnp.ones((2, 8, 8, 8))  # C = 1 * 8: one group of 8 orientation channels
@@ -41,6 +42,9 @@ CALLS = {
   ),
   "roi_align_rotated": (
     lambda **o: roipool_jax.roi_align_rotated(FEATURES, ROTATED, 2, box_indices=INDICES, **o)
+  ),
+  "bezier_align": (
+    lambda **o: roipool_jax.bezier_align(FEATURES, BEZIER, 2, box_indices=INDICES, **o)
   ),
   "riroi_align_rotated": (
     lambda **o: roipool_jax.riroi_align_rotated(RI_FEATURES, ROTATED, 2, box_indices=INDICES, **o)
@@ -66,6 +70,7 @@ MODULES = {
   "multi_scale_roi_align": ("MultiScaleRoIAlign", dict(output_size=2, image_size=(8, 8))),
   "roi_align_rotated": ("RoIAlignRotated", dict(output_size=2)),
   "riroi_align_rotated": ("RiRoIAlignRotated", dict(output_size=2)),
+  "bezier_align": ("BezierAlign", dict(output_size=2)),
   "ps_roi_pool": ("PSRoIPool", dict(output_size=2)),
   "ps_roi_align": ("PSRoIAlign", dict(output_size=2)),
   "precise_roi_pool": ("PreciseRoIPool", dict(output_size=2)),
@@ -143,6 +148,8 @@ def _positional(fn, size):
 
 
 def _boxes(fn):
+  if fn == "bezier_align":
+    return BEZIER
   return ROTATED if fn.endswith("roi_align_rotated") else BOXES
 
 

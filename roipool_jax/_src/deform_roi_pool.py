@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from roipool_jax._src import backends, sampling, scaffold, validation
 from roipool_jax._src import boxes as boxes_lib
 from roipool_jax._src import roi_align as roi_align_lib
+from roipool_jax._src import sampling, scaffold, validation
 
 
 def check_offsets(offsets, boxes, output_size: tuple[int, int]) -> None:
@@ -193,11 +193,5 @@ def deform_roi_pool(
 # Compiled once per shape and configuration, also when called outside `jit`.
 @partial(jax.jit, static_argnames=("size", "scale", "ratio"))
 def _deform_roi_pool(features, flat, *, size, scale, ratio):
-  (oh, ow), channels = size, features.shape[3]
   rows, cols = _bin_axes(flat, size, scale, ratio)
-  # Every bin is a one-bin box: roi_align's taps and tap sum, over K * oh * ow boxes.
-  map_size = features.shape[1:3]
-  ty, tx = roi_align_lib.average_weights(rows, cols, (1, 1), map_size, ratio, "gather")
-  index = jnp.repeat(flat.image_index, oh * ow)
-  out = backends.sum_taps(features, ty, tx, index, "gather")
-  return out.reshape(-1, oh, ow, channels)
+  return roi_align_lib.average_per_bin(features, rows, cols, flat.image_index, size, ratio)

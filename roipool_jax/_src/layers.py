@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Literal
 
+from roipool_jax._src.bezier_align import bezier_align
 from roipool_jax._src.crop_and_resize import crop_and_resize
 from roipool_jax._src.multiscale import multi_scale_roi_align
 from roipool_jax._src.precise_roi_pool import precise_roi_pool
@@ -318,6 +319,34 @@ class RiRoIAlignRotatedConfig:
       spatial_scale=self.spatial_scale,
       sampling_ratio=self.sampling_ratio,
       clockwise=self.clockwise,
+      box_indices=box_indices,
+    )
+
+
+@dataclasses.dataclass
+class BezierAlignConfig:
+  """Options of :func:`roipool_jax.bezier_align`.
+
+  Attributes:
+    output_size: ``oh`` or ``(oh, ow)``.
+    spatial_scale: feature cells per image pixel.
+    sampling_ratio: samples per bin axis; ``<= 0`` adaptive.
+    aligned: half-pixel offset.
+  """
+
+  output_size: Size
+  spatial_scale: float = 1.0
+  sampling_ratio: int = 0
+  aligned: bool = True
+
+  def __call__(self, features, boxes, box_indices=None):
+    return bezier_align(
+      features,
+      boxes,
+      self.output_size,
+      spatial_scale=self.spatial_scale,
+      sampling_ratio=self.sampling_ratio,
+      aligned=self.aligned,
       box_indices=box_indices,
     )
 

@@ -51,6 +51,21 @@ def average_weights(rows, cols, output_size, map_size, sampling_ratio, impl):
   return sampling.row_taps(rows, oh, height), sampling.row_taps(cols, ow, width)
 
 
+def average_per_bin(features, rows, cols, image_index, output_size, sampling_ratio):
+  """``[K, oh, ow, C]`` averages where every bin is its own one-bin box (``impl="gather"``).
+
+  For ops whose bins do not share a box's grid (``deform_roi_pool``,
+  ``bezier_align``): ``rows`` and ``cols`` are :class:`sampling.Axis` of
+  ``K * oh * ow`` one-bin boxes, bins in ``(k, i, j)`` order, and
+  ``image_index`` is ``[K]``. Each bin reads only the cells its samples touch.
+  """
+  (oh, ow), channels = output_size, features.shape[3]
+  ty, tx = average_weights(rows, cols, (1, 1), features.shape[1:3], sampling_ratio, "gather")
+  index = jnp.repeat(image_index, oh * ow)
+  out = backends.sum_taps(features, ty, tx, index, "gather")
+  return out.reshape(-1, oh, ow, channels)
+
+
 def _average(features, flat, rows, cols, output_size, sampling_ratio, sparse, impl):
   wy, wx = average_weights(rows, cols, output_size, features.shape[1:3], sampling_ratio, impl)
   if impl == "einsum":

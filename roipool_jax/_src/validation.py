@@ -31,6 +31,20 @@ TORCHVISION_ROIS_HINT = (
   "`boxes=rois[:, 1:]` and `box_indices=rois[:, 0].astype(jnp.int32)` instead, or call the "
   "same op from `roipool_jax.torchvision`, which takes torchvision's NCHW maps and rois"
 )
+BEZIER_ROIS_HINT = (
+  "mmcv's Bezier rois [K, 17] hold (batch_index, 16 coordinates): pass `boxes=rois[:, 1:]` and "
+  "`box_indices=rois[:, 0].astype(jnp.int32)` instead"
+)
+# What a box holds, by its numbers per box, and the hint for rois with a leading batch index.
+BOX_LAYOUTS = {
+  4: ("(x1, y1, x2, y2)", TORCHVISION_ROIS_HINT),
+  5: ("(cx, cy, w, h, angle_degrees)", ROTATED_ROIS_HINT),
+  16: (
+    "8 Bezier control points (x, y), the top curve left to right, then the bottom one right "
+    "to left",
+    BEZIER_ROIS_HINT,
+  ),
+}
 NCHW_HINT = (
   "features are NHWC; transpose NCHW maps with `x.transpose(0, 2, 3, 1)`, or use "
   "`roipool_jax.torchvision`, which takes NCHW"
@@ -82,8 +96,8 @@ def check_features(features: object, name: str = "features", allow_integer: bool
 def check_boxes(boxes: object, coords: int = 4, layout: str | None = None) -> None:
   """Checks ``boxes`` is a numeric ``[K, coords]`` or ``[N, R, coords]`` array.
 
-  ``layout`` names the coordinates in the error (by default ``(x1, y1, x2, y2)``,
-  or the rotated boxes' for ``coords == 5``).
+  ``layout`` names the coordinates in the error (by default those of
+  :data:`BOX_LAYOUTS` for ``coords``).
   """
   dtype = array_dtype("boxes", boxes)
   shape = np.shape(boxes)
@@ -94,9 +108,9 @@ def check_boxes(boxes: object, coords: int = 4, layout: str | None = None) -> No
   if len(shape) not in (2, 3) or shape[-1] != coords:
     hint = ""
     if layout is None:
-      if len(shape) == 2 and shape[-1] == coords + 1:
-        hint = f"; {TORCHVISION_ROIS_HINT}" if coords == 4 else f"; {ROTATED_ROIS_HINT}"
-      layout = "(x1, y1, x2, y2)" if coords == 4 else "(cx, cy, w, h, angle_degrees)"
+      layout, rois_hint = BOX_LAYOUTS.get(coords, (f"{coords} numbers per box", None))
+      if rois_hint and len(shape) == 2 and shape[-1] == coords + 1:
+        hint = f"; {rois_hint}"
     raise ValueError(
       f"`boxes` must be [K, {coords}] (with `box_indices`) or [N, R, {coords}] (per image), as "
       f"{layout}; got shape {shape}{hint}."
