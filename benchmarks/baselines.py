@@ -31,11 +31,14 @@ def _bilinear(features, box_indices, y, x):
   return value
 
 
-def roi_align_rotated(features, boxes, box_indices, output_size, spatial_scale, sampling_ratio):
-  """detectron2's ``ROIAlignRotated`` (aligned, counter-clockwise degrees), sample by sample."""
+def _rotated_samples(boxes, output_size, spatial_scale, sampling_ratio, aligned):
+  """Sample positions ``(y, x)``, ``[K, oh, ow, g, g]``, of the rotated RoIAlign kernels."""
   oh, ow, g = output_size, output_size, sampling_ratio
-  cx, cy = boxes[:, 0] * spatial_scale - 0.5, boxes[:, 1] * spatial_scale - 0.5
+  offset = 0.5 if aligned else 0.0
+  cx, cy = boxes[:, 0] * spatial_scale - offset, boxes[:, 1] * spatial_scale - offset
   w, h = boxes[:, 2] * spatial_scale, boxes[:, 3] * spatial_scale
+  if not aligned:
+    w, h = jnp.maximum(w, 1.0), jnp.maximum(h, 1.0)
   theta = boxes[:, 4] * (math.pi / 180)
   frac = (jnp.arange(g) + 0.5) / g
   grid_h = (jnp.arange(oh)[:, None] + frac[None])[None]  # [1, oh, g], in bins
@@ -46,6 +49,50 @@ def roi_align_rotated(features, boxes, box_indices, output_size, spatial_scale, 
   cos, sin = (v[:, None, None, None, None] for v in (jnp.cos(theta), jnp.sin(theta)))
   y = yy * cos - xx * sin + cy[:, None, None, None, None]
   x = yy * sin + xx * cos + cx[:, None, None, None, None]
+  return y, x
+
+
+def roi_align_rotated(features, boxes, box_indices, output_size, spatial_scale, sampling_ratio):
+  """detectron2's ``ROIAlignRotated`` (aligned, counter-clockwise degrees), sample by sample."""
+  y, x = _rotated_samples(boxes, output_size, spatial_scale, sampling_ratio, True)
+  return jnp.mean(_bilinear(features, box_indices, y, x), axis=(3, 4))
+
+
+def riroi_align_rotated(
+  features, boxes, box_indices, output_size, spatial_scale, sampling_ratio, orientations
+):
+  """mmcv's ``RiRoIAlignRotated`` (degrees): rotated samples, then each box's orientation
+  channels turned with ``take_along_axis``."""
+  y, x = _rotated_samples(boxes, output_size, spatial_scale, sampling_ratio, False)
+  pooled = jnp.mean(_bilinear(features, box_indices, y, x), axis=(3, 4))
+  k, oh, ow, c = pooled.shape
+  groups = pooled.reshape(k, oh, ow, c // orientations, orientations)
+  u = boxes[:, 4] * (orientations / 360)
+  m = jnp.floor(u)
+  f = (u - m)[:, None, None, None, None]
+  source = (jnp.arange(orientations)[None] - m[:, None]).astype(jnp.int32) % orientations
+  low = jnp.take_along_axis(groups, source[:, None, None, None, :], axis=-1)
+  high = jnp.take_along_axis(groups, ((source + 1) % orientations)[:, None, None, None, :], -1)
+  return ((1 - f) * low + f * high).reshape(k, oh, ow, c)
+
+
+def bezier_align(features, boxes, box_indices, output_size, spatial_scale, sampling_ratio):
+  """mmcv's ``BezierAlign`` (aligned): each bin's sample grid around its point between the
+  curves, sample by sample."""
+  p, g = output_size, sampling_ratio
+  points = boxes.reshape(-1, 8, 2) * spatial_scale
+  top, bottom = points[:, :4], points[:, jnp.array([7, 6, 5, 4])]
+  t = jnp.arange(p) / p
+  bernstein = jnp.stack([(1 - t) ** 3, 3 * t * (1 - t) ** 2, 3 * t**2 * (1 - t), t**3], -1)
+  top_at = jnp.einsum("uj,kjd->kud", bernstein, top)[:, None]  # [K, 1, ow, 2]
+  bottom_at = jnp.einsum("uj,kjd->kud", bernstein, bottom)[:, None]
+  v = t.reshape(1, p, 1, 1)
+  centre = bottom_at * v + top_at * (1 - v) - 0.5  # [K, oh, ow, 2]
+  extent = jnp.maximum(jnp.abs(top[:, 0] - top[:, 3]), jnp.abs(bottom[:, 0] - bottom[:, 3]))
+  bins = (extent / p)[:, None, None, None, :]  # [K, 1, 1, 1, 2]: (bin_w, bin_h)
+  frac = (jnp.arange(g) + 0.5) / g - 0.5
+  y = centre[..., 1, None, None] + frac.reshape(1, 1, 1, g, 1) * bins[..., 1, None]
+  x = centre[..., 0, None, None] + frac.reshape(1, 1, 1, 1, g) * bins[..., 0, None]
   return jnp.mean(_bilinear(features, box_indices, y, x), axis=(3, 4))
 
 

@@ -58,7 +58,8 @@ import roipool_jax  # noqa: E402
 class Config:
   name: str
   # "roi_pool" | "roi_align" | "roi_warp" | "multi_scale" | "ps_roi_pool" | "ps_roi_align" |
-  # "roi_align_rotated" | "precise_roi_pool" | "deform_roi_pool"
+  # "roi_align_rotated" | "riroi_align_rotated" | "bezier_align" | "precise_roi_pool" |
+  # "deform_roi_pool"
   op: str
   shape: tuple[int, int, int, int]  # (N, H, W, C) of the (finest) map
   rois: int
@@ -130,6 +131,12 @@ CONFIGS = [
     7,
     1 / 8,
   ),
+  # ReDet: rotation-equivariant P3 features, 32 groups of 8 orientations.
+  Config(
+    "ReDet (P3), riroi_align_rotated", "riroi_align_rotated", (1, 100, 152, 256), 512, 7, 1 / 8
+  ),
+  # ABCNet: curved text regions, each bounded by two cubic Bezier curves.
+  Config("curved text (P3), bezier_align", "bezier_align", (1, 100, 152, 256), 512, 7, 1 / 8),
   # IoU-Net's refinement pools P3-like features; no torchvision op: plain JAX references.
   Config("IoU-Net (P3), precise_roi_pool", "precise_roi_pool", (1, 100, 152, 256), 512, 7, 1 / 8),
   Config("deformable (P3), deform_roi_pool", "deform_roi_pool", (1, 100, 152, 256), 512, 7, 1 / 8),
@@ -185,10 +192,17 @@ def make_inputs(config: Config, dtype, seed=0):
     boxes, indices = proposals(
       rng, config.rois, n, image_h, image_w, min_px, factor, max_size=config.max_px
     )
-  if config.op == "roi_align_rotated":  # the same boxes as (cx, cy, w, h, angle), turned
+  if config.op.endswith("roi_align_rotated"):  # the same boxes as (cx, cy, w, h, angle), turned
     centre, size = (boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]
     angle = rng.uniform(-90, 90, (len(boxes), 1)).astype(np.float32)
     boxes = np.concatenate([centre, size, angle], axis=1)
+  if config.op == "bezier_align":  # the boxes' top and bottom edges, bent by up to 20%
+    t = np.array([0, 1 / 3, 2 / 3, 1], np.float32)
+    xs = boxes[:, :1] + t * (boxes[:, 2:3] - boxes[:, :1])
+    bend = rng.uniform(-0.2, 0.2, (len(boxes), 8)) * (boxes[:, 3:4] - boxes[:, 1:2])
+    top = np.stack([xs, boxes[:, 1:2] + bend[:, :4]], -1)
+    bottom = np.stack([xs, boxes[:, 3:4] + bend[:, 4:]], -1)[:, ::-1]  # right to left
+    boxes = np.concatenate([top, bottom], 1).reshape(len(boxes), 16).astype(np.float32)
   return (maps if config.levels > 1 else maps[0]), jnp.asarray(boxes), jnp.asarray(indices)
 
 
@@ -224,6 +238,20 @@ def jax_op(config: Config, indices, impl: str):
     return lambda f, b: roipool_jax.roi_align_rotated(
       f, b, size, spatial_scale=scale, sampling_ratio=config.sampling_ratio, box_indices=index
     )
+  if config.op == "riroi_align_rotated":
+    return lambda f, b: roipool_jax.riroi_align_rotated(
+      f,
+      b,
+      size,
+      num_orientations=ORIENTATIONS,
+      spatial_scale=scale,
+      sampling_ratio=config.sampling_ratio,
+      box_indices=index,
+    )
+  if config.op == "bezier_align":
+    return lambda f, b: roipool_jax.bezier_align(
+      f, b, size, spatial_scale=scale, sampling_ratio=config.sampling_ratio, box_indices=index
+    )
   if config.op == "precise_roi_pool":
     return lambda f, b: roipool_jax.precise_roi_pool(
       f, b, size, spatial_scale=scale, box_indices=index, impl=impl
@@ -257,7 +285,15 @@ def jax_op(config: Config, indices, impl: str):
 
 
 # Ops timed against a plain JAX formulation (:mod:`baselines`) instead of torchvision.
-BASELINE_OPS = ("roi_align_rotated", "precise_roi_pool", "deform_roi_pool")
+BASELINE_OPS = (
+  "roi_align_rotated",
+  "riroi_align_rotated",
+  "bezier_align",
+  "precise_roi_pool",
+  "deform_roi_pool",
+)
+# Orientation channels per group of the riroi_align_rotated config (ReDet's 8).
+ORIENTATIONS = 8
 
 
 def deform_offsets(config: Config):
@@ -310,26 +346,30 @@ def bench_jax(config, features, boxes, indices, impl, repeats, first_call=True):
   )
 
 
-def bench_baseline(config, features, boxes, indices, repeats):
-  """The plain JAX formulation of an op torchvision lacks (:mod:`baselines`), jitted."""
+def baseline_op(config, indices):
+  """``features, boxes -> [K, out, out, C]``: the plain JAX formulation (:mod:`baselines`) of
+  an op torchvision lacks, or None."""
   size, scale, ratio = config.output, config.scale, config.sampling_ratio
   if config.op == "roi_align_rotated":
-
-    def op(f, b):
-      return baselines.roi_align_rotated(f, b, indices, size, scale, ratio)
-  elif config.op == "precise_roi_pool":
-
-    def op(f, b):
-      return baselines.precise_roi_pool(f, b, indices, size, scale)
-  elif config.op == "deform_roi_pool":
+    return lambda f, b: baselines.roi_align_rotated(f, b, indices, size, scale, ratio)
+  if config.op == "riroi_align_rotated":
+    return lambda f, b: baselines.riroi_align_rotated(
+      f, b, indices, size, scale, ratio, ORIENTATIONS
+    )
+  if config.op == "bezier_align":
+    return lambda f, b: baselines.bezier_align(f, b, indices, size, scale, ratio)
+  if config.op == "precise_roi_pool":
+    return lambda f, b: baselines.precise_roi_pool(f, b, indices, size, scale)
+  if config.op == "deform_roi_pool":
     offsets = deform_offsets(config)
+    return lambda f, b: baselines.deform_roi_pool(f, b, offsets, indices, size, scale, ratio, 0.1)
+  return None
 
-    def op(f, b):
-      return baselines.deform_roi_pool(f, b, offsets, indices, size, scale, ratio, 0.1)
-  else:
-    return None
 
-  return _time_jitted(op, features, boxes, repeats)[0]
+def bench_baseline(config, features, boxes, indices, repeats):
+  """The plain JAX formulation of an op torchvision lacks, jitted, or None."""
+  op = baseline_op(config, indices)
+  return None if op is None else _time_jitted(op, features, boxes, repeats)[0]
 
 
 def bench_torch(config, features, boxes, indices, dtype, repeats):

@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import baselines
 from benchmarks import run as suite
 from tests.quick import some
 
@@ -28,6 +27,8 @@ def test_quick_suite_writes_markdown_json_and_plot(only, tmp_path):
       "ps_roi_pool",
       "ps_roi_align",
       "roi_align_rotated",
+      "riroi_align_rotated",
+      "bezier_align",
       "precise_roi_pool",
       "deform_roi_pool",
     }
@@ -54,12 +55,5 @@ def test_plain_jax_baselines_compute_what_the_library_computes(op):
   config = next(c for c in suite.CONFIGS if c.op == op).quick()
   features, boxes, indices = suite.make_inputs(config, np.float32)
   ours = suite.jax_op(config, indices, "auto")(features, boxes)
-  size, scale, ratio = config.output, config.scale, config.sampling_ratio
-  if op == "roi_align_rotated":
-    theirs = baselines.roi_align_rotated(features, boxes, indices, size, scale, ratio)
-  elif op == "precise_roi_pool":
-    theirs = baselines.precise_roi_pool(features, boxes, indices, size, scale)
-  else:
-    offsets = suite.deform_offsets(config)
-    theirs = baselines.deform_roi_pool(features, boxes, offsets, indices, size, scale, ratio, 0.1)
+  theirs = suite.baseline_op(config, indices)(features, boxes)
   np.testing.assert_allclose(np.asarray(theirs), np.asarray(ours), rtol=1e-4, atol=1e-4)
