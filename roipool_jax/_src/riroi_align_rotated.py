@@ -141,12 +141,12 @@ def riroi_align_rotated(
 def turn_orientations(pooled: jax.Array, angle: jax.Array, valid: jax.Array) -> jax.Array:
   """``riroi_align_rotated``'s mix of ``[K, oh, ow, G, O]`` averages by each box's angle.
 
-  ``low[..., o] = pooled[..., (o - s) mod O]`` is picked among the ``O``
-  static rolls of the orientation axis (one is nonzero per box), ``high`` is
-  ``low`` rolled back by one, and the result is ``(1 - f) * low + f * high``:
-  the same arithmetic for every compilation (a dot could block its sums
-  differently inside and outside ``jit``). Invalid boxes get ``s = f = 0``,
-  so their zero averages stay zero and a NaN angle reaches nothing.
+  ``low[..., o] = pooled[..., (o - s) mod O]`` is selected, per box, among
+  the ``O`` static rolls of the orientation axis, ``high`` is ``low`` rolled
+  back by one, and the result is ``(1 - f) * low + f * high``, the formula
+  itself (a product with an ``O x O`` mixing matrix would also add the
+  zeros, in an order of XLA's choosing). Invalid boxes get ``s = f = 0``, so
+  their zero averages stay zero and a NaN angle reaches nothing.
   """
   orientations = pooled.shape[-1]
   u = jnp.where(valid, angle, 0) * jnp.asarray(orientations / 360, angle.dtype)
