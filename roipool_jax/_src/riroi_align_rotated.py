@@ -75,8 +75,8 @@ def riroi_align_rotated(
   empty outputs and zero gradients.
 
   Cost: one ``roi_align_rotated`` pass (nothing of size ``K * H * W * C``)
-  plus about ``O`` element-wise passes over the ``[K, oh, ow, C]`` output to
-  turn its orientations.
+  plus two gathers along the orientation axis of the ``[K, oh, ow, C]``
+  output and a blend, to turn its orientations.
 
   Args:
     features: ``[N, H, W, C_g * O]`` floating feature map, orientation
@@ -141,23 +141,26 @@ def riroi_align_rotated(
 def turn_orientations(pooled: jax.Array, angle: jax.Array, valid: jax.Array) -> jax.Array:
   """``riroi_align_rotated``'s mix of ``[K, oh, ow, G, O]`` averages by each box's angle.
 
-  ``low[..., o] = pooled[..., (o - s) mod O]`` is selected, per box, among
-  the ``O`` static rolls of the orientation axis, ``high`` is ``low`` rolled
-  back by one, and the result is ``(1 - f) * low + f * high``, the formula
-  itself (a product with an ``O x O`` mixing matrix would also add the
-  zeros, in an order of XLA's choosing). Invalid boxes get ``s = f = 0``, so
-  their zero averages stay zero and a NaN angle reaches nothing.
+  ``low[..., o] = pooled[..., (o - s) mod O]`` and ``high[..., o] =
+  pooled[..., (o - s + 1) mod O]`` are gathered along the orientation axis
+  (a permutation per box, so the transpose scatters without collisions), and
+  the result is the formula itself, ``(1 - f) * low + f * high``. Invalid
+  boxes get ``s = f = 0``, so their zero averages stay zero and a NaN angle
+  reaches nothing.
   """
   orientations = pooled.shape[-1]
   u = jnp.where(valid, angle, 0) * jnp.asarray(orientations / 360, angle.dtype)
   m = jnp.floor(u)
   f = (u - m).reshape(-1, 1, 1, 1, 1)
-  s = jnp.mod(m, orientations).astype(jnp.int32).reshape(-1, 1, 1, 1, 1)  # fmod: exact
-  low = pooled
-  for r in range(1, orientations):
-    low = jnp.where(s == r, jnp.roll(pooled, r, axis=-1), low)
-  high = jnp.roll(low, -1, axis=-1)
-  return (1 - f) * low + f * high
+  s = jnp.mod(m, orientations).astype(jnp.int32)  # fmod of a whole number: exact
+  source = (jnp.arange(orientations, dtype=jnp.int32)[None] - s[:, None]) % orientations
+
+  def take(index):  # index [K, O] in [0, O)
+    return jnp.take_along_axis(
+      pooled, index[:, None, None, None, :], axis=-1, mode="promise_in_bounds"
+    )
+
+  return (1 - f) * take(source) + f * take((source + 1) % orientations)
 
 
 # Compiled once per shape and configuration, also when called outside `jit`.
