@@ -76,7 +76,8 @@ def riroi_align_rotated(
 
   Cost: one ``roi_align_rotated`` pass (nothing of size ``K * H * W * C``)
   plus two gathers along the orientation axis of the ``[K, oh, ow, C]``
-  output and a blend, to turn its orientations.
+  output and a blend, to turn its orientations (their transposes are gathers
+  too).
 
   Args:
     features: ``[N, H, W, C_g * O]`` floating feature map, orientation
@@ -141,26 +142,45 @@ def riroi_align_rotated(
 def turn_orientations(pooled: jax.Array, angle: jax.Array, valid: jax.Array) -> jax.Array:
   """``riroi_align_rotated``'s mix of ``[K, oh, ow, G, O]`` averages by each box's angle.
 
-  ``low[..., o] = pooled[..., (o - s) mod O]`` and ``high[..., o] =
-  pooled[..., (o - s + 1) mod O]`` are gathered along the orientation axis
-  (a permutation per box, so the transpose scatters without collisions), and
-  the result is the formula itself, ``(1 - f) * low + f * high``. Invalid
+  ``out[..., o] = (1 - f) * pooled[..., (o - s) mod O] + f * pooled[..., (o - s + 1) mod O]``,
+  the formula itself, from two gathers along the orientation axis. Invalid
   boxes get ``s = f = 0``, so their zero averages stay zero and a NaN angle
   reaches nothing.
   """
   orientations = pooled.shape[-1]
   u = jnp.where(valid, angle, 0) * jnp.asarray(orientations / 360, angle.dtype)
   m = jnp.floor(u)
-  f = (u - m).reshape(-1, 1, 1, 1, 1)
   s = jnp.mod(m, orientations).astype(jnp.int32)  # fmod of a whole number: exact
-  source = (jnp.arange(orientations, dtype=jnp.int32)[None] - s[:, None]) % orientations
+  return _turn(pooled, (u - m).reshape(-1, 1, 1, 1, 1), s)
 
-  def take(index):  # index [K, O] in [0, O)
-    return jnp.take_along_axis(
-      pooled, index[:, None, None, None, :], axis=-1, mode="promise_in_bounds"
-    )
 
-  return (1 - f) * take(source) + f * take((source + 1) % orientations)
+def _roll(x: jax.Array, shift: jax.Array) -> jax.Array:
+  """``x[..., (o - shift) mod O]`` along the last axis, ``shift`` ``[K]`` per box (a gather)."""
+  orientations = x.shape[-1]
+  source = (jnp.arange(orientations, dtype=jnp.int32)[None] - shift[:, None]) % orientations
+  return jnp.take_along_axis(x, source[:, None, None, None, :], -1, mode="promise_in_bounds")
+
+
+@jax.custom_vjp
+def _turn(pooled, f, s):
+  return (1 - f) * _roll(pooled, s) + f * _roll(pooled, s - 1)
+
+
+def _turn_fwd(pooled, f, s):
+  return _turn(pooled, f, s), (pooled, f, s)
+
+
+def _turn_bwd(residuals, cotangent):
+  # Each roll is a permutation per box: its transpose is the inverse roll, another gather
+  # (autodiff would scatter-add into zeros, several times slower on XLA:CPU).
+  pooled, f, s = residuals
+  grad_pooled = (1 - f) * _roll(cotangent, -s) + f * _roll(cotangent, 1 - s)
+  difference = _roll(pooled, s - 1) - _roll(pooled, s)
+  grad_f = jnp.sum(cotangent * difference, axis=(1, 2, 3, 4), keepdims=True)
+  return grad_pooled, grad_f, None
+
+
+_turn.defvjp(_turn_fwd, _turn_bwd)
 
 
 # Compiled once per shape and configuration, also when called outside `jit`.
@@ -173,6 +193,8 @@ def _riroi_align_rotated(features, flat, *, size, scale, ratio, clockwise, orien
   )
   k, oh, ow, c = pooled.shape
   compute = flat.boxes.dtype
+  if orientations == 1:  # nothing to turn
+    return pooled
   groups = pooled.astype(compute).reshape(k, oh, ow, c // orientations, orientations)
   out = turn_orientations(groups, flat.boxes[:, 4], flat.valid)
   return dtypes.narrow(out.reshape(k, oh, ow, c), features.dtype)
