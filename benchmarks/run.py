@@ -498,9 +498,9 @@ def markdown(rows, header):
   lines = [
     header,
     "",
-    "ref: torchvision in the same process; for the ops torchvision lacks (`roi_align_rotated`, "
-    "`precise_roi_pool`, `deform_roi_pool`), a plain JAX formulation (autodiff; samples "
-    "gathered, or dense einsums for `precise_roi_pool`; `benchmarks/baselines.py`).",
+    "ref: torchvision in the same process; for the ops torchvision lacks "
+    f"({', '.join(f'`{op}`' for op in BASELINE_OPS)}), a plain JAX formulation (autodiff; "
+    "samples gathered, or dense einsums for `precise_roi_pool`; `benchmarks/baselines.py`).",
     "",
     "| config | dtype | jax fwd ms | ref fwd ms | speed-up | jax fwd+bwd ms | ref fwd+bwd ms "
     "| speed-up | floor fwd / fwd+bwd ms | jax / floor (fwd, fwd+bwd) | jax peak MB (K*H*W*C MB) "
