@@ -109,3 +109,30 @@ def test_chunks_see_each_box_with_its_own_row_widened(k, dtype):
   total, padding = chunking.fold_chunks(fold, (jnp.zeros((k, 3)), 0), ids, cost, 4, rows)
   np.testing.assert_array_equal(np.asarray(total), np.asarray(rows, np.float32))
   assert int(padding) == -(-k // 4) * 4 - k
+
+
+@pytest.mark.parametrize("k", [0, 1, 6, 13])
+@pytest.mark.parametrize("done", [0, 1, 2])
+def test_refine_chunks_updates_only_the_chunks_of_costly_boxes(k, done):
+  # Each box's row holds its id; `fn` adds 100 and records that it saw the box. Boxes
+  # costing more than `done` must all be updated with their own row; chunks holding
+  # only cheaper boxes must never be visited.
+  rng = np.random.default_rng([k, done])
+  cost = rng.integers(0, 4, k).astype(np.int32)
+  ids = jnp.arange(k, dtype=jnp.int32)
+  out = jnp.arange(k, dtype=jnp.float32)[:, None] * jnp.ones((1, 2))
+  calls = []
+
+  def fn(box, rows):
+    calls.append(box.shape)  # traced once per loop body
+    return rows + 100.0
+
+  got = np.asarray(chunking.refine_chunks(fn, out, ids, jnp.asarray(cost), 4, done))
+  order = np.argsort(cost, kind="stable")
+  first_chunk = int(np.sum(cost <= done)) // 4
+  visited = order[first_chunk * 4 :]  # whole chunks from the first holding a costly box
+  want = np.asarray(out).copy()
+  want[visited] += 100.0
+  np.testing.assert_array_equal(got, want)
+  assert np.all(got[cost > done] >= 100.0)
+  assert calls == ([(4,)] if k else [])

@@ -58,7 +58,6 @@ def sum_taps(
   tx: Taps,
   image_index: jax.Array,
   impl: str,
-  sparse: bool = False,
 ) -> jax.Array:
   """``sum_a sum_b wy[a] wx[b] F[n, row_a, col_b]`` per bin, ``[K, oh, ow, C]``, with a resolved
   ``impl``: :func:`tap_sum.tap_sum` (gather) or :func:`dense.separable_sum` (einsum) of the
@@ -70,4 +69,4 @@ def sum_taps(
     return dense.separable_sum(features, wy, wx, image_index)
   plan = tap_sum.map_plan(image_index, ty, tx, features.shape)
   table = features.reshape(-1, features.shape[3])
-  return tap_sum.tap_sum(table, ty.weight, tx.weight, plan, sparse)
+  return tap_sum.tap_sum(table, ty.weight, tx.weight, plan)

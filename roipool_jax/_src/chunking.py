@@ -128,6 +128,37 @@ def map_chunks(fn: Callable, per_box: Any, cost: jax.Array, chunk: int, rows: An
   return lax.fori_loop(0, num_chunks, body, out)
 
 
+def refine_chunks(
+  fn: Callable, out: Any, per_box: Any, cost: jax.Array, chunk: int, done: int
+) -> Any:
+  """Updates the rows of boxes costing more than ``done``, chunk by chunk, in place.
+
+  ``out`` holds a first result for every box (leaves ``[K, ...]``, box
+  order). Boxes are visited in order of ``cost`` as in :func:`map_chunks`,
+  but the loop starts at the first chunk that holds a box costing more than
+  ``done``: the cheaper boxes are never visited. ``fn`` maps ``(per_box
+  chunk, rows of out)`` to the chunk's new rows, which are written back
+  (padding boxes are dropped).
+
+  Returns:
+    ``out`` with the rows of the costly boxes (and of their chunks) replaced.
+  """
+  k = cost.shape[0]
+  if k == 0:
+    return out
+  chunks, num_chunks = _sorted_chunks(per_box, cost, chunk)
+  first = jnp.sum(cost <= done, dtype=jnp.int32) // chunk
+
+  def body(i, out):
+    data, left = jax.tree.map(lambda x: x[i], chunks)
+    box = k - left
+    rows = jax.tree.map(lambda o: o.at[jnp.minimum(box, k - 1)].get(mode="promise_in_bounds"), out)
+    put = lambda o, y: o.at[box].set(y, mode="drop", unique_indices=True)  # noqa: E731
+    return jax.tree.map(put, out, fn(data, rows))
+
+  return lax.fori_loop(first, num_chunks, body, out)
+
+
 def fold_chunks(
   fn: Callable, init: Any, per_box: Any, cost: jax.Array, chunk: int, rows: Any = None
 ) -> Any:

@@ -66,11 +66,11 @@ def average_per_bin(features, rows, cols, image_index, output_size, sampling_rat
   return out.reshape(-1, oh, ow, channels)
 
 
-def _average(features, flat, rows, cols, output_size, sampling_ratio, sparse, impl):
+def _average(features, flat, rows, cols, output_size, sampling_ratio, impl):
   wy, wx = average_weights(rows, cols, output_size, features.shape[1:3], sampling_ratio, impl)
   if impl == "einsum":
     return dense.separable_sum(features, wy, wx, flat.image_index)
-  return backends.sum_taps(features, wy, wx, flat.image_index, impl, sparse)
+  return backends.sum_taps(features, wy, wx, flat.image_index, impl)
 
 
 def _maximum(features, flat, rows, cols, output_size, sampling_ratio):
@@ -90,19 +90,18 @@ def align_bins(
   sampling_ratio,
   aligned,
   mode,
-  sparse=False,
   impl="gather",
 ):
   """RoIAlign of flat boxes, ``[K, oh, ow, C]``; shared by ``roi_align`` and
   ``multi_scale_roi_align``.
 
   ``impl`` is a resolved backend (``"gather"`` or ``"einsum"``, see
-  :func:`backends.resolve`); ``sparse`` is :func:`tap_sum.tap_sum`'s.
+  :func:`backends.resolve`).
   """
   rows, cols = align_geometry(flat, output_size, spatial_scale, sampling_ratio, aligned)
   if mode == "max":
     return _maximum(features, flat, rows, cols, output_size, sampling_ratio)
-  return _average(features, flat, rows, cols, output_size, sampling_ratio, sparse, impl)
+  return _average(features, flat, rows, cols, output_size, sampling_ratio, impl)
 
 
 def roi_align(
