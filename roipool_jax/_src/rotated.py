@@ -201,7 +201,8 @@ def _forward(table, geometry: Geometry, output_size, map_size):
 
     def one_pass(t, acc):
       # One [B]-indexed gather per sample corner, summed in order: XLA fuses the whole pass
-      # into one kernel (a reduction over a gathered [B, 4 * S * S, C] was 2-3x slower).
+      # into one kernel. (Over all bins at once, a reduction over a gathered [U, 4 S S, C]
+      # instead took 130 ms against 7 on the benchmark's rotated config.)
       cells, used, weight = _block(floats, grid, origin, u, t, map_size)
       for n in range(cells.shape[1]):
         value = dtypes.gather_rows(table, cells[:, n])
