@@ -159,6 +159,38 @@ def refine_chunks(
   return lax.fori_loop(first, num_chunks, body, out)
 
 
+def refine_sums(
+  first: jax.Array,
+  add_pass: Callable,
+  passes: Callable,
+  units: Any,
+  cost: jax.Array,
+  chunk: int,
+  dtype,
+) -> jax.Array:
+  """Sums over passes whose pass 0 is already done for every unit; ``[U, C]`` in ``dtype``.
+
+  ``first`` ``[U, C]`` holds every unit's pass-0 sum in the accumulation
+  dtype. Units costing more than one pass are revisited with
+  :func:`refine_chunks`: ``add_pass(chunk units)`` is a ``fori_loop`` body
+  ``(t, acc) -> acc`` and ``passes(chunk units)`` its trip count. Where
+  ``dtype`` is the accumulation dtype, the sums continue from pass 1; 16-bit
+  outputs (rounded once written) are recomputed from pass 0. Chunks carry
+  bfloat16 as bits (:func:`dtypes.narrow_bits`).
+  """
+  wide = first.dtype
+  out = dtypes.narrow_bits(first, dtype)
+  exact = out.dtype == wide  # the written sums were not rounded: continue from them
+
+  def refine(u, rows):
+    if exact:
+      return lax.fori_loop(1, passes(u), add_pass(u), rows)
+    acc = lax.fori_loop(0, passes(u), add_pass(u), jnp.zeros(rows.shape, wide))
+    return dtypes.narrow_bits(acc, dtype)
+
+  return dtypes.from_bits(refine_chunks(refine, out, units, cost, chunk, done=1), dtype)
+
+
 def fold_chunks(
   fn: Callable, init: Any, per_box: Any, cost: jax.Array, chunk: int, rows: Any = None
 ) -> Any:

@@ -211,22 +211,12 @@ def _forward(table, geometry: Geometry, output_size, map_size):
 
     return one_pass
 
-  zeros = lambda u: jnp.zeros((u.box.shape[0], channels), dtype)  # noqa: E731
   # Pass 0 of every bin in one fused pass that writes the output; then only the bins with
   # more blocks again (as in tap_sum: a zero-filled output costs about what the pass does).
-  first = add_pass(units)(0, zeros(units))
-  first = dtypes.narrow_bits(first, table.dtype)
-  exact = first.dtype == dtype
-
-  def refine(u, rows):
-    if exact:
-      return lax.fori_loop(1, _chunk_passes(u), add_pass(u), rows)
-    acc = lax.fori_loop(0, _chunk_passes(u), add_pass(u), zeros(u))
-    return dtypes.narrow_bits(acc, table.dtype)
-
-  out = chunking.refine_chunks(refine, first, units, cost, chunk, done=1)
+  first = add_pass(units)(0, jnp.zeros((units.box.shape[0], channels), dtype))
+  out = chunking.refine_sums(first, add_pass, _chunk_passes, units, cost, chunk, table.dtype)
   k = geometry.floats.shape[0]
-  return dtypes.from_bits(out.reshape((k,) + tuple(output_size) + (channels,)), table.dtype)
+  return out.reshape((k,) + tuple(output_size) + (channels,))
 
 
 def _table_grad(cotangent, geometry: Geometry, output_size, map_size, table_shape):

@@ -364,18 +364,11 @@ def _forward(table: jax.Array, wy, wx, plan: Plan) -> jax.Array:
   chunk = chunking.chunk_size(k * oh * ow, channels, _CHUNK_ELEMENTS)
   # Every bin's first block in one fused pass that writes the output (no zero-filled buffer
   # to update); then only the bins with more blocks are visited again, in place.
-  first = dtypes.narrow_bits(accumulate(taps, jnp.zeros((), wy.dtype)), table.dtype)
-  exact = first.dtype == wy.dtype  # partial sums were not rounded: continue from them
-
-  def refine(u, rows):
-    if exact:
-      return lax.fori_loop(1, _unit_passes(u), unit_pass(u), rows)
-    acc = lax.fori_loop(0, _unit_passes(u), unit_pass(u), jnp.zeros(rows.shape, wy.dtype))
-    return dtypes.narrow_bits(acc, table.dtype)
-
-  first = first.reshape(-1, channels)
-  out = chunking.refine_chunks(refine, first, units, _unit_cost(units), chunk, done=1)
-  return dtypes.from_bits(out.reshape(k, oh, ow, channels), table.dtype)
+  first = accumulate(taps, jnp.zeros((), wy.dtype)).reshape(-1, channels)
+  out = chunking.refine_sums(
+    first, unit_pass, _unit_passes, units, _unit_cost(units), chunk, table.dtype
+  )
+  return out.reshape(k, oh, ow, channels)
 
 
 def _features_grad(cotangent, wy, wx, plan: Plan, table_shape) -> jax.Array:
