@@ -78,7 +78,8 @@ def riroi_align_rotated(
   Cost: one ``roi_align_rotated`` pass (nothing of size ``K * H * W * C``)
   plus two gathers along the orientation axis of the ``[K, oh, ow, C]``
   output and a blend, to turn its orientations (their transposes are gathers
-  too).
+  too). For 16-bit maps the blend is written in float32 and rounded in a
+  pass of its own (fused, XLA:CPU transposed the gathers inside the kernel).
 
   Args:
     features: ``[N, H, W, C_g * O]`` floating feature map, orientation
