@@ -79,7 +79,7 @@ def riroi_align_rotated(
   plus two gathers along the orientation axis of the ``[K, oh, ow, C]``
   output and a blend, to turn its orientations (their transposes are gathers
   too). For 16-bit maps the blend is written in float32 and rounded in a
-  pass of its own (fused, XLA:CPU transposed the gathers inside the kernel).
+  pass of its own, which XLA:CPU runs faster than one kernel doing both.
 
   Args:
     features: ``[N, H, W, C_g * O]`` floating feature map, orientation

@@ -28,9 +28,9 @@ the map.
   there) are recomputed from zero.
 
 A bin outside the map costs one block of masked taps, all reading the
-first cell of the box's map (cached), in the fused pass and nothing more, so a box much
-larger than the map costs about what the map's cells cost. Nothing of size
-``K * H * W * C`` is ever built.
+first cell of the box's map (cached), in the fused pass and nothing more,
+so a box much larger than the map costs about what the map's cells cost.
+Nothing of size ``K * H * W * C`` is ever built.
 
 Gradients (a ``custom_vjp``)
 ----------------------------
