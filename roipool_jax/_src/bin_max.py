@@ -93,9 +93,12 @@ FLAT_INDEX_LIMIT = 2**31
 FLOAT_RANK_LIMIT = 2**20
 
 
-# Scatter of single elements of a flat buffer, indexed by [M, 1].
+# Scatter of single elements of a flat buffer: indices [M, 1], updates [M, 1] (windows of
+# one element). This is the form XLA canonicalizes every scatter to; written so, the
+# updates reach it as a bitcast of the chunk's [B, C] rows. From [M] updates, layout
+# assignment gave the reshape a transposed layout and copied it element by element.
 _ELEMENTS = lax.ScatterDimensionNumbers(
-  update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
+  update_window_dims=(1,), inserted_window_dims=(), scatter_dims_to_operand_dims=(0,)
 )
 
 
@@ -306,7 +309,7 @@ def bin_max_grad(
       return lax.scatter_add(
         grad,
         arg.reshape(-1, 1),
-        cot.reshape(-1),
+        cot.reshape(-1, 1),
         _ELEMENTS,
         mode=lax.GatherScatterMode.FILL_OR_DROP,
       )
