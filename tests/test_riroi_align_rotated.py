@@ -277,6 +277,21 @@ def test_bf16_features_keep_their_dtype():
   np.testing.assert_allclose(out.astype(np.float32), _op(features, BOXES), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16_bit_gradients_follow_the_float32_ones(dtype):
+  features = _features().astype(dtype)  # values exact in both dtypes
+  cot = np.random.default_rng(3).standard_normal((len(BOXES), 2, 3, 8)).astype(np.float32)
+
+  def grads(f):
+    loss = lambda f, b: jnp.vdot(_op(f, b).astype(jnp.float32), cot)  # noqa: E731
+    return jax.grad(loss, (0, 1))(f, BOXES)
+
+  (f16, b16), (f32, b32) = grads(features), grads(features.astype(jnp.float32))
+  assert f16.dtype == dtype and np.abs(f32).max() > 0.1 and np.abs(b32).max() > 0.1
+  np.testing.assert_allclose(np.asarray(f16, np.float32), f32, rtol=2e-2, atol=2e-2)
+  np.testing.assert_allclose(b16, b32, rtol=5e-2, atol=5e-2)
+
+
 def test_modules_apply_the_op():
   from roipool_jax import linen as roi_linen
   from roipool_jax import nnx as roi_nnx

@@ -85,11 +85,15 @@ def gather_rows(table: jax.Array, cells: jax.Array) -> jax.Array:
   """
   flat = cells.reshape(-1)
   if table.dtype == jnp.bfloat16:
-    bits = _take_rows(lax.bitcast_convert_type(table, jnp.uint16), flat)
-    rows = lax.bitcast_convert_type(bits.astype(jnp.uint32) << 16, jnp.float32)
+    rows = widen_bits(_take_rows(lax.bitcast_convert_type(table, jnp.uint16), flat))
   else:
     rows = _take_rows(table, flat).astype(row_dtype(table.dtype))
   return rows.reshape(cells.shape + (table.shape[1],))
+
+
+def widen_bits(bits: jax.Array) -> jax.Array:
+  """The float32 values of bfloat16 bit patterns (uint16): a shift, exact."""
+  return lax.bitcast_convert_type(bits.astype(jnp.uint32) << 16, jnp.float32)
 
 
 def narrow_bits(x: jax.Array, dtype) -> jax.Array:

@@ -8,6 +8,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from roipool_jax._src import boxes as boxes_lib
 from roipool_jax._src import dtypes, rotated, scaffold, validation
@@ -79,7 +80,8 @@ def riroi_align_rotated(
   plus two gathers along the orientation axis of the ``[K, oh, ow, C]``
   output and a blend, to turn its orientations (their transposes are gathers
   too). For 16-bit maps the blend is written in float32 and rounded in a
-  pass of its own, which XLA:CPU runs faster than one kernel doing both.
+  pass of its own, which XLA:CPU runs faster than one kernel doing both, and
+  the backward rolls the 16-bit cotangent before widening it.
 
   Args:
     features: ``[N, H, W, C_g * O]`` floating feature map, orientation
@@ -147,13 +149,17 @@ def turn_orientations(pooled: jax.Array, angle: jax.Array, valid: jax.Array) -> 
   ``out[..., o] = (1 - f) * pooled[..., (o - s) mod O] + f * pooled[..., (o - s + 1) mod O]``,
   the formula itself, from two gathers along the orientation axis. Invalid
   boxes get ``s = f = 0``, so their zero averages stay zero and a NaN angle
-  reaches nothing.
+  reaches nothing. 16-bit averages are blended in float32 and rounded back
+  to their dtype.
   """
   orientations = pooled.shape[-1]
   u = jnp.where(valid, angle, 0) * jnp.asarray(orientations / 360, angle.dtype)
   m = jnp.floor(u)
   s = jnp.mod(m, orientations).astype(jnp.int32)  # fmod of a whole number: exact
-  return _turn(pooled, (u - m).reshape(-1, 1, 1, 1, 1), s)
+  f = (u - m).reshape(-1, 1, 1, 1, 1)
+  if pooled.dtype.itemsize == 2:  # 16-bit averages; the angle is float32
+    return _turn_16_bit(pooled, f, s)
+  return _turn(pooled, f, s)
 
 
 def _roll(x: jax.Array, shift: jax.Array) -> jax.Array:
@@ -185,6 +191,40 @@ def _turn_bwd(residuals, cotangent):
 _turn.defvjp(_turn_fwd, _turn_bwd)
 
 
+@jax.custom_vjp
+def _turn_16_bit(pooled, f, s):
+  """``_turn`` of 16-bit averages: blended in float32, rounded back to their dtype."""
+  turned = _turn(pooled.astype(jnp.float32), f, s)
+  # The blend fills a float32 buffer of its own (as [K, oh, ow, C]: a 5-D one got the gathers'
+  # orientation-major layout and a copy), rounded in a second pass. Fused with the rounding,
+  # XLA:CPU laid the gathers out orientation-major and transposed inside the kernel
+  # (bfloat16 ReDet config: that kernel 14 ms; now 7 + 1).
+  turned = boxes_lib.materialize(turned.reshape(turned.shape[:3] + (-1,)), s)
+  return dtypes.narrow(turned, pooled.dtype).reshape(pooled.shape)
+
+
+def _turn_16_bit_fwd(pooled, f, s):
+  return _turn_16_bit(pooled, f, s), (pooled, f, s)
+
+
+def _turn_16_bit_bwd(residuals, cotangent):
+  # The 16-bit cotangent (bfloat16 as its bits) is rolled as it is and widened inside the
+  # blend's kernel. Widened first, as autodiff's transpose of a conversion does, it cost a
+  # pass writing a float32 copy (bfloat16 ReDet config: 6 ms).
+  pooled, f, s = residuals
+  bits = cotangent.dtype == jnp.bfloat16
+  narrow = lax.bitcast_convert_type(cotangent, jnp.uint16) if bits else cotangent
+  wide = lambda x: dtypes.widen_bits(x) if bits else x.astype(jnp.float32)  # noqa: E731
+  grad_pooled = (1 - f) * wide(_roll(narrow, -s)) + f * wide(_roll(narrow, 1 - s))
+  values = pooled.astype(jnp.float32)
+  difference = _roll(values, s - 1) - _roll(values, s)
+  grad_f = jnp.sum(wide(narrow) * difference, axis=(1, 2, 3, 4), keepdims=True)
+  return grad_pooled.astype(pooled.dtype), grad_f, None
+
+
+_turn_16_bit.defvjp(_turn_16_bit_fwd, _turn_16_bit_bwd)
+
+
 # Compiled once per shape and configuration, also when called outside `jit`.
 @partial(jax.jit, static_argnames=("size", "scale", "ratio", "clockwise", "orientations"))
 def _riroi_align_rotated(features, flat, *, size, scale, ratio, clockwise, orientations):
@@ -194,14 +234,7 @@ def _riroi_align_rotated(features, flat, *, size, scale, ratio, clockwise, orien
     table, geometry.floats, geometry.grid, geometry.origin, size, features.shape[1:3]
   )
   k, oh, ow, c = pooled.shape
-  compute = flat.boxes.dtype
   if orientations == 1:  # nothing to turn
     return pooled
-  groups = pooled.astype(compute).reshape(k, oh, ow, c // orientations, orientations)
-  out = turn_orientations(groups, flat.boxes[:, 4], flat.valid).reshape(k, oh, ow, c)
-  if out.dtype != features.dtype:
-    # 16-bit maps: the turn fills a buffer of its own, rounded in a second pass. Fused with
-    # the rounding, XLA:CPU laid the turn's gathers out orientation-major and transposed
-    # inside the kernel (bfloat16 ReDet config: that kernel 14 ms; now 7 + 1).
-    out = dtypes.narrow(boxes_lib.materialize(out, flat.boxes), features.dtype)
-  return out
+  groups = pooled.reshape(k, oh, ow, c // orientations, orientations)
+  return turn_orientations(groups, flat.boxes[:, 4], flat.valid).reshape(k, oh, ow, c)
