@@ -213,12 +213,12 @@ def _turn_16_bit_bwd(residuals, cotangent):
   # pass writing a float32 copy (bfloat16 ReDet config: 6 ms).
   pooled, f, s = residuals
   bits = cotangent.dtype == jnp.bfloat16
-  narrow = lax.bitcast_convert_type(cotangent, jnp.uint16) if bits else cotangent
+  cot = lax.bitcast_convert_type(cotangent, jnp.uint16) if bits else cotangent
   wide = lambda x: dtypes.widen_bits(x) if bits else x.astype(jnp.float32)  # noqa: E731
-  grad_pooled = (1 - f) * wide(_roll(narrow, -s)) + f * wide(_roll(narrow, 1 - s))
+  grad_pooled = (1 - f) * wide(_roll(cot, -s)) + f * wide(_roll(cot, 1 - s))
   values = pooled.astype(jnp.float32)
   difference = _roll(values, s - 1) - _roll(values, s)
-  grad_f = jnp.sum(wide(narrow) * difference, axis=(1, 2, 3, 4), keepdims=True)
+  grad_f = jnp.sum(wide(cot) * difference, axis=(1, 2, 3, 4), keepdims=True)
   return grad_pooled.astype(pooled.dtype), grad_f, None
 
 
