@@ -178,14 +178,19 @@ def _turn_fwd(pooled, f, s):
   return _turn(pooled, f, s), (pooled, f, s)
 
 
-def _turn_bwd(residuals, cotangent):
+def _turn_grads(values, f, s, cot, wide=lambda x: x):
+  """Gradients of ``_turn`` for ``pooled`` and ``f``; ``wide`` reads the (rolled) cotangent."""
   # Each roll is a permutation per box: its transpose is the inverse roll, another gather
   # (autodiff would scatter-add into zeros, several times slower on XLA:CPU).
+  grad_pooled = (1 - f) * wide(_roll(cot, -s)) + f * wide(_roll(cot, 1 - s))
+  difference = _roll(values, s - 1) - _roll(values, s)
+  grad_f = jnp.sum(wide(cot) * difference, axis=(1, 2, 3, 4), keepdims=True)
+  return grad_pooled, grad_f
+
+
+def _turn_bwd(residuals, cotangent):
   pooled, f, s = residuals
-  grad_pooled = (1 - f) * _roll(cotangent, -s) + f * _roll(cotangent, 1 - s)
-  difference = _roll(pooled, s - 1) - _roll(pooled, s)
-  grad_f = jnp.sum(cotangent * difference, axis=(1, 2, 3, 4), keepdims=True)
-  return grad_pooled, grad_f, None
+  return (*_turn_grads(pooled, f, s, cotangent), None)
 
 
 _turn.defvjp(_turn_fwd, _turn_bwd)
@@ -215,10 +220,7 @@ def _turn_16_bit_bwd(residuals, cotangent):
   bits = cotangent.dtype == jnp.bfloat16
   cot = lax.bitcast_convert_type(cotangent, jnp.uint16) if bits else cotangent
   wide = lambda x: dtypes.widen_bits(x) if bits else x.astype(jnp.float32)  # noqa: E731
-  grad_pooled = (1 - f) * wide(_roll(cot, -s)) + f * wide(_roll(cot, 1 - s))
-  values = pooled.astype(jnp.float32)
-  difference = _roll(values, s - 1) - _roll(values, s)
-  grad_f = jnp.sum(wide(cot) * difference, axis=(1, 2, 3, 4), keepdims=True)
+  grad_pooled, grad_f = _turn_grads(pooled.astype(jnp.float32), f, s, cot, wide)
   return grad_pooled.astype(pooled.dtype), grad_f, None
 
 
