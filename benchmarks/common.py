@@ -40,28 +40,13 @@ def scaled_boxes(rng, k, n, image_h, image_w, factor):
 
 def median_ms(fn, repeats):
   """Median wall time of ``fn()`` in ms over ``repeats`` runs (after one warm-up run)."""
-  return alternated_median_ms({0: fn}, repeats)[0]
-
-
-def alternated_median_ms(fns, repeats):
-  """Median wall time in ms of each of ``fns`` (a dict of zero-argument callables).
-
-  After one warm-up run of each, every round runs each callable once, starting
-  one further along the dict each round, and the median is taken over the
-  ``repeats`` rounds. On a shared machine the load drifts over seconds; timed
-  in alternation, the implementations being compared see the same load, so
-  their ratio moves much less than either time.
-  """
-  names = list(fns)
-  for name in names:
-    fns[name]()
-  times = {name: [] for name in names}
-  for r in range(repeats):
-    for name in names[r % len(names) :] + names[: r % len(names)]:
-      start = time.perf_counter()
-      fns[name]()
-      times[name].append(time.perf_counter() - start)
-  return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
 
 
 def peak_bytes(jitted, *args):

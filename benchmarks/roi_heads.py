@@ -5,8 +5,7 @@ torchvision's ``maskrcnn_resnet50_fpn`` sizes (256-channel FPN, 1024-wide box he
 256-channel mask convolutions, 91 classes), 2 images with 1000 proposals each, with two sets of
 seeded weights: as initialised (few scores pass the 0.05 threshold: few detections), and with
 eight classes favoured so that each image gives the full 100 detections, as a trained COCO
-model does. Timed, after one warm-up call, as the median of ``--repeats`` rounds that alternate
-the two implementations (:func:`common.alternated_median_ms`):
+model does. Timed, after one warm-up call, as the median of ``--repeats`` calls:
 
 - ``heads``: box branch, detections (decode, clip, threshold, per-class NMS, top 100) and the
   mask branch on the detections: ``RoIHeads.forward`` in eval mode;
@@ -100,8 +99,9 @@ def measure(sizes, busy, proposal_count, repeats):
     ("heads", lambda: jax.block_until_ready(run_heads(*args_jax)), torch_heads_only),
     ("heads + paste", lambda: jax.block_until_ready(run_all(*args_jax)), torch_all),
   ]:
-    ms = common.alternated_median_ms(dict(jax=ours, torch=theirs), repeats)
-    rows.append((name, ms["jax"], ms["torch"]))
+    jax_ms = common.median_ms(ours, repeats)
+    torch_ms = common.median_ms(theirs, repeats)
+    rows.append((name, jax_ms, torch_ms))
 
   counts = [len(r["labels"]) for r in expected]
   return rows, same, box_error, counts, first_call
@@ -122,7 +122,7 @@ def main(argv=None):
     f"2 images ({IMAGE_SHAPES[0][0]}x{IMAGE_SHAPES[0][1]} and {IMAGE_SHAPES[1][0]}x"
     f"{IMAGE_SHAPES[1][1]}), {args.proposals} proposals each, {sizes['num_classes']} classes. "
     f"{machine}; torch {torch.__version__}, {torch.get_num_threads()} "
-    f"torch threads; median of {args.repeats} alternated rounds.",
+    f"torch threads; median of {args.repeats}.",
     "",
     "| weights | detections | stage | roipool_jax (jit) | torchvision | speed-up |",
     "|---|---|---|---|---|---|",

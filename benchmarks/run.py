@@ -6,13 +6,11 @@ with torchvision and with the memory-bandwidth floor.
     python benchmarks/run.py --quick          # tiny shapes: checks the suite runs
 
 For each config and dtype it times, after compilation and a warm-up run, the
-jitted forward and forward+backward (the output and its gradient with respect
-to the features, both returned, as a training step needs both; torchvision has
-no box gradient). When torch/torchvision are importable, the same op runs on
-the same data in the same process (NCHW; CUDA when JAX runs on a GPU and torch
-sees one). The four calls alternate, round after round, and each time is the
-median over ``--repeats`` rounds, so that both sides see the same machine
-load (:func:`common.alternated_median_ms`). It also reports:
+median of ``--repeats`` runs of the jitted forward and of forward+backward
+(the output and its gradient with respect to the features, both returned, as
+a training step needs both; torchvision has no box gradient). When
+torch/torchvision are importable, the same op runs on the same data in the
+same process (NCHW; CUDA when JAX runs on a GPU and torch sees one). It also reports:
 
 * ``floor``: the bytes that must move (features read once and the output
   written once; for forward+backward also the cotangent read and the feature
@@ -45,9 +43,9 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import baselines  # noqa: E402
 from common import (  # noqa: E402
-  alternated_median_ms,
   copy_bandwidth,
   machine,
+  median_ms,
   peak_bytes,
   proposals,
   scaled_boxes,
@@ -313,10 +311,9 @@ def first_call_s(config, features, boxes, indices, impl):
   return time.perf_counter() - start
 
 
-def _jitted(op, features, boxes):
-  """Timers (zero-argument callables) of ``jit(op)`` and of its jitted forward+backward (the
-  output and the feature gradient), that compiled forward+backward with its cotangent, and
-  the output."""
+def _time_jitted(op, features, boxes, repeats):
+  """Median ms of ``jit(op)`` and of its jitted forward+backward (the output and the feature
+  gradient), that compiled forward+backward with its cotangent, and the output."""
   fwd = jax.jit(op)
   out = fwd(features, boxes)
   # The cotangent is an argument, as in a training step: a closed-over array would be
@@ -331,18 +328,18 @@ def _jitted(op, features, boxes):
     out, vjp = jax.vjp(lambda f: op(f, b), f)
     return out, vjp(c)[0]
 
-  timers = dict(
-    fwd=lambda: jax.block_until_ready(fwd(features, boxes)),
-    fwd_bwd=lambda: jax.block_until_ready(fwd_bwd(features, boxes, cot)),
+  times = dict(
+    fwd_ms=median_ms(lambda: jax.block_until_ready(fwd(features, boxes)), repeats),
+    fwd_bwd_ms=median_ms(lambda: jax.block_until_ready(fwd_bwd(features, boxes, cot)), repeats),
   )
-  return timers, (fwd_bwd, cot), out
+  return times, (fwd_bwd, cot), out
 
 
-def bench_jax(config, features, boxes, indices, impl, first_call=True):
-  """Our timers, and the peak memory, output size and first-call time."""
+def bench_jax(config, features, boxes, indices, impl, repeats, first_call=True):
   first = first_call_s(config, features, boxes, indices, impl) if first_call else None
-  timers, (fwd_bwd, cot), out = _jitted(jax_op(config, indices, impl), features, boxes)
-  return timers, dict(
+  times, (fwd_bwd, cot), out = _time_jitted(jax_op(config, indices, impl), features, boxes, repeats)
+  return dict(
+    **times,
     peak_mb=(peak_bytes(fwd_bwd, features, boxes, cot) or 0) / 2**20,
     out_bytes=out.nbytes,
     first_call_s=first,
@@ -369,14 +366,14 @@ def baseline_op(config, indices):
   return None
 
 
-def bench_baseline(config, features, boxes, indices):
-  """Timers of the plain JAX formulation of an op torchvision lacks, jitted, or None."""
+def bench_baseline(config, features, boxes, indices, repeats):
+  """The plain JAX formulation of an op torchvision lacks, jitted, or None."""
   op = baseline_op(config, indices)
-  return None if op is None else _jitted(op, features, boxes)[0]
+  return None if op is None else _time_jitted(op, features, boxes, repeats)[0]
 
 
-def bench_torch(config, features, boxes, indices, dtype):
-  """Timers of torchvision's forward and forward+backward on the same data, or None."""
+def bench_torch(config, features, boxes, indices, dtype, repeats):
+  """torchvision's forward and forward+backward on the same data, or None."""
   try:
     import torch
     import torchvision
@@ -443,28 +440,24 @@ def bench_torch(config, features, boxes, indices, dtype):
     sync()
 
   try:
-    fwd()
+    return dict(fwd_ms=median_ms(fwd, repeats), fwd_bwd_ms=median_ms(fwd_bwd, repeats))
   except RuntimeError as error:  # e.g. a dtype the kernel does not support
     print(f"  torchvision: {str(error).splitlines()[0]}", file=sys.stderr)
     return None
-  return dict(fwd=fwd, fwd_bwd=fwd_bwd)
 
 
 def run_config(config, dtype, impl, repeats, bandwidth, first_call=True):
   features, boxes, indices = make_inputs(config, dtype)
-  ours, info = bench_jax(config, features, boxes, indices, impl, first_call)
+  ours = bench_jax(config, features, boxes, indices, impl, repeats, first_call)
   if config.op in BASELINE_OPS:
-    theirs = bench_baseline(config, features, boxes, indices)
+    theirs = bench_baseline(config, features, boxes, indices, repeats)
   elif config.torch:
-    theirs = bench_torch(config, features, boxes, indices, dtype)
+    theirs = bench_torch(config, features, boxes, indices, dtype, repeats)
   else:
     theirs = None
-  timers = {("jax", k): fn for k, fn in ours.items()}
-  timers.update({("ref", k): fn for k, fn in (theirs or {}).items()})
-  ms = alternated_median_ms(timers, repeats)
   maps = features if isinstance(features, list) else [features]
   feature_bytes = sum(m.nbytes for m in maps)
-  floor_fwd = 1e3 * (feature_bytes + info["out_bytes"]) / bandwidth
+  floor_fwd = 1e3 * (feature_bytes + ours["out_bytes"]) / bandwidth
   n, h, w, c = config.shape
   return dict(
     config=config.name,
@@ -474,14 +467,14 @@ def run_config(config, dtype, impl, repeats, bandwidth, first_call=True):
     features=[list(m.shape) for m in maps],
     rois=config.rois,
     output=config.output,
-    jax_fwd_ms=ms["jax", "fwd"],
-    jax_fwd_bwd_ms=ms["jax", "fwd_bwd"],
-    torch_fwd_ms=ms.get(("ref", "fwd")),
-    torch_fwd_bwd_ms=ms.get(("ref", "fwd_bwd")),
+    jax_fwd_ms=ours["fwd_ms"],
+    jax_fwd_bwd_ms=ours["fwd_bwd_ms"],
+    torch_fwd_ms=theirs and theirs["fwd_ms"],
+    torch_fwd_bwd_ms=theirs and theirs["fwd_bwd_ms"],
     floor_fwd_ms=floor_fwd,
     floor_fwd_bwd_ms=2 * floor_fwd,
-    jax_peak_mb=info["peak_mb"],
-    first_call_s=info["first_call_s"],
+    jax_peak_mb=ours["peak_mb"],
+    first_call_s=ours["first_call_s"],
     per_box_copy_mb=config.rois * h * w * c * jnp.dtype(dtype).itemsize / 2**20,
   )
 
@@ -586,7 +579,7 @@ def plot(rows, path, title):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
   parser.add_argument("--impl", default="auto", choices=["auto", "gather", "einsum"])
   parser.add_argument("--only", help="run the configs whose name contains this")
@@ -614,8 +607,7 @@ def main(argv=None):
   where = machine()
   header = (
     f"roipool_jax {roipool_jax.__version__} on {where}, impl={args.impl}; median of "
-    f"{args.repeats} alternated rounds after compilation; "
-    f"measured copy bandwidth {bandwidth / 1e9:.1f} GB/s"
+    f"{args.repeats} after compilation; measured copy bandwidth {bandwidth / 1e9:.1f} GB/s"
   )
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
