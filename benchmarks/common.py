@@ -39,7 +39,17 @@ def scaled_boxes(rng, k, n, image_h, image_w, factor):
 
 
 def median_ms(fn, repeats):
-  """Median wall time of ``fn()`` in ms over ``repeats`` runs (after one warm-up run)."""
+  """Median wall time of ``fn()`` in ms over ``repeats`` runs (after one warm-up run).
+
+  Each implementation is timed in a block of its own calls, in its steady
+  state. Alternating the calls of two implementations, round after round, was
+  tried to share the machine's load between them; it slowed the call after
+  the other's large one (roi_align_rotated's forward on the rotated-boxes
+  config: 10-13 ms alone, 20-23 ms alternated, even after an untimed call), a
+  bias the blocks do not have. The fastest of the runs instead of the median
+  was also tried: the load comes in spells of seconds, so it did not steady
+  the results either.
+  """
   fn()
   times = []
   for _ in range(repeats):
