@@ -43,12 +43,12 @@ def median_ms(fn, repeats):
 
   Each implementation is timed in a block of its own calls, in its steady
   state. Alternating the calls of two implementations, round after round, was
-  tried to share the machine's load between them; it slowed the call after
-  the other's large one (roi_align_rotated's forward on the rotated-boxes
-  config: 10-13 ms alone, 20-23 ms alternated, even after an untimed call), a
-  bias the blocks do not have. The fastest of the runs instead of the median
-  was also tried: the load comes in spells of seconds, so it did not steady
-  the results either.
+  tried to share the machine's load between them, and measured a call that
+  follows the other's large one slower: in three trials, roi_align_rotated's
+  forward on the rotated-boxes config took 20-23 ms alternated with the
+  reference's calls (even after an untimed call of its own) and mostly 10-13
+  ms in blocks. The fastest of the runs instead of the median was also tried:
+  the load comes in spells of seconds, so it did not steady the results either.
   """
   fn()
   times = []
