@@ -43,6 +43,27 @@ def test_narrow_is_astype_for_other_dtypes(dtype):
   )
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_order_keys_sort_every_16_bit_pattern_as_its_value(dtype):
+  bits = np.arange(2**16, dtype=np.uint16)
+  values = bits.view(dtype).astype(np.float64)
+  keys = np.asarray(dtypes.order_keys(jnp.asarray(bits), dtype)).astype(np.int64)
+  nan = np.isnan(values)
+  assert nan.sum() > 0 and np.all(keys[nan] == 0xFFFF)
+  assert np.all(keys[~nan] < 0xFFFF) and keys.min() > 0  # 0 is below every value
+  # Sorted by value, the keys rise exactly where the values do: equal values (+0 and
+  # -0 included) have equal keys, larger values larger keys.
+  order = np.argsort(values[~nan], kind="stable")
+  step_v, step_k = np.diff(values[~nan][order]), np.diff(keys[~nan][order])
+  assert np.all(step_k[step_v > 0] > 0) and np.all(step_k[step_v == 0] == 0)
+  assert keys[0x8000] == keys[0] == 0x8000  # -0 and +0
+  back = np.asarray(dtypes.key_bits(jnp.asarray(keys.astype(np.uint16)))).view(dtype)
+  back = back.astype(np.float64)
+  np.testing.assert_array_equal(back[~nan], values[~nan])
+  assert np.all(np.isnan(back[nan]))
+  assert not np.any(np.signbit(back[values == 0]))  # zeros come back +0
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_gather_rows_reads_exact_values(dtype):
   x = _float32_edge_cases()[: 40 * 7].reshape(40, 7)

@@ -424,13 +424,43 @@ def test_public_api():
   assert roipool_jax.roi_pool is roi_pool
 
 
-def test_nan_feature_gives_nan_bin_without_gradient_and_spares_other_boxes():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("nan", [np.nan, -np.nan], ids=["nan", "negative-nan"])
+def test_nan_feature_gives_nan_bin_without_gradient_and_spares_other_boxes(dtype, nan):
   x = np.ones((1, 4, 4, 1), np.float32)
-  x[0, 0, 0, 0] = np.nan
+  x[0, 0, 0, 0] = nan
+  x[0, 0, 1, 0] = np.inf  # the NaN wins over +inf, also in 16-bit order keys
+  x[0, 1, 0, 0] = -2.0
+  x = jnp.asarray(x, dtype)
   boxes = np.array([[0, 0, 1, 1], [2, 2, 3, 3]], np.float32)
-  out = np.asarray(roi_pool(x, boxes, 1))
+  out = np.asarray(roi_pool(x, boxes, 1), np.float32)
   assert np.isnan(out[0, 0, 0, 0]) and out[1, 0, 0, 0] == 1.0
-  grad = np.asarray(jax.grad(lambda y: jnp.nansum(roi_pool(y, boxes, 1)))(x))[0, :, :, 0]
+  loss = lambda y: jnp.nansum(roi_pool(y, boxes, 1).astype(jnp.float32))  # noqa: E731
+  grad = np.asarray(jax.grad(loss)(x), np.float32)[0, :, :, 0]
   want = np.zeros((4, 4), np.float32)
   want[2, 2] = 1.0  # first maximal cell of the second box only
   np.testing.assert_array_equal(grad, want)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16_bit_maps_rank_signs_infinities_and_zeros_as_float32(dtype):
+  # 16-bit maps are searched by integer order keys (dtypes.order_keys), not by value:
+  # negative values, subnormals, infinities and ties between -0 and +0 must give the
+  # maxima and first arg-maxima of float32, in bins of 1 to ~200 cells.
+  rng = np.random.default_rng(11)
+  tiny = 2.0**-20  # subnormal in float16
+  levels = np.float32([-np.inf, -3.5, -1.0, -tiny, -0.0, 0.0, tiny, 0.5, 2.0, np.inf])
+  features = rng.choice(levels, (2, 16, 18, 6))
+  features[1] = -np.abs(features[1])  # an image where every maximum is negative or zero
+  lo = rng.uniform(-4, 16, (48, 2))
+  boxes = np.concatenate([lo, lo + rng.uniform(0, 24, (48, 2))], 1).astype(np.float32)
+  indices = rng.integers(0, 2, 48).astype(np.int32)
+  x = jnp.asarray(features, dtype)
+  op = lambda y: roi_pool(y, boxes, (3, 2), box_indices=indices)  # noqa: E731
+  out, vjp = jax.vjp(op, x)
+  want, argmax = reference.roi_pool(features, boxes, indices, (3, 2), 1.0)
+  np.testing.assert_array_equal(np.asarray(out, np.float32), want)
+  cot = rng.integers(-3, 4, argmax.shape).astype(np.float32)
+  grad = np.asarray(vjp(jnp.asarray(cot, dtype))[0], np.float32)
+  want_grad = reference.roi_pool_grad(features.shape, indices, argmax, cot)
+  np.testing.assert_array_equal(grad, want_grad)

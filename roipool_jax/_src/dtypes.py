@@ -31,7 +31,9 @@ def compute_dtype(features_dtype) -> np.dtype:
 
 def row_dtype(table_dtype) -> np.dtype:
   """The dtype of the rows :func:`gather_rows` reads: the compute dtype (float32 for 16-bit
-  tables)."""
+  tables) for floating tables; integer tables (bit patterns, :func:`order_keys`) as they are."""
+  if not jnp.issubdtype(table_dtype, jnp.floating):
+    return np.dtype(table_dtype)
   return compute_dtype(table_dtype)
 
 
@@ -81,7 +83,7 @@ def gather_rows(table: jax.Array, cells: jax.Array) -> jax.Array:
   element, 2x slower than float32, while the bits move as fast as any integer
   and a float32 copy of the whole map would cost a pass over fresh memory.
   float16 rows are converted after the gather (a vector instruction on x86).
-  The rows come back in :func:`row_dtype`.
+  The rows come back in :func:`row_dtype`; integer tables are not converted.
   """
   flat = cells.reshape(-1)
   if table.dtype == jnp.bfloat16:
@@ -110,10 +112,65 @@ def narrow_bits(x: jax.Array, dtype) -> jax.Array:
 
 
 def from_bits(x: jax.Array, dtype) -> jax.Array:
-  """Inverse of :func:`narrow_bits`."""
-  if x.dtype == jnp.uint16 and jnp.dtype(dtype) == jnp.bfloat16:
-    return lax.bitcast_convert_type(x, jnp.bfloat16)
+  """Inverse of :func:`narrow_bits`: uint16 bit patterns become ``dtype`` when it is a
+  16-bit float (bfloat16 or float16); other arrays pass unchanged."""
+  if x.dtype == jnp.uint16 and is_half(dtype):
+    return lax.bitcast_convert_type(x, dtype)
   return x
+
+
+# The bits of +inf: a 16-bit pattern with a larger magnitude than this is a NaN.
+_INF_BITS = {np.dtype(jnp.bfloat16): 0x7F80, np.dtype(jnp.float16): 0x7C00}
+
+
+def is_half(dtype) -> bool:
+  """Whether ``dtype`` is a 16-bit float (bfloat16 or float16)."""
+  return np.dtype(dtype) in _INF_BITS
+
+
+def order_keys(bits: jax.Array, dtype) -> jax.Array:
+  """uint16 keys of 16-bit floats (given as their bit patterns) that sort as the values do.
+
+  A non-negative value's key is its pattern with the sign bit set, a negative
+  value's the complement of its pattern, so that a larger value has a larger
+  unsigned key: a maximum of keys is the key of the maximum, and equal keys
+  are equal values. -0 gets +0's key (``0x8000``) and every NaN the largest
+  key, ``0xFFFF``, so that NaN wins a maximum as XLA's ``max`` propagates it.
+  No value has key 0 (``-inf``'s is ``0x7F`` or ``0x3FF``).
+
+  XLA:CPU compares 16-bit floats element by element after converting them;
+  16-bit integers it compares 16 to a vector instruction.
+
+  Args:
+    bits: uint16 bit patterns of ``dtype`` values, any shape.
+    dtype: bfloat16 or float16.
+  """
+  key = jnp.where(bits > 0x8000, ~bits, bits | 0x8000)
+  return jnp.where((bits & 0x7FFF) > _INF_BITS[np.dtype(dtype)], jnp.uint16(0xFFFF), key)
+
+
+def key_bits(key: jax.Array) -> jax.Array:
+  """The bit patterns of :func:`order_keys`' keys (a zero comes back +0, a NaN as ``0x7FFF``)."""
+  return jnp.where(key >= 0x8000, key & 0x7FFF, ~key)
+
+
+def to_bits(x: jax.Array) -> jax.Array:
+  """The uint16 bit patterns of a 16-bit float array (uint16 arrays pass unchanged)."""
+  return x if x.dtype == jnp.uint16 else lax.bitcast_convert_type(x, jnp.uint16)
+
+
+def as_bits(rows: jax.Array, dtype) -> jax.Array:
+  """The uint16 bit patterns of 16-bit ``dtype`` values as :func:`gather_rows` returns
+  them: bit patterns (a bfloat16 result written by :func:`narrow_bits`) pass unchanged,
+  float16 rows widened to float32 are narrowed back first (exact)."""
+  return to_bits(rows if rows.dtype == jnp.uint16 else rows.astype(dtype))
+
+
+def carry_bits(bits: jax.Array, dtype) -> jax.Array:
+  """16-bit results given as bit patterns, in the form :func:`narrow_bits` writes them:
+  bfloat16 as the bits, float16 as float16 (which XLA:CPU stores as fast as integers; a
+  conversion of the whole result at the end would be a pass of its own)."""
+  return lax.bitcast_convert_type(bits, dtype) if np.dtype(dtype) == np.float16 else bits
 
 
 def narrow(x: jax.Array, dtype) -> jax.Array:

@@ -96,17 +96,17 @@ def pool_bins(
 
 @jax.custom_vjp
 def _max_over_bins(features: jax.Array, bins: bin_max_lib.Bins) -> jax.Array:
-  return bin_max_lib.bin_max(features, bins)
+  return bin_max_lib.bin_max(features, bins)[0]
 
 
 def _max_over_bins_fwd(features, bins):
-  values = bin_max_lib.bin_max(features, bins)
-  return values, (features, bins, values)
+  values, written = bin_max_lib.bin_max(features, bins)
+  return values, (features, bins, written)
 
 
 def _max_over_bins_bwd(residuals, cotangent):
-  features, bins, values = residuals
-  grad = bin_max_lib.bin_max_grad(features, bins, values, cotangent)
+  features, bins, written = residuals
+  grad = bin_max_lib.bin_max_grad(features, bins, written, cotangent)
   return dtypes.narrow(grad, features.dtype), None
 
 
@@ -167,7 +167,10 @@ def roi_pool(
   has none.
 
   Dtypes: float64 features are computed in float64, all others in float32
-  (boxes too); outputs keep the features' dtype. Empty inputs (``K = 0``
+  (boxes too); outputs keep the features' dtype. A maximum rounds nothing:
+  bfloat16 and float16 maps are searched as they are (as 16-bit keys in the
+  values' order), with the same maxima and arg-maxima as float32, except
+  that a maximal zero comes out +0. Empty inputs (``K = 0``
   boxes, ``N = 0`` images) give empty outputs and zero gradients.
 
   Implementations (``impl``; both give the same values and gradients):
