@@ -247,8 +247,8 @@ def search_table(features: jax.Array) -> jax.Array:
   rounds nothing, so it can be found among 16-bit values as well as among
   float32 ones, and among keys a sweep gathers half the bytes of float32 rows
   and compares 16 lanes to a vector instruction. (Widening each gathered
-  bfloat16 row to float32, as the summing ops do, made these sweeps about
-  twice as slow as float32's; XLA's own bfloat16 comparisons are slower still.)
+  bfloat16 row to float32, as the summing ops do, made the max sweep 1.7x as
+  slow as float32's on bins of thousands of cells, in a profile.)
   """
   table = features.reshape(-1, features.shape[-1])
   if dtypes.is_half(features.dtype):
