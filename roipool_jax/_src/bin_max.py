@@ -62,7 +62,8 @@ The additions happen in a fixed order: chunk by chunk (bins sorted by cell
 count, ties in ``(k, i, j)`` order), then bin by bin and channel by channel.
 XLA:CPU executes a scatter sequentially, so the gradient is bitwise
 reproducible. (XLA:GPU adds colliding updates atomically, in no fixed
-order; the ``"einsum"`` implementation is deterministic everywhere.)
+order, unless ``XLA_FLAGS=--xla_gpu_deterministic_ops=true`` makes XLA sort
+them first; the ``"einsum"`` implementation is deterministic everywhere.)
 
 16-bit maps
 -----------
