@@ -57,3 +57,24 @@ def test_plain_jax_baselines_compute_what_the_library_computes(op):
   ours = suite.jax_op(config, indices, "auto")(features, boxes)
   theirs = suite.baseline_op(config, indices)(features, boxes)
   np.testing.assert_allclose(np.asarray(theirs), np.asarray(ours), rtol=1e-4, atol=1e-4)
+
+
+def test_rounds_keep_each_best_median(tmp_path):
+  argv = ["--quick", "--repeats", "1", "--rounds", "2", "--dtypes", "float32"]
+  argv += ["--only", "VGG16", "--no-first-call", "--out", str(tmp_path)]
+  (row,) = suite.main(argv)
+  for key in suite.TIMES:
+    rounds = [t for t in row["rounds_ms"][key] if t is not None]  # None: no torchvision
+    assert len(row["rounds_ms"][key]) == 2 and row[key] == min(rounds, default=None), key
+  assert row["jax_fwd_ms"] > 0 and row["jax_fwd_bwd_ms"] > 0
+  assert "best of 2 rounds" in next(tmp_path.glob("*.md")).read_text()
+
+
+def test_keep_best_skips_missing_times():
+  row = dict(jax_fwd_ms=3.0, jax_fwd_bwd_ms=5.0, torch_fwd_ms=None, torch_fwd_bwd_ms=9.0)
+  suite.keep_best(
+    row, dict(jax_fwd_ms=2.0, jax_fwd_bwd_ms=6.0, torch_fwd_ms=4.0, torch_fwd_bwd_ms=None)
+  )
+  assert (row["jax_fwd_ms"], row["jax_fwd_bwd_ms"]) == (2.0, 5.0)
+  assert (row["torch_fwd_ms"], row["torch_fwd_bwd_ms"]) == (4.0, 9.0)
+  assert row["rounds_ms"]["torch_fwd_bwd_ms"] == [9.0, None]
