@@ -165,18 +165,18 @@ class JitConsistencyTest(chex.TestCase):
     np.testing.assert_allclose(np.asarray(g(features)), want, atol=1e-5)
 
 
-def test_vmap_over_a_batch_of_maps_matches_loop():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])  # bfloat16: order keys
+def test_vmap_over_a_batch_of_maps_matches_loop(dtype):
   features, boxes, indices = _fixed_problem()
-  stacked = np.stack([features, features[::-1] * 2.0, -features])
+  stacked = jnp.asarray(np.stack([features, features[::-1] * 2.0, -features]), dtype)
   f = lambda x: roi_pool(x, boxes, (2, 3), spatial_scale=0.25, box_indices=indices)  # noqa: E731
+  loss = lambda x: f(x).astype(jnp.float32).sum()  # noqa: E731
+  as32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
   batched = jax.vmap(f)(stacked)
+  grads = jax.vmap(jax.grad(loss))(stacked)
   for i in range(3):
-    np.testing.assert_array_equal(np.asarray(batched[i]), np.asarray(f(stacked[i])))
-  grads = jax.vmap(jax.grad(lambda x: f(x).sum()))(stacked)
-  for i in range(3):
-    np.testing.assert_array_equal(
-      np.asarray(grads[i]), np.asarray(jax.grad(lambda x: f(x).sum())(stacked[i]))
-    )
+    np.testing.assert_array_equal(as32(batched[i]), as32(f(stacked[i])))
+    np.testing.assert_array_equal(as32(grads[i]), as32(jax.grad(loss)(stacked[i])))
 
 
 def test_vmap_over_boxes_matches_flat_call():
