@@ -28,7 +28,8 @@ So the total work is about ``C`` times the number of cells the bins hold,
 after clipping to the map, plus one pass per bin: bins (and parts of bins)
 outside the map read at most one cached cell, and a box far larger than the
 map costs about what the map's cells cost. Only bin geometry (``[K, oh,
-ow]`` integers) is materialized besides the output.
+ow]`` integers) is materialized besides the output (and, for 16-bit maps,
+the map's order keys: below).
 
 Gradient
 --------
