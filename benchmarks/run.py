@@ -77,6 +77,8 @@ class Config:
   max_px: float | None = None  # max side in px (instead of box_px[1] * image)
   box_factor: float | None = None  # all boxes this many times the image, centred in it
   torch: bool = True  # also time torchvision (False: its cost would dominate the run)
+  # ps_* ops: the map's channel order; torchvision gets the same map in its own order
+  channel_order: str = "channel_major"
 
   def quick(self):
     n, h, w, c = self.shape
@@ -126,6 +128,26 @@ CONFIGS = [
     7,
     1 / 16,
     sampling_ratio=-1,
+  ),
+  # The same two with the score maps' channels bin-major (each bin's 21 channels contiguous).
+  Config(
+    "R-FCN bin-major score maps, ps_roi_pool",
+    "ps_roi_pool",
+    (1, 38, 63, 21 * 49),
+    300,
+    7,
+    1 / 16,
+    channel_order="bin_major",
+  ),
+  Config(
+    "R-FCN bin-major score maps, ps_roi_align",
+    "ps_roi_align",
+    (1, 38, 63, 21 * 49),
+    300,
+    7,
+    1 / 16,
+    sampling_ratio=-1,
+    channel_order="bin_major",
   ),
   # Oriented text / aerial boxes; the reference is a plain JAX gather (no torchvision op).
   Config(
@@ -228,7 +250,9 @@ def jax_op(config: Config, indices, impl: str):
       impl=impl,
     )
   if config.op == "ps_roi_pool":
-    return lambda f, b: roipool_jax.ps_roi_pool(f, b, size, spatial_scale=scale, box_indices=index)
+    return lambda f, b: roipool_jax.ps_roi_pool(
+      f, b, size, spatial_scale=scale, box_indices=index, channel_order=config.channel_order
+    )
   if config.op == "ps_roi_align":
     return lambda f, b: roipool_jax.ps_roi_align(
       f,
@@ -238,6 +262,7 @@ def jax_op(config: Config, indices, impl: str):
       sampling_ratio=config.sampling_ratio,
       box_indices=index,
       impl=impl,
+      channel_order=config.channel_order,
     )
   if config.op == "roi_align_rotated":
     return lambda f, b: roipool_jax.roi_align_rotated(
@@ -451,9 +476,18 @@ def bench_torch(config, features, boxes, indices, dtype, repeats):
     return None
 
 
+def bin_major(features, config: Config):
+  """A channel-major ``[N, H, W, C_out * P]`` map's channels in bin-major order, ``p * C_out
+  + c`` holding channel ``c * P + p`` (see :func:`roipool_jax.ps_roi_pool`)."""
+  bins = config.output**2
+  n, h, w, c = features.shape
+  return jnp.swapaxes(features.reshape(n, h, w, c // bins, bins), 3, 4).reshape(n, h, w, c)
+
+
 def run_config(config, dtype, impl, repeats, bandwidth, first_call=True):
   features, boxes, indices = make_inputs(config, dtype)
-  ours = bench_jax(config, features, boxes, indices, impl, repeats, first_call)
+  ours_features = bin_major(features, config) if config.channel_order == "bin_major" else features
+  ours = bench_jax(config, ours_features, boxes, indices, impl, repeats, first_call)
   if config.op in BASELINE_OPS:
     theirs = bench_baseline(config, features, boxes, indices, repeats)
   elif config.torch:

@@ -370,13 +370,17 @@ def _ps_pool_bins(box, scale, oh, ow, height, width, t=F32):
   return rows, cols
 
 
-def ps_channels(i, j, output_size, channels):
-  """Input channels read by bin ``(i, j)``, in output-channel order: ``(c * oh + i) * ow + j``."""
+def ps_channels(i, j, output_size, channels, channel_order="channel_major"):
+  """Input channels read by bin ``(i, j)``, in output-channel order: ``(c * oh + i) * ow + j``
+  (channel-major), or ``(i * ow + j) * C_out + c`` (bin-major)."""
   oh, ow = output_size
-  return [(c * oh + i) * ow + j for c in range(channels // (oh * ow))]
+  c_out = channels // (oh * ow)
+  if channel_order == "bin_major":
+    return [(i * ow + j) * c_out + c for c in range(c_out)]
+  return [(c * oh + i) * ow + j for c in range(c_out)]
 
 
-def ps_roi_pool(features, boxes, box_indices, output_size, scale):
+def ps_roi_pool(features, boxes, box_indices, output_size, scale, channel_order="channel_major"):
   """torchvision's ``ps_roi_pool`` forward: the mean of each bin's cells in its own channels."""
   features = np.asarray(features, np.float32)
   _, height, width, channels = features.shape
@@ -390,13 +394,15 @@ def ps_roi_pool(features, boxes, box_indices, output_size, scale):
       for j, (c0, c1) in enumerate(cols):
         if r1 > r0 and c1 > c0:
           cells = features[box_indices[b], r0:r1, c0:c1][
-            ..., ps_channels(i, j, output_size, channels)
+            ..., ps_channels(i, j, output_size, channels, channel_order)
           ]
           out[b, i, j] = cells.sum(axis=(0, 1)) / np.float32((r1 - r0) * (c1 - c0))
   return out
 
 
-def ps_roi_pool_grad(features_shape, boxes, box_indices, output_size, scale, cotangent):
+def ps_roi_pool_grad(
+  features_shape, boxes, box_indices, output_size, scale, cotangent, channel_order="channel_major"
+):
   """The exact gradient of :func:`ps_roi_pool`: each cotangent spread evenly over its bin."""
   _, height, width, channels = features_shape
   grad = np.zeros(features_shape, np.float64)
@@ -409,11 +415,13 @@ def ps_roi_pool_grad(features_shape, boxes, box_indices, output_size, scale, cot
         if r1 > r0 and c1 > c0:
           share = cotangent[b, i, j] / ((r1 - r0) * (c1 - c0))
           cells = grad[box_indices[b], r0:r1, c0:c1]  # a view
-          cells[..., ps_channels(i, j, output_size, channels)] += share
+          cells[..., ps_channels(i, j, output_size, channels, channel_order)] += share
   return grad
 
 
-def ps_roi_align(features, boxes, box_indices, output_size, scale, sampling_ratio):
+def ps_roi_align(
+  features, boxes, box_indices, output_size, scale, sampling_ratio, channel_order="channel_major"
+):
   """torchvision's ``ps_roi_align`` (RoIAlign sampling with the -0.5 offset), float32.
 
   Documented deviations: inverted boxes and bins without samples (zero-size
@@ -437,7 +445,9 @@ def ps_roi_align(features, boxes, box_indices, output_size, scale, sampling_rati
     gw = sampling_ratio if sampling_ratio > 0 else math.ceil(bin_w)
     for i in range(oh):
       for j in range(ow):
-        image = features[box_indices[b]][..., ps_channels(i, j, output_size, channels)]
+        image = features[box_indices[b]][
+          ..., ps_channels(i, j, output_size, channels, channel_order)
+        ]
         total = np.zeros(image.shape[2], t)
         for iy in range(gh):
           y = y0 + t(i) * bin_h + (t(iy) + half) * bin_h / t(gh)

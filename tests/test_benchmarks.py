@@ -78,3 +78,20 @@ def test_keep_best_skips_missing_times():
   assert (row["jax_fwd_ms"], row["jax_fwd_bwd_ms"]) == (2.0, 5.0)
   assert (row["torch_fwd_ms"], row["torch_fwd_bwd_ms"]) == (4.0, 9.0)
   assert row["rounds_ms"]["torch_fwd_bwd_ms"] == [9.0, None]
+
+
+@pytest.mark.parametrize("op", ["ps_roi_pool", "ps_roi_align"])
+def test_bin_major_rows_compute_what_torchvision_computes(op):
+  # Their map goes to torchvision unchanged and to roipool_jax reordered: a fair row only if
+  # the reordered map is the same score maps, giving the channel-major row's results.
+  ours, theirs = (
+    next(c for c in suite.CONFIGS if c.op == op and c.channel_order == order).quick()
+    for order in ("bin_major", "channel_major")
+  )
+  features, boxes, indices = suite.make_inputs(ours, np.float32)
+  reordered = suite.bin_major(features, ours)
+  assert not np.array_equal(reordered, features)
+  np.testing.assert_array_equal(
+    suite.jax_op(ours, indices, "gather")(reordered, boxes),
+    suite.jax_op(theirs, indices, "gather")(features, boxes),
+  )

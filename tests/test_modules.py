@@ -32,12 +32,24 @@ CASES = [
   (  # defaults only: the module's defaults must be the function's
     "PSRoIPool",
     dict(output_size=(2, 3)),
-    lambda f, b, i: roipool_jax.ps_roi_pool(jnp.tile(f, (1, 1, 1, 2)), b, (2, 3), box_indices=i),
+    lambda f, b, i: roipool_jax.ps_roi_pool(f, b, (2, 3), box_indices=i),
   ),
   (
     "PSRoIAlign",
     dict(output_size=(2, 3)),
-    lambda f, b, i: roipool_jax.ps_roi_align(jnp.tile(f, (1, 1, 1, 2)), b, (2, 3), box_indices=i),
+    lambda f, b, i: roipool_jax.ps_roi_align(f, b, (2, 3), box_indices=i),
+  ),
+  (
+    "PSRoIPool",
+    dict(output_size=(2, 3), channel_order="bin_major"),
+    lambda f, b, i: roipool_jax.ps_roi_pool(f, b, (2, 3), box_indices=i, channel_order="bin_major"),
+  ),
+  (
+    "PSRoIAlign",
+    dict(output_size=(2, 3), spatial_scale=0.5, sampling_ratio=2, channel_order="bin_major"),
+    lambda f, b, i: roipool_jax.ps_roi_align(
+      f, b, (2, 3), spatial_scale=0.5, sampling_ratio=2, box_indices=i, channel_order="bin_major"
+    ),
   ),
   (
     "PreciseRoIPool",
@@ -54,9 +66,10 @@ CASES = [
 
 @pytest.mark.parametrize("name, options, expected", CASES)
 def test_linen_and_nnx_modules_equal_the_functions(name, options, expected):
-  want = expected(FEATURES, BOXES, INDICES)
-  # Position-sensitive modules read C_out * oh * ow channels: 3 * 2 * 3 (the map tiled twice).
-  features = jnp.tile(FEATURES, (1, 1, 1, 2)) if name.startswith("PS") else FEATURES
+  # Position-sensitive modules read C_out * oh * ow channels: 2 * 2 * 3 (the map tiled 4 times;
+  # with C_out > 1 the channel orders differ).
+  features = jnp.tile(FEATURES, (1, 1, 1, 4)) if name.startswith("PS") else FEATURES
+  want = expected(features, BOXES, INDICES)
   linen_layer = getattr(roi_linen, name)(**options)
   np.testing.assert_array_equal(linen_layer.apply({}, features, BOXES, INDICES), want)
   nnx_layer = getattr(roi_nnx, name)(**options)

@@ -118,21 +118,39 @@ def problems(draw):
   return features, boxes.astype(np.float32), indices, (oh, ow), scale
 
 
-@hypothesis.given(problems())
-def test_ps_roi_pool_matches_the_reference(problem):
+ORDERS = st.sampled_from(["channel_major", "bin_major"])
+
+
+@hypothesis.given(problems(), ORDERS)
+def test_ps_roi_pool_and_its_gradient_match_the_reference(problem, order):
   features, boxes, indices, size, scale = problem
-  out = roipool_jax.ps_roi_pool(features, boxes, size, spatial_scale=scale, box_indices=indices)
-  expected = reference.ps_roi_pool(features, boxes, indices, size, scale)
+  options = dict(spatial_scale=scale, box_indices=indices, channel_order=order)
+  out, vjp = jax.vjp(lambda f: roipool_jax.ps_roi_pool(f, boxes, size, **options), features)
+  expected = reference.ps_roi_pool(features, boxes, indices, size, scale, order)
   np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+  cotangent = np.random.default_rng(1).standard_normal(out.shape).astype(np.float32)
+  expected_grad = reference.ps_roi_pool_grad(
+    features.shape, boxes, indices, size, scale, cotangent, order
+  )
+  np.testing.assert_allclose(vjp(cotangent)[0], expected_grad, rtol=1e-5, atol=1e-6)
 
 
-@hypothesis.given(problems(), st.sampled_from([-1, 1, 2]), st.sampled_from(["gather", "einsum"]))
-def test_ps_roi_align_matches_the_reference(problem, ratio, impl):
+@hypothesis.given(
+  problems(), st.sampled_from([-1, 1, 2]), st.sampled_from(["gather", "einsum"]), ORDERS
+)
+def test_ps_roi_align_matches_the_reference(problem, ratio, impl, order):
   features, boxes, indices, size, scale = problem
   out = roipool_jax.ps_roi_align(
-    features, boxes, size, spatial_scale=scale, sampling_ratio=ratio, box_indices=indices, impl=impl
+    features,
+    boxes,
+    size,
+    spatial_scale=scale,
+    sampling_ratio=ratio,
+    box_indices=indices,
+    impl=impl,
+    channel_order=order,
   )
-  expected = reference.ps_roi_align(features, boxes, indices, size, scale, ratio)
+  expected = reference.ps_roi_align(features, boxes, indices, size, scale, ratio, order)
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -171,7 +189,46 @@ OPS = {
   "ps_roi_align ratio 2": lambda f, b, i: roipool_jax.ps_roi_align(
     f, b, (2, 3), sampling_ratio=2, box_indices=i
   ),
+  "ps_roi_pool bin-major": lambda f, b, i: roipool_jax.ps_roi_pool(
+    f, b, (2, 3), box_indices=i, channel_order="bin_major"
+  ),
+  "ps_roi_align gather bin-major": lambda f, b, i: roipool_jax.ps_roi_align(
+    f, b, (2, 3), box_indices=i, impl="gather", channel_order="bin_major"
+  ),
+  "ps_roi_align einsum bin-major": lambda f, b, i: roipool_jax.ps_roi_align(
+    f, b, (2, 3), box_indices=i, impl="einsum", channel_order="bin_major"
+  ),
 }
+
+
+def bin_major(features, output_size):
+  """A channel-major map (channel ``c * P + p``) with its channels reordered bin-major
+  (channel ``p * C_out + c``): the same score maps, laid out the other way."""
+  *lead, channels = features.shape
+  bins = output_size[0] * output_size[1]
+  grouped = features.reshape(*lead, channels // bins, bins)
+  return np.swapaxes(grouped, -1, -2).reshape(features.shape)
+
+
+@pytest.mark.parametrize("op", ["ps_roi_pool", "ps_roi_align gather", "ps_roi_align einsum"])
+def test_bin_major_map_gives_the_channel_major_results(op):
+  """The same score maps in either channel order: the same outputs, and the same gradients
+  in the map's own order; bit for bit for the gather kernels (the same sums in the same
+  order)."""
+  features, boxes, indices = _inputs(5)
+  reordered = bin_major(features, (2, 3))
+  assert not np.array_equal(reordered, features)
+  fn, fn_bin = OPS[op], OPS[op + " bin-major"]
+  loss = lambda fn: lambda f: jnp.sum(jnp.sin(fn(f, boxes, indices)))  # noqa: E731
+  same = (
+    functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
+    if "einsum" in op
+    else np.testing.assert_array_equal
+  )
+  same(fn_bin(reordered, boxes, indices), fn(features, boxes, indices))
+  same(
+    jax.grad(loss(fn_bin))(reordered), bin_major(np.asarray(jax.grad(loss(fn))(features)), (2, 3))
+  )
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
@@ -262,7 +319,7 @@ def test_degenerate_boxes_give_zeros_and_do_not_touch_other_boxes(op):
   else:
     np.testing.assert_array_equal(out[:4], fn(features, boxes, indices))
   np.testing.assert_array_equal(out[4:6], 0.0)  # non-finite boxes
-  if op != "ps_roi_pool":  # ps_roi_pool makes an inverted box 1 cell, as torchvision
+  if not op.startswith("ps_roi_pool"):  # ps_roi_pool makes an inverted box 1 cell, as torchvision
     np.testing.assert_array_equal(out[6], 0.0)
   np.testing.assert_array_equal(out[-2:], 0.0)  # outside the map
 
@@ -315,13 +372,15 @@ def test_bf16_features_keep_their_dtype():
 def test_einsum_ps_roi_align_has_no_gather_or_scatter():
   features, boxes, indices = _inputs()
 
-  def loss(f, b, impl):
-    return jnp.sum(roipool_jax.ps_roi_align(f, b, (2, 3), box_indices=indices, impl=impl) ** 2)
+  def loss(f, b, impl, order):
+    options = dict(box_indices=indices, impl=impl, channel_order=order)
+    return jnp.sum(roipool_jax.ps_roi_align(f, b, (2, 3), **options) ** 2)
 
-  for impl, expect in (("einsum", False), ("gather", True)):  # the check can fail
-    hlo = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2).lower(features, boxes, impl)
-    text = hlo.as_text()
-    assert (("gather" in text) or ("scatter" in text)) == expect, impl
+  for order in ("channel_major", "bin_major"):
+    for impl, expect in (("einsum", False), ("gather", True)):  # the check can fail
+      grad = jax.jit(jax.grad(loss, (0, 1)), static_argnums=(2, 3))
+      text = grad.lower(features, boxes, impl, order).as_text()
+      assert (("gather" in text) or ("scatter" in text)) == expect, (impl, order)
 
 
 @pytest.mark.parametrize(

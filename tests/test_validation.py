@@ -98,6 +98,7 @@ OPTIONS = {
   "quantization": choice("round", "floor"),
   "mode": choice("avg", "max"),
   "impl": choice("auto", "gather", "einsum"),
+  "channel_order": choice("channel_major", "bin_major"),
   "box_format": choice("xyxy", "tf"),
   "method": choice("bilinear", "nearest"),
   "extrapolation_value": REAL_OR_NONE,

@@ -96,10 +96,11 @@ def separable_sum(features: jax.Array, wy: jax.Array, wx: jax.Array, image_index
 
 
 def position_sensitive_sum(
-  features: jax.Array, wy: jax.Array, wx: jax.Array, image_index: jax.Array
+  features: jax.Array, wy: jax.Array, wx: jax.Array, image_index: jax.Array, channel_order: str
 ) -> jax.Array:
   """``[K, oh, ow, C_out]``: :func:`separable_sum` where bin ``(i, j)`` of output channel ``c``
-  reads input channel ``(c * oh + i) * ow + j`` (R-FCN; ``C = C_out * oh * ow``).
+  reads input channel ``(c * oh + i) * ow + j`` (``"channel_major"``) or ``(i * ow + j) *
+  C_out + c`` (``"bin_major"``); R-FCN, ``C = C_out * oh * ow``.
 
   The map is read as ``oh`` matrices ``[N * H, W * C_out * ow]``, one per bin
   row ``i`` (the channels that row's bins read), so the first contraction is
@@ -108,15 +109,20 @@ def position_sensitive_sum(
   n, h, w, c = features.shape
   k, oh, ow = wy.shape[0], wy.shape[1], wx.shape[1]
   c_out = c // (oh * ow)
-  grouped = features.astype(wy.dtype).reshape(n, h, w, c_out, oh, ow)
-  table = jnp.moveaxis(grouped, 4, 0).reshape(oh, n * h, w * c_out * ow)
+  if channel_order == "bin_major":  # channels (i, j, c); bin row i's are (j, c)
+    bin_row, row_channels, contract = 3, (ow, c_out), "kjx,kixjc->kijc"
+  else:  # channels (c, i, j); bin row i's are (c, j)
+    bin_row, row_channels, contract = 4, (c_out, ow), "kjx,kixcj->kijc"
+  channels = (c_out, oh, ow) if bin_row == 4 else (oh, ow, c_out)
+  grouped = features.astype(wy.dtype).reshape((n, h, w) + channels)
+  table = jnp.moveaxis(grouped, bin_row, 0).reshape(oh, n * h, w * c_out * ow)
 
   def chunk_fn(chunk):
     cwy, cwx, cindex = chunk
     rows = _image_rows(cwy, cindex, n)  # [Kc, oh, N*H]
     a = jnp.einsum("kiy,iyz->kiz", rows, table, precision=lax.Precision.HIGHEST)
-    a = a.reshape(cwy.shape[0], oh, w, c_out, ow)
-    return jnp.einsum("kjx,kixcj->kijc", cwx, a, precision=lax.Precision.HIGHEST)
+    a = a.reshape((cwy.shape[0], oh, w) + row_channels)
+    return jnp.einsum(contract, cwx, a, precision=lax.Precision.HIGHEST)
 
   per_box = oh * w * c_out * ow
   return _chunked(chunk_fn, wy, wx, image_index, per_box, (k, oh, ow, c_out), features.dtype)

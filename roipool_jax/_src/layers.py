@@ -28,6 +28,7 @@ from roipool_jax._src.roi_warp import roi_warp
 
 Size = int | tuple[int, int]
 Impl = Literal["auto", "gather", "einsum"]
+ChannelOrder = Literal["channel_major", "bin_major"]
 
 
 def module_docstring(config: type, framework: str) -> str:
@@ -222,14 +223,21 @@ class PSRoIPoolConfig:
   Attributes:
     output_size: ``oh`` or ``(oh, ow)``; the map has ``C_out * oh * ow`` channels.
     spatial_scale: feature cells per image pixel.
+    channel_order: ``"channel_major"`` (torchvision's) or ``"bin_major"`` (faster).
   """
 
   output_size: Size
   spatial_scale: float = 1.0
+  channel_order: ChannelOrder = "channel_major"
 
   def __call__(self, features, boxes, box_indices=None):
     return ps_roi_pool(
-      features, boxes, self.output_size, spatial_scale=self.spatial_scale, box_indices=box_indices
+      features,
+      boxes,
+      self.output_size,
+      spatial_scale=self.spatial_scale,
+      box_indices=box_indices,
+      channel_order=self.channel_order,
     )
 
 
@@ -242,12 +250,14 @@ class PSRoIAlignConfig:
     spatial_scale: feature cells per image pixel.
     sampling_ratio: samples per bin axis; ``<= 0`` adaptive.
     impl: ``"auto"``, ``"gather"`` or ``"einsum"``.
+    channel_order: ``"channel_major"`` (torchvision's) or ``"bin_major"`` (faster).
   """
 
   output_size: Size
   spatial_scale: float = 1.0
   sampling_ratio: int = -1
   impl: Impl = "auto"
+  channel_order: ChannelOrder = "channel_major"
 
   def __call__(self, features, boxes, box_indices=None):
     return ps_roi_align(
@@ -258,6 +268,7 @@ class PSRoIAlignConfig:
       sampling_ratio=self.sampling_ratio,
       box_indices=box_indices,
       impl=self.impl,
+      channel_order=self.channel_order,
     )
 
 

@@ -1,12 +1,19 @@
 """Position-sensitive RoI pooling (R-FCN): each bin reads its own group of channels.
 
 For an ``oh x ow`` output with ``C_out`` channels the map has ``C = C_out * oh
-* ow`` channels, and bin ``(i, j)`` of output channel ``c`` reads input
-channel ``(c * oh + i) * ow + j`` (torchvision's layout). With ``P = oh * ow``
-and ``p = i * ow + j`` that channel is ``c * P + p``, so the map, read as
-``[N, H, W, C_out, P]`` and transposed to ``[N, H, W, P, C_out]``, is a
-table of ``N * H * W * P`` rows of ``C_out`` values in which bin ``p`` of the
-box on image ``n`` reads row ``((n * H + y) * W + x) * P + p``.
+* ow`` channels. With ``P = oh * ow`` and ``p = i * ow + j``, bin ``(i, j)``
+of output channel ``c`` reads input channel
+
+* ``c * P + p = (c * oh + i) * ow + j`` with ``channel_order="channel_major"``
+  (torchvision's, mmcv's and the R-FCN paper's layout), or
+* ``p * C_out + c`` with ``channel_order="bin_major"``: each bin's ``C_out``
+  channels are contiguous in an NHWC map.
+
+Either way the map is a table of ``N * H * W * P`` rows of ``C_out`` values
+in which bin ``p`` of the box on image ``n`` reads row ``((n * H + y) * W +
+x) * P + p``. A bin-major map *is* that table (a reshape, read in place). A
+channel-major map is the table transposed: read as ``[N, H, W, C_out, P]``,
+its rows are ``C_out`` values ``P`` apart.
 
 :func:`bin_plan` writes those rows into a :class:`tap_sum.Plan` (row taps
 carry ``y * W * P + i * ow``, column taps ``x * P + j``, with stride 1), so
@@ -15,15 +22,25 @@ gradients, as ``roi_align``'s average; ``ps_roi_pool`` averages rectangles of
 the same table (:mod:`roipool_jax._src.cell_mean`). Either way each bin
 gathers ``C_out`` values per cell, never ``C``.
 
-Two forms of the table, chosen by measurement on XLA:CPU:
+For a channel-major map, two forms of the table, chosen by measurement on
+XLA:CPU:
 
-* :func:`channel_table`, the transposed copy (one copy of the map per call,
-  never one per box), for ``ps_roi_align``: its bilinear taps read many rows
-  per bin, and a contiguous row is one or two cache lines.
+* :func:`channel_table`, a transposed copy (one copy of the map per call,
+  never one per box, and one transposed copy of its gradient), for
+  ``ps_roi_align``: its bilinear taps read many rows per bin, and a
+  contiguous row is one or two cache lines.
 * :func:`lane_table`, the map itself read as ``[N * H * W, C_out, P]``, for
-  ``ps_roi_pool``'s forward: its bins read each of their cells once, so
-  reading the ``C_out`` values ``P`` apart in place costs less than copying
-  the whole map first (R-FCN's 300 boxes: 15-20% less time per call).
+  ``ps_roi_pool``: its bins read each of their cells once, so reading the
+  ``C_out`` values ``P`` apart in place can cost less than copying the whole
+  map first (R-FCN's 300 boxes on an AMD EPYC: 15-20% less time per call;
+  on an Intel Xeon the copy was cheaper).
+
+A bin-major map needs neither: both ops read it in place and scatter their
+gradients into it directly, so they skip the copies (R-FCN's 300 boxes on an
+Intel Xeon, float32: ``ps_roi_pool`` 40-45% less time forward and
+forward+backward, ``ps_roi_align`` 20-35%). The score-map convolution can emit either order
+(permuting a layer's output channels costs nothing), so a model trained in
+JAX can pick the faster one.
 """
 
 from __future__ import annotations
@@ -31,8 +48,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from roipool_jax._src import tap_sum
+from roipool_jax._src import tap_sum, validation
 from roipool_jax._src.sampling import Taps
+
+CHANNEL_ORDERS = ("channel_major", "bin_major")
+
+
+def check_channel_order(channel_order: object) -> str:
+  """``channel_order`` if it is one of :data:`CHANNEL_ORDERS`; raises otherwise."""
+  return validation.check_choice("channel_order", channel_order, CHANNEL_ORDERS)
 
 
 def check_channels(features, output_size: tuple[int, int]) -> int:
@@ -48,19 +72,32 @@ def check_channels(features, output_size: tuple[int, int]) -> int:
   return channels // (oh * ow)
 
 
-def channel_table(features: jax.Array, output_size: tuple[int, int]) -> jax.Array:
-  """The ``[N * H * W * P, C_out]`` table of the module docstring (a transposed copy)."""
+def channel_table(features: jax.Array, output_size: tuple[int, int], channel_order: str):
+  """The ``[N * H * W * P, C_out]`` table of the module docstring: the map itself
+  (a reshape) when bin-major, a transposed copy when channel-major."""
+  n, h, w, c = features.shape
+  bins = output_size[0] * output_size[1]
+  if channel_order == "bin_major":
+    return features.reshape(n * h * w * bins, c // bins)
   lanes = lane_table(features, output_size)
   return jnp.swapaxes(lanes, 1, 2).reshape(-1, lanes.shape[1])
 
 
 def lane_table(features: jax.Array, output_size: tuple[int, int]) -> jax.Array:
-  """The same table as the lane table ``[N * H * W, C_out, P]`` (:func:`dtypes.table_rows`):
-  a reshape of the map, whose rows ``ps_roi_pool``'s forward reads in place,
-  ``C_out`` values ``P`` apart."""
+  """A channel-major map's table as the lane table ``[N * H * W, C_out, P]``
+  (:func:`dtypes.table_rows`): a reshape of the map, whose rows ``ps_roi_pool``
+  reads in place, ``C_out`` values ``P`` apart."""
   n, h, w, c = features.shape
   bins = output_size[0] * output_size[1]
   return features.reshape(n * h * w, c // bins, bins)
+
+
+def in_place_table(features: jax.Array, output_size: tuple[int, int], channel_order: str):
+  """The table read in place, never copied: the lane table when channel-major, the
+  ``[N * H * W * P, C_out]`` rows when bin-major (``ps_roi_pool``'s)."""
+  if channel_order == "bin_major":
+    return channel_table(features, output_size, channel_order)
+  return lane_table(features, output_size)
 
 
 def bin_plan(image_index: jax.Array, ty: Taps, tx: Taps, map_shape) -> tap_sum.Plan:
@@ -79,9 +116,11 @@ def bin_plan(image_index: jax.Array, ty: Taps, tx: Taps, map_shape) -> tap_sum.P
   return tap_sum.Plan(origin, stride, row, col, ty.count, tx.count)
 
 
-def pooled_sum(features: jax.Array, ty: Taps, tx: Taps, image_index: jax.Array):
-  """``[K, oh, ow, C_out]``: ``sum_a sum_b wy * wx * F[n, ry, rx, (c * oh + i) * ow + j]``."""
+def pooled_sum(
+  features: jax.Array, ty: Taps, tx: Taps, image_index: jax.Array, channel_order: str
+) -> jax.Array:
+  """``[K, oh, ow, C_out]``: ``sum_a sum_b wy * wx * F[n, ry, rx, channel(c, i, j)]``."""
   output_size = (ty.index.shape[1], tx.index.shape[1])
-  table = channel_table(features, output_size)
+  table = channel_table(features, output_size, channel_order)
   plan = bin_plan(image_index, ty, tx, features.shape)
   return tap_sum.tap_sum(table, ty.weight, tx.weight, plan)

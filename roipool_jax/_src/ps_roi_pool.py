@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -20,13 +21,16 @@ def ps_roi_pool(
   *,
   spatial_scale: float = 1.0,
   box_indices: jax.typing.ArrayLike | None = None,
+  channel_order: Literal["channel_major", "bin_major"] = "channel_major",
 ) -> jax.Array:
   r"""Position-sensitive RoI pooling (R-FCN): bin ``(i, j)`` averages its own channels.
 
   The map has ``C = C_out * oh * ow`` channels; output channel ``c`` of bin
-  ``(i, j)`` is the mean of input channel ``(c * oh + i) * ow + j`` over the
-  bin's cells (torchvision's layout). The bins are whole cells, as in
-  ``torchvision.ops.ps_roi_pool`` (bit for bit in the edges). Per axis (x
+  ``(i, j)`` is the mean over the bin's cells of input channel ``(c * oh + i)
+  * ow + j`` (``channel_order="channel_major"``, torchvision's layout) or
+  ``(i * ow + j) * C_out + c`` (``"bin_major"``, faster; see Cost). The bins
+  are whole cells, as in ``torchvision.ops.ps_roi_pool`` (bit for bit in the
+  edges). Per axis (x
   shown; y is the same with rows, ``H`` and ``oh``), with ``s =
   spatial_scale``, in the compute dtype and then int32::
 
@@ -61,8 +65,14 @@ def ps_roi_pool(
 
   Cost: each bin gathers its own cells (``C_out`` values each, read in
   place from the map), four per pass; bins outside the map cost nothing
-  (:mod:`roipool_jax._src.cell_mean`). The backward scatters into one
-  ``[N * H * W * oh * ow, C_out]`` buffer and transposes it once.
+  (:mod:`roipool_jax._src.cell_mean`). With a channel-major map a cell's
+  ``C_out`` values lie ``oh * ow`` apart, and the backward scatters into one
+  ``[N * H * W * oh * ow, C_out]`` buffer and transposes it once. A bin-major
+  map keeps them contiguous and takes its gradient's scatter directly: on
+  XLA:CPU 40-45% less time, forward and forward+backward. Permuting the output channels
+  of the layer that makes the map is free, so a model trained in JAX can pick
+  ``"bin_major"``; ``"channel_major"`` reads maps made for torchvision, mmcv
+  or the original R-FCN.
 
   Args:
     features: ``[N, H, W, C_out * oh * ow]`` floating feature map.
@@ -72,6 +82,8 @@ def ps_roi_pool(
     spatial_scale: static feature cells per image pixel.
     box_indices: ``[K]`` integer image index of each box for ``[K, 4]`` boxes;
       may be omitted when ``N == 1``. Must be None for ``[N, R, 4]`` boxes.
+    channel_order: ``"channel_major"`` or ``"bin_major"``, which input channel
+      each output channel of each bin reads (see above); static.
 
   Returns:
     ``[K, oh, ow, C_out]`` (flat boxes) or ``[N, R, oh, ow, C_out]`` (per-image
@@ -82,8 +94,8 @@ def ps_roi_pool(
       non-integer ``box_indices``.
     ValueError: a wrong rank or last dim of ``features``/``boxes``, ``C`` not a
       multiple of ``oh * ow``, a non-positive ``output_size`` or
-      ``spatial_scale``, or ``box_indices`` of the wrong length or (when
-      concrete) out of ``[0, N)``.
+      ``spatial_scale``, an unknown ``channel_order``, or ``box_indices`` of the
+      wrong length or (when concrete) out of ``[0, N)``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -102,7 +114,8 @@ def ps_roi_pool(
   scale = validation.check_spatial_scale(spatial_scale)
   features = jnp.asarray(features)
   c_out = position_sensitive.check_channels(features, size)
-  options = dict(size=size, scale=scale)
+  order = position_sensitive.check_channel_order(channel_order)
+  options = dict(size=size, scale=scale, order=order)
   return scaffold.run(_ps_roi_pool, features, boxes, box_indices, size, c_out, **options)
 
 
@@ -116,8 +129,8 @@ def ps_pool_edges(flat: boxes_lib.FlatBoxes, output_size, spatial_scale: float, 
 
 
 # Compiled once per shape and configuration, also when called outside `jit`.
-@partial(jax.jit, static_argnames=("size", "scale"))
-def _ps_roi_pool(features, flat, *, size, scale):
+@partial(jax.jit, static_argnames=("size", "scale", "order"))
+def _ps_roi_pool(features, flat, *, size, scale, order):
   _, height, width, _ = features.shape
   (oh, ow), bins = size, size[0] * size[1]
   rs, re, cs, ce = ps_pool_edges(flat, size, scale, (height, width))
@@ -133,5 +146,5 @@ def _ps_roi_pool(features, flat, *, size, scale):
     height=jnp.broadcast_to((re - rs)[:, :, None], shape).reshape(-1),
     width=jnp.broadcast_to((ce - cs)[:, None, :], shape).reshape(-1),
   )
-  table = position_sensitive.lane_table(features, size)
+  table = position_sensitive.in_place_table(features, size, order)
   return cell_mean.cell_mean(table, rects, (width * bins, bins)).reshape(shape + (table.shape[1],))
