@@ -1,6 +1,8 @@
 """ps_roi_pool and ps_roi_align: torchvision fixtures, NumPy reference, properties, gradients."""
 
 import functools
+import math
+import re
 
 import hypothesis
 import hypothesis.strategies as st
@@ -381,6 +383,32 @@ def test_einsum_ps_roi_align_has_no_gather_or_scatter():
       grad = jax.jit(jax.grad(loss, (0, 1)), static_argnums=(2, 3))
       text = grad.lower(features, boxes, impl, order).as_text()
       assert (("gather" in text) or ("scatter" in text)) == expect, (impl, order)
+
+
+def _map_sized_fusions(fn, features) -> int:
+  """Fusions of the compiled program's entry that write as many elements as the map: copies
+  of it, or buffers of its size (a zero-filled gradient accumulator, a transposed gradient)."""
+  text = jax.jit(fn).lower(features).compile().as_text()
+  entry = text[text.index("ENTRY") :].splitlines()
+  shapes = [re.search(r"= [a-z0-9]+\[([0-9,]*)\]\S* fusion\(", line) for line in entry]
+  sizes = [math.prod(int(d) for d in m.group(1).split(",") if d) for m in shapes if m]
+  return sizes.count(features.size)
+
+
+@pytest.mark.parametrize("op", ["ps_roi_pool", "ps_roi_align gather"])
+def test_bin_major_maps_are_read_and_take_their_gradient_in_place(op):
+  """No copy of a bin-major map forward; backward only the gradient's own buffer (one
+  fusion, its zero fill). A channel-major map shows what the check catches: ps_roi_align
+  copies it transposed, and both transpose their gradient back."""
+  features, boxes, indices = _inputs()
+  counts = {}
+  for suffix in ("", " bin-major"):
+    fn = functools.partial(OPS[op + suffix], b=boxes, i=indices)
+    grad = jax.grad(lambda f, fn=fn: jnp.sum(fn(f) ** 2))
+    counts[suffix] = (_map_sized_fusions(fn, features), _map_sized_fusions(grad, features))
+  assert counts[" bin-major"] == (0, 1), counts
+  forward, backward = counts[""]
+  assert backward > 1 and forward == (1 if "align" in op else 0), counts
 
 
 @pytest.mark.parametrize(
