@@ -116,38 +116,21 @@ CONFIGS = [
     sampling_ratio=-1,
     box_px=(200.0, 1.0),
   ),
-  # R-FCN (ResNet-101, PASCAL VOC): 21 classes x 7 x 7 position-sensitive score maps.
-  Config(
-    "R-FCN 21x7x7 score maps, ps_roi_pool", "ps_roi_pool", (1, 38, 63, 21 * 49), 300, 7, 1 / 16
-  ),
-  Config(
-    "R-FCN 21x7x7 score maps, ps_roi_align",
-    "ps_roi_align",
-    (1, 38, 63, 21 * 49),
-    300,
-    7,
-    1 / 16,
-    sampling_ratio=-1,
-  ),
-  # The same two with the score maps' channels bin-major (each bin's 21 channels contiguous).
-  Config(
-    "R-FCN bin-major score maps, ps_roi_pool",
-    "ps_roi_pool",
-    (1, 38, 63, 21 * 49),
-    300,
-    7,
-    1 / 16,
-    channel_order="bin_major",
-  ),
-  Config(
-    "R-FCN bin-major score maps, ps_roi_align",
-    "ps_roi_align",
-    (1, 38, 63, 21 * 49),
-    300,
-    7,
-    1 / 16,
-    sampling_ratio=-1,
-    channel_order="bin_major",
+  # R-FCN (ResNet-101, PASCAL VOC): 21 classes x 7 x 7 position-sensitive score maps, in
+  # torchvision's channel order, then bin-major (each bin's 21 channels contiguous).
+  *(
+    Config(
+      f"R-FCN {layout} score maps, {op}",
+      op,
+      (1, 38, 63, 21 * 49),
+      300,
+      7,
+      1 / 16,
+      sampling_ratio=-1 if op == "ps_roi_align" else 2,
+      channel_order=order,
+    )
+    for layout, order in (("21x7x7", "channel_major"), ("bin-major", "bin_major"))
+    for op in ("ps_roi_pool", "ps_roi_align")
   ),
   # Oriented text / aerial boxes; the reference is a plain JAX gather (no torchvision op).
   Config(
