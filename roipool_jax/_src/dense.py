@@ -109,13 +109,14 @@ def position_sensitive_sum(
   n, h, w, c = features.shape
   k, oh, ow = wy.shape[0], wy.shape[1], wx.shape[1]
   c_out = c // (oh * ow)
-  if channel_order == "bin_major":  # channels (i, j, c); bin row i's are (j, c)
-    bin_row, row_channels, contract = 3, (ow, c_out), "kjx,kixjc->kijc"
-  else:  # channels (c, i, j); bin row i's are (c, j)
-    bin_row, row_channels, contract = 4, (c_out, ow), "kjx,kixcj->kijc"
-  channels = (c_out, oh, ow) if bin_row == 4 else (oh, ow, c_out)
+  # The channels as (i, j, c) or (c, i, j): where bin row i sits among them, and what the
+  # channels of one bin row (a row of the first matmul's output) are, in order.
+  if channel_order == "bin_major":
+    channels, i_axis, row_channels, contract = (oh, ow, c_out), 0, (ow, c_out), "kjx,kixjc->kijc"
+  else:
+    channels, i_axis, row_channels, contract = (c_out, oh, ow), 1, (c_out, ow), "kjx,kixcj->kijc"
   grouped = features.astype(wy.dtype).reshape((n, h, w) + channels)
-  table = jnp.moveaxis(grouped, bin_row, 0).reshape(oh, n * h, w * c_out * ow)
+  table = jnp.moveaxis(grouped, 3 + i_axis, 0).reshape(oh, n * h, w * c_out * ow)
 
   def chunk_fn(chunk):
     cwy, cwx, cindex = chunk

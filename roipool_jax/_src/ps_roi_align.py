@@ -67,14 +67,13 @@ def ps_roi_align(
   ``C_out`` values with adaptive sampling) from the map transposed once to
   ``[N, H, W, oh * ow, C_out]``, and transposes the gradient back; a bin-major
   map is already in that layout, read in place with no copy (on XLA:CPU
-  20-35% less time in float32). Permuting the output channels of the layer that makes the
-  map is free, so a model trained in JAX can pick ``"bin_major"``;
-  ``"channel_major"`` reads maps made for torchvision, mmcv or the original
-  R-FCN. ``"einsum"`` applies dense interpolation
-  matrices with matmuls batched over bin rows: no gather or scatter in its
-  HLO, deterministic gradients everywhere, ``2 * K * oh * N * H * W * C_out *
-  ow`` flops. ``"auto"`` picks ``"einsum"`` on TPU and GPU, ``"gather"`` on
-  CPU.
+  20-35% less time in float32). Permuting the output channels of the layer
+  that makes the map is free, so a model trained in JAX can pick
+  ``"bin_major"``; ``"channel_major"`` reads maps made for torchvision, mmcv or
+  the original R-FCN. ``"einsum"`` applies dense interpolation matrices with
+  matmuls batched over bin rows: no gather or scatter in its HLO,
+  deterministic gradients everywhere, ``2 * K * oh * N * H * W * C_out * ow``
+  flops. ``"auto"`` picks ``"einsum"`` on TPU and GPU, ``"gather"`` on CPU.
 
   Args:
     features: ``[N, H, W, C_out * oh * ow]`` floating feature map.
