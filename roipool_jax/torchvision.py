@@ -22,7 +22,8 @@ which match torchvision to float rounding (see their docstrings for the exact
 formulas). What the layer adds is only the layout: it transposes each map to
 NHWC and the result back to NCHW. XLA fuses these copies into the kernel's
 reads where it can, but a model written for JAX should keep NHWC maps and call
-:mod:`roipool_jax` directly, which avoids them.
+:mod:`roipool_jax` directly, which avoids them (and, for R-FCN, can lay its score
+maps out bin-major: ``channel_order`` of :func:`roipool_jax.ps_roi_pool`).
 
 Differences from torchvision that remain: the batch index in ``[K, 5]`` rois
 is truncated to an int32 (as torchvision's kernels do), and an index outside
