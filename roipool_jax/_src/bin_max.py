@@ -93,7 +93,7 @@ from roipool_jax._src import chunking, dtypes
 
 # Cells gathered per bin and pass (one pass reads [chunk, SLOTS, C]). 8 against 4, alternated
 # compiled programs on a 2-core Intel Xeon: float32 forward 0.68-0.98x and forward+backward
-# 0.87-0.95x the time on the VGG16, article and map-sized configs; bfloat16 forward
+# 0.87-0.97x the time on the VGG16, article and map-sized configs; bfloat16 forward
 # 0.70-1.03x, forward+backward 0.96-1.03x (on an AMD EPYC: no clear difference).
 SLOTS = 8
 # Bins per chunk: about this many output elements, so a chunk's running maxima
