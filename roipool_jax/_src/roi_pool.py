@@ -175,7 +175,7 @@ def roi_pool(
 
   Implementations (``impl``; both give the same values and gradients):
 
-  * ``"gather"``: bins are the unit of work, sorted by cell count; each pass
+  * ``"gather"``: bins are the unit of work, sorted by pass count; each pass
     gathers a few cells of every bin (contiguous ``C`` vectors). The
     backward pass sweeps the same chunks of bins again, last cell first, to
     find each bin's arg-max against the forward's output, and adds the
