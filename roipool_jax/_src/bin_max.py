@@ -25,8 +25,9 @@ fast gather), masks the slots past the bin's cell count and reduces them.
   count makes passes 1, 2, ...; a chunk makes as many passes as its largest
   bin needs. (Sorting by passes rather than by cell count makes the same
   chunks loop as long, but keeps bins of one pass count in their original
-  order, so a chunk's rows lie closer together in memory: forward 0.8x the
-  time on the VGG16 config, 0.9x on boxes 10x the map, the others alike.)
+  order, so a chunk's rows lie closer together in memory: forward 0.8-0.96x
+  the time on the VGG16 config in paired runs, the other configs within
+  run-to-run noise.)
 
 So the total work is about ``C`` times the number of cells the bins hold,
 after clipping to the map, plus one pass per bin: bins (and parts of bins)
