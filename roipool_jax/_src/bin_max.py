@@ -204,12 +204,14 @@ def _cells_of_pass(p: CellPlan, t, width: int):
   return cell, valid
 
 
-def _passes(p: CellPlan):
-  return (jnp.max(p.cells, initial=0) + SLOTS - 1) // SLOTS
-
-
 def _bin_passes(p: CellPlan):
-  return (p.cells + SLOTS - 1) // SLOTS
+  """Passes each bin needs, ``ceil(cells / SLOTS)``: the key the chunks are sorted by."""
+  return chunking.grid_passes(p.cells, SLOTS)
+
+
+def _passes(p: CellPlan):
+  """Passes a chunk of bins makes: its largest bin's."""
+  return jnp.max(_bin_passes(p), initial=0)
 
 
 def _chunk(num_bins: int, channels: int) -> int:
