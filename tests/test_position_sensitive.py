@@ -14,6 +14,7 @@ from jax.test_util import check_grads
 
 import roipool_jax
 from roipool_jax import torchvision as tv
+from roipool_jax._src import position_sensitive
 from tests import fixtures_io, reference
 from tests.quick import examples, some
 
@@ -408,7 +409,27 @@ def test_bin_major_maps_are_read_and_take_their_gradient_in_place(op):
     counts[suffix] = (_map_sized_fusions(fn, features), _map_sized_fusions(grad, features))
   assert counts[" bin-major"] == (0, 1), counts
   forward, backward = counts[""]
-  assert backward > 1 and forward == (1 if "align" in op else 0), counts
+  lanes = op == "ps_roi_pool" and position_sensitive.reads_lanes_in_place()
+  assert backward > 1 and forward == (0 if lanes else 1), counts
+
+
+@pytest.mark.parametrize("lanes", [False, True])
+def test_channel_major_ps_roi_pool_reads_its_map_copied_or_in_place_with_the_same_bits(
+  monkeypatch, lanes
+):
+  """Both tables of a channel-major map (the CPU vendor picks one): the transposed copy (one
+  map-sized fusion forward) or the map read in place (none), and the same outputs and
+  gradients bit for bit, on CPU (the same sums in the same order)."""
+  features, boxes, indices = _inputs(5)
+  fn = functools.partial(OPS["ps_roi_pool"], b=boxes, i=indices)
+  loss = lambda f: jnp.sum(jnp.sin(fn(f)))  # noqa: E731
+  expected = (np.asarray(fn(features)), np.asarray(jax.grad(loss)(features)))
+  monkeypatch.setattr(position_sensitive, "reads_lanes_in_place", lambda: lanes)
+  assert _map_sized_fusions(fn, features) == (0 if lanes else 1)
+  np.testing.assert_array_equal(fn(features), expected[0])
+  np.testing.assert_array_equal(jax.grad(loss)(features), expected[1])
+  reference_out = reference.ps_roi_pool(features, boxes, indices, (2, 3), 1.0, "channel_major")
+  np.testing.assert_allclose(fn(features), reference_out, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(
