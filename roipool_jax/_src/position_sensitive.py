@@ -41,8 +41,8 @@ XLA:CPU (both give the same sums in the same order, so the same bits):
 
 A bin-major map needs neither: both ops read it in place and scatter their
 gradients into it directly, so they skip the copies (R-FCN's 300 boxes on an
-Intel Xeon, float32: ``ps_roi_pool`` 30-50% less time forward and
-forward+backward, ``ps_roi_align`` 10-33%). The score-map convolution can
+Intel Xeon, float32: ``ps_roi_pool`` 35-38% less time forward and
+forward+backward, ``ps_roi_align`` 7-33%). The score-map convolution can
 emit either order (permuting a layer's output channels costs nothing), so a
 model trained in JAX can pick the faster one.
 """

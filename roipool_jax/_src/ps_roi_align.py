@@ -67,7 +67,7 @@ def ps_roi_align(
   ``C_out`` values with adaptive sampling) from the map transposed once to
   ``[N, H, W, oh * ow, C_out]``, and transposes the gradient back; a bin-major
   map is already in that layout, read in place with no copy (on XLA:CPU
-  10-33% less time in float32). Permuting the output channels of the layer
+  7-33% less time in float32). Permuting the output channels of the layer
   that makes the map is free, so a model trained in JAX can pick
   ``"bin_major"``; ``"channel_major"`` reads maps made for torchvision, mmcv or
   the original R-FCN. ``"einsum"`` applies dense interpolation matrices with
