@@ -212,3 +212,26 @@ def test_roi_pool_auto_picks_einsum_on_tpu_only(monkeypatch):
   for platform, expected in (("tpu", "einsum"), ("gpu", "gather"), ("cpu", "gather")):
     monkeypatch.setattr(jax, "default_backend", lambda platform=platform: platform)
     assert backends.resolve("auto", dense_backends=("tpu",)) == expected
+
+
+def test_cpu_vendor_reads_proc_cpuinfo_and_is_empty_where_it_cannot(monkeypatch, tmp_path):
+  info = tmp_path / "cpuinfo"
+  info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
+  real_open = open
+
+  def fake_open(path, *args, **kwargs):
+    if path != "/proc/cpuinfo":
+      return real_open(path, *args, **kwargs)
+    if not info.exists():
+      raise FileNotFoundError(path)
+    return real_open(info, *args, **kwargs)
+
+  monkeypatch.setattr("builtins.open", fake_open)
+  backends.cpu_vendor.cache_clear()
+  try:
+    assert backends.cpu_vendor() == "AuthenticAMD"
+    backends.cpu_vendor.cache_clear()
+    info.unlink()
+    assert backends.cpu_vendor() == ""
+  finally:
+    backends.cpu_vendor.cache_clear()

@@ -15,10 +15,14 @@
   ``roi_pool`` picks ``"einsum"`` on TPU only: its dense form costs a factor
   ``W * ow`` per box more than its gather form, which GPUs run well.
 
-The choice is made at trace time from ``jax.default_backend()``.
+The choice is made at trace time from ``jax.default_backend()``. Where the
+fastest layout of the same computation depends on the CPU, the op asks
+:func:`cpu_vendor` (``ps_roi_pool`` on channel-major maps).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 
@@ -70,3 +74,16 @@ def sum_taps(
   plan = tap_sum.map_plan(image_index, ty, tx, features.shape)
   table = features.reshape(-1, features.shape[3])
   return tap_sum.tap_sum(table, ty.weight, tx.weight, plan)
+
+
+@functools.cache
+def cpu_vendor() -> str:
+  """``vendor_id`` of ``/proc/cpuinfo`` (``"GenuineIntel"``, ``"AuthenticAMD"``), "" if unknown."""
+  try:
+    with open("/proc/cpuinfo") as info:
+      for line in info:
+        if line.startswith("vendor_id"):
+          return line.partition(":")[2].strip()
+  except OSError:
+    pass
+  return ""

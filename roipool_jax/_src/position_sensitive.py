@@ -49,12 +49,10 @@ model trained in JAX can pick the faster one.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
-from roipool_jax._src import tap_sum, validation
+from roipool_jax._src import backends, tap_sum, validation
 from roipool_jax._src.sampling import Taps
 
 CHANNEL_ORDERS = ("channel_major", "bin_major")
@@ -102,20 +100,7 @@ def reads_lanes_in_place() -> bool:
   """Whether ``ps_roi_pool`` reads a channel-major map in place (:func:`lane_table`): on
   AMD CPUs, where that measured faster than the transposed copy (the module docstring).
   Decided at trace time; either table gives the same bits."""
-  return jax.default_backend() == "cpu" and _cpu_vendor() == "AuthenticAMD"
-
-
-@functools.cache
-def _cpu_vendor() -> str:
-  """``vendor_id`` of ``/proc/cpuinfo`` (``"GenuineIntel"``, ``"AuthenticAMD"``), "" if unknown."""
-  try:
-    with open("/proc/cpuinfo") as info:
-      for line in info:
-        if line.startswith("vendor_id"):
-          return line.partition(":")[2].strip()
-  except OSError:
-    pass
-  return ""
+  return jax.default_backend() == "cpu" and backends.cpu_vendor() == "AuthenticAMD"
 
 
 def bin_plan(image_index: jax.Array, ty: Taps, tx: Taps, map_shape) -> tap_sum.Plan:

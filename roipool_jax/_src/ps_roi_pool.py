@@ -71,10 +71,10 @@ def ps_roi_pool(
   per call (read in place on AMD CPUs, where that measured faster;
   :mod:`roipool_jax._src.position_sensitive`), and the backward scatters into
   one ``[N * H * W * oh * ow, C_out]`` buffer and transposes it once. So
-  bin-major saves a copy of the map forward and two backward. Permuting the output channels
-  of the layer that makes the map is free, so a model trained in JAX can pick
-  ``"bin_major"``; ``"channel_major"`` reads maps made for torchvision, mmcv
-  or the original R-FCN.
+  bin-major saves the transposed copies of the map and of its gradient.
+  Permuting the output channels of the layer that makes the map is free, so
+  a model trained in JAX can pick ``"bin_major"``; ``"channel_major"`` reads
+  maps made for torchvision, mmcv or the original R-FCN.
 
   Args:
     features: ``[N, H, W, C_out * oh * ow]`` floating feature map.
