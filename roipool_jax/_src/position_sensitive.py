@@ -90,7 +90,8 @@ def channel_table(features: jax.Array, output_size: tuple[int, int], channel_ord
 def lane_table(features: jax.Array, output_size: tuple[int, int]) -> jax.Array:
   """A channel-major map's table as the lane table ``[N * H * W, C_out, P]``
   (:func:`dtypes.table_rows`): a reshape of the map, whose rows ``ps_roi_pool``
-  reads in place, ``C_out`` values ``P`` apart."""
+  reads in place on AMD CPUs (:func:`reads_lanes_in_place`), ``C_out`` values
+  ``P`` apart."""
   n, h, w, c = features.shape
   bins = output_size[0] * output_size[1]
   return features.reshape(n * h * w, c // bins, bins)
