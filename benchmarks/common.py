@@ -38,8 +38,24 @@ def scaled_boxes(rng, k, n, image_h, image_w, factor):
   return boxes, rng.integers(0, n, k).astype(np.int32)
 
 
+# Untimed calls before timing: at least this many, and for at least this long.
+WARM_UP_CALLS = 2
+WARM_UP_S = 0.3
+
+
 def median_ms(fn, repeats):
-  """Median wall time of ``fn()`` in ms over ``repeats`` runs (after one warm-up run).
+  """Median wall time of ``fn()`` in ms over ``repeats`` runs, after a warm-up.
+
+  The warm-up calls ``fn`` at least ``WARM_UP_CALLS`` times and for at least
+  ``WARM_UP_S`` seconds. A single warm-up call was measured too short: both
+  libraries' first calls of a program run slower while the allocator
+  settles (glibc maps each new large buffer afresh until its dynamic mmap
+  threshold has grown past it, and each such buffer then costs its page
+  faults). On a 2-core Intel Xeon, R-FCN ``ps_roi_align``'s forward took
+  31, 11, 5, 8, 4, 8 ms in its first calls and then 4 ms; torchvision's
+  VGG16 ``roi_pool`` forward+backward 118, 61, 43, 41 ms and then 38 ms.
+  A median of 5 calls after one warm-up call then times that settling, not
+  the steady state a training loop runs in.
 
   Each implementation is timed in a block of its own calls, in its steady
   state. Alternating the calls of two implementations, round after round, was
@@ -50,7 +66,10 @@ def median_ms(fn, repeats):
   ms in blocks. The fastest of the runs instead of the median was also tried:
   the load comes in spells of seconds, so it did not steady the results either.
   """
-  fn()
+  start, calls = time.perf_counter(), 0
+  while calls < WARM_UP_CALLS or time.perf_counter() - start < WARM_UP_S:
+    fn()
+    calls += 1
   times = []
   for _ in range(repeats):
     start = time.perf_counter()

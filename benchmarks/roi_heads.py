@@ -5,7 +5,7 @@ torchvision's ``maskrcnn_resnet50_fpn`` sizes (256-channel FPN, 1024-wide box he
 256-channel mask convolutions, 91 classes), 2 images with 1000 proposals each, with two sets of
 seeded weights: as initialised (few scores pass the 0.05 threshold: few detections), and with
 eight classes favoured so that each image gives the full 100 detections, as a trained COCO
-model does. Timed, after one warm-up call, as the median of ``--repeats`` calls:
+model does. Timed, after a warm-up (``common.median_ms``), as the median of ``--repeats`` calls:
 
 - ``heads``: box branch, detections (decode, clip, threshold, per-class NMS, top 100) and the
   mask branch on the detections: ``RoIHeads.forward`` in eval mode;

@@ -6,8 +6,9 @@ with torchvision and with the memory-bandwidth floor.
     python benchmarks/run.py --rounds 3       # each time the best of 3 rounds' medians
     python benchmarks/run.py --quick          # tiny shapes: checks the suite runs
 
-For each config and dtype it times, after compilation and a warm-up run, the
-median of ``--repeats`` runs of the jitted forward and of forward+backward
+For each config and dtype it times, after compilation and a warm-up (at
+least 2 calls and 0.3 s: ``common.median_ms``), the median of ``--repeats``
+runs of the jitted forward and of forward+backward
 (the output and its gradient with respect to the features, both returned, as
 a training step needs both; torchvision has no box gradient). With
 ``--rounds R`` the whole suite is timed R times over, and each time reported

@@ -1,10 +1,12 @@
 """The benchmark suite runs end to end (tiny shapes) and writes its three reports."""
 
 import json
+import time
 
 import numpy as np
 import pytest
 
+from benchmarks import common
 from benchmarks import run as suite
 from tests.quick import some
 
@@ -68,6 +70,19 @@ def test_rounds_keep_each_best_median(tmp_path):
     assert len(row["rounds_ms"][key]) == 2 and row[key] == min(rounds, default=None), key
   assert row["jax_fwd_ms"] > 0 and row["jax_fwd_bwd_ms"] > 0
   assert "best of 2 rounds" in next(tmp_path.glob("*.md")).read_text()
+
+
+def test_median_ms_times_only_after_its_warm_up(monkeypatch):
+  monkeypatch.setattr(common, "WARM_UP_S", 0.05)
+  calls = []
+
+  def fn():  # slow until 0.05 s after its first call, then fast: only fast calls are timed
+    calls.append(time.perf_counter())
+    time.sleep(0.02 if calls[-1] - calls[0] < 0.05 else 0.001)
+
+  ms = common.median_ms(fn, 3)
+  assert len(calls) >= common.WARM_UP_CALLS + 3 and calls[-3] - calls[0] >= 0.05
+  assert ms < 10, ms
 
 
 def test_keep_best_skips_missing_times():
