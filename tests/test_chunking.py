@@ -45,8 +45,10 @@ def test_each_bin_visits_its_own_blocks_once_row_major():
 
 
 @pytest.mark.parametrize("slots", [1, 3, 4])
-def test_walk_grid_visits_each_point_of_each_bin_once_row_major(slots):
-  # A tall bin (5 x 1), a wide one (1 x 7), a 3 x 3 one and two empty ones.
+@pytest.mark.parametrize("split", [False, True])
+def test_walk_grid_visits_each_point_of_each_bin_once_row_major(slots, split):
+  # A tall bin (5 x 1), a wide one (1 x 7), a 3 x 3 one and two empty ones. With `split`,
+  # pass 0 is grid_pass's and the walk starts at pass 1: together they visit the same.
   height = jnp.array([5, 1, 3, 0, 4], jnp.int32)
   width = jnp.array([1, 7, 3, 2, 0], jnp.int32)
   passes = []
@@ -55,8 +57,12 @@ def test_walk_grid_visits_each_point_of_each_bin_once_row_major(slots):
     passes.append(None)  # traced once per slot of the loop body
     return visits.at[jnp.arange(5), jnp.where(used, a * 8 + b, 63)].add(used.astype(jnp.int32))
 
-  visits = chunking.walk_grid(height, width, slots, visit, jnp.zeros((5, 64), jnp.int32))
-  assert len(passes) == slots
+  visits = jnp.zeros((5, 64), jnp.int32)
+  if split:
+    zero = jnp.zeros_like(height)
+    visits = chunking.grid_pass(0, height * width, width, slots, visit, visits, zero, zero)[0]
+  visits = chunking.walk_grid(height, width, slots, visit, visits, start=int(split))
+  assert len(passes) == (2 if split else 1) * slots
   for k in range(5):
     want = np.zeros(64, np.int32)
     for a in range(int(height[k])):
@@ -74,10 +80,12 @@ def test_walk_grid_visits_in_row_major_order():
     step, seen = state
     return step + 1, seen.at[step].set(jnp.where(used[0], a[0] * 10 + b[0], -1))
 
-  _, seen = chunking.walk_grid(
-    jnp.array([2], jnp.int32), jnp.array([3], jnp.int32), 4, record, (0, jnp.zeros(8, jnp.int32))
-  )
+  height, width = jnp.array([2], jnp.int32), jnp.array([3], jnp.int32)
+  _, seen = chunking.walk_grid(height, width, 4, record, (0, jnp.zeros(8, jnp.int32)))
   np.testing.assert_array_equal(np.asarray(seen), [0, 1, 2, 10, 11, 12, -1, -1])
+  # Started at pass 1, the walk resumes at the bin's fifth point, (1, 1).
+  _, seen = chunking.walk_grid(height, width, 4, record, (4, jnp.zeros(8, jnp.int32)), start=1)
+  np.testing.assert_array_equal(np.asarray(seen), [0, 0, 0, 0, 11, 12, -1, -1])
 
 
 @pytest.mark.parametrize("k", [1, 5, 13])
@@ -136,3 +144,26 @@ def test_refine_chunks_updates_only_the_chunks_of_costly_boxes(k, done):
   np.testing.assert_array_equal(got, want)
   assert np.all(got[cost > done] >= 100.0)
   assert calls == ([(4,)] if k else [])
+
+
+@pytest.mark.parametrize("k", [0, 1, 6, 13])
+@pytest.mark.parametrize("done", [None, 0, 1, 2])
+def test_fold_chunks_with_done_skips_the_chunks_of_cheap_boxes(k, done):
+  # Each visit adds the box's id + 1 to its slot; with `done`, the chunks holding only
+  # boxes costing at most `done` (sorted first) are never folded.
+  rng = np.random.default_rng([k, 3 if done is None else done])
+  cost = rng.integers(0, 4, k).astype(np.int32)
+  ids = jnp.arange(k, dtype=jnp.int32)
+
+  def fold(total, box):
+    return total.at[box].add(box + 1)  # padding boxes (id 0) add 1 to box 0's slot
+
+  got = np.asarray(chunking.fold_chunks(fold, jnp.zeros(k + 1, jnp.int32), ids, cost, 4, done=done))
+  order = np.argsort(cost, kind="stable")
+  first_chunk = 0 if done is None else int(np.sum(cost <= done)) // 4
+  want = np.zeros(k + 1, np.int32)
+  for chunk in range(first_chunk, -(-k // 4)):
+    boxes = order[chunk * 4 : chunk * 4 + 4]
+    want[boxes] += boxes + 1
+    want[0] += 4 - len(boxes)
+  np.testing.assert_array_equal(got, want)

@@ -16,14 +16,27 @@ so a bin costs ``ceil(height * width / SLOTS)`` passes: its own cells,
 rounded up once (:func:`chunking.walk_grid`). (Separable ``S x S`` tap blocks, as in
 :mod:`roipool_jax._src.tap_sum`, would round each axis up to ``S``: R-FCN's
 bins are mostly 1 to 3 cells a side, and such blocks gathered 5.5x more rows
-than the bins hold.) Bins are sorted by cost and visited in chunks
-(:mod:`roipool_jax._src.chunking`), each looping as long as its costliest bin.
+than the bins hold.)
+
+* One fused pass visits the first ``SLOTS`` cells of every bin, in box
+  order, with no sort: most of R-FCN's bins have no more (63% of them with
+  300 proposals on a 38 x 63 map).
+* The bins with more cells are sorted by cost and revisited in chunks
+  (:func:`chunking.refine_chunks`), each looping as long as its costliest
+  bin and continuing its bins' sums in place; chunks of first-pass bins
+  only are skipped. Each sum thus adds its cells in row-major order from 0,
+  however many passes it takes, and every bin is divided once at the end.
+
+Visiting every bin in sorted chunks instead took 1.10-1.18x the forward's
+time (R-FCN's 300 boxes, float32, Intel Xeon): the chunks of one-pass bins
+cost more in per-chunk work than their one pass.
 
 Gradient (a ``custom_vjp``)
 ---------------------------
 Each bin's cotangent divided by its cell count is scatter-added to every one
-of its cells, chunk after chunk, pass after pass, slot after slot: a fixed
-order, so bitwise reproducible on CPU (XLA:GPU scatters with atomics). For a
+of its cells: the first pass of every bin, slot after slot, then chunk after
+chunk of the costlier bins, pass after pass, slot after slot. A fixed order,
+so bitwise reproducible on CPU (XLA:GPU scatters with atomics). For a
 lane table (:func:`dtypes.table_rows`) the rows are scattered into a
 contiguous ``[M * P, C]`` buffer, transposed once at the end: measured faster
 than scattering ``C`` values ``P`` apart. The
@@ -83,49 +96,68 @@ def _per_cell(x: jax.Array, r: Rects) -> jax.Array:
   return x / lax.optimization_barrier(divisor)
 
 
-def _walk(r: Rects, strides: tuple[int, int], visit, state):
-  """Calls ``state = visit(state, cell [B], used [B])`` on the cells of every bin of ``r``."""
+def _visitor(r: Rects, strides: tuple[int, int], visit):
+  """``visit(state, cell [B], used [B])`` as a :func:`chunking.walk_grid` visitor of ``r``'s
+  cells (unused slots read cell 0)."""
   row_stride, col_stride = strides
 
   def visit_cell(state, dy, dx, used):
     cell = r.origin + dy * row_stride + dx * col_stride
     return visit(state, jnp.where(used, cell, 0), used)
 
-  return chunking.walk_grid(r.height, r.width, SLOTS, visit_cell, state)
+  return visit_cell
+
+
+def _walk(r: Rects, strides: tuple[int, int], visit, state, start: int = 0):
+  """Calls ``state = visit(state, cell [B], used [B])`` on the cells of every bin of ``r``,
+  from pass ``start`` on."""
+  return chunking.walk_grid(r.height, r.width, SLOTS, _visitor(r, strides, visit), state, start)
 
 
 def _forward(table: jax.Array, rects: Rects, strides: tuple[int, int], dtype) -> jax.Array:
-  def chunk_mean(r: Rects):
-    def add(acc, cell, used):
-      row = dtypes.gather_rows(table, cell).astype(dtype)
-      return acc + jnp.where(used[:, None], row, 0.0)
+  def add(acc, cell, used):
+    row = dtypes.gather_rows(table, cell).astype(dtype)
+    return acc + jnp.where(used[:, None], row, 0.0)
 
-    total = _walk(r, strides, add, jnp.zeros((r.origin.shape[0], table.shape[1]), dtype))
-    mean = jnp.where(_count(r)[:, None] > 0, _per_cell(total, r), 0.0)
-    return dtypes.narrow_bits(mean, table.dtype)
-
-  units = rects.origin.shape[0]
-  chunk = chunking.chunk_size(units, table.shape[1], _CHUNK_ELEMENTS)
-  out = chunking.map_chunks(chunk_mean, rects, _passes(rects), chunk)
-  return dtypes.from_bits(out, table.dtype)
+  # Every bin's first SLOTS cells in one fused pass over all bins (most R-FCN bins have no
+  # more); then only the bins with more cells, sorted by cost, chunk by chunk, each sum
+  # continuing where the first pass left it.
+  count = _count(rects)
+  zero = jnp.zeros_like(count)
+  first = jnp.zeros((count.shape[0], table.shape[1]), dtype)
+  first = chunking.grid_pass(
+    0, count, rects.width, SLOTS, _visitor(rects, strides, add), first, zero, zero
+  )[0]
+  chunk = chunking.chunk_size(count.shape[0], table.shape[1], _CHUNK_ELEMENTS)
+  refine = lambda r, rows: _walk(r, strides, add, rows, start=1)  # noqa: E731
+  total = chunking.refine_chunks(refine, first, rects, _passes(rects), chunk, done=1)
+  mean = jnp.where(count[:, None] > 0, _per_cell(total, rects), 0.0)
+  return dtypes.narrow(mean, table.dtype)
 
 
 def _table_grad(cotangent: jax.Array, rects: Rects, strides: tuple[int, int], table_shape, dtype):
-  """The scatter-add transpose in ``dtype``, in a fixed (chunk, pass, slot) order."""
+  """The scatter-add transpose in ``dtype``, in a fixed order: the first pass of every
+  bin, slot by slot; then, chunk after chunk, pass after pass, slot after slot, the rest."""
 
-  def chunk_scatter(grad, chunk):
-    r, cot = chunk
-    share = _per_cell(cot, r)  # empty bins have no cell to add it to
-
+  def scatter(share):
     def add(grad, cell, used):
       return grad.at[jnp.where(used, cell, table_shape[0])].add(share, mode="drop")
 
-    return _walk(r, strides, add, grad)
+    return add
 
-  units = rects.origin.shape[0]
-  chunk = chunking.chunk_size(units, table_shape[1], _CHUNK_ELEMENTS)
+  count = _count(rects)
+  zero = jnp.zeros_like(count)
   grad = jnp.zeros(table_shape, dtype)
-  return chunking.fold_chunks(chunk_scatter, grad, rects, _passes(rects), chunk, cotangent)
+  share = _per_cell(cotangent.astype(dtype), rects)  # empty bins have no cell to add it to
+  visit = _visitor(rects, strides, scatter(share))
+  grad = chunking.grid_pass(0, count, rects.width, SLOTS, visit, grad, zero, zero)[0]
+
+  def chunk_scatter(grad, chunk):
+    r, cot = chunk
+    return _walk(r, strides, scatter(_per_cell(cot, r)), grad, start=1)
+
+  chunk = chunking.chunk_size(count.shape[0], table_shape[1], _CHUNK_ELEMENTS)
+  return chunking.fold_chunks(chunk_scatter, grad, rects, _passes(rects), chunk, cotangent, done=1)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))

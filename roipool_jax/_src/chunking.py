@@ -192,23 +192,34 @@ def refine_sums(
 
 
 def fold_chunks(
-  fn: Callable, init: Any, per_box: Any, cost: jax.Array, chunk: int, rows: Any = None
+  fn: Callable,
+  init: Any,
+  per_box: Any,
+  cost: jax.Array,
+  chunk: int,
+  rows: Any = None,
+  done: int | None = None,
 ) -> Any:
   """Folds ``carry = fn(carry, chunk)`` over chunks of boxes in order of ``cost``.
 
   ``rows`` is as in :func:`map_chunks`: with it, ``fn`` takes ``(carry,
-  (per_box chunk, rows chunk))``.
+  (per_box chunk, rows chunk))``. With ``done``, the loop starts, as in
+  :func:`refine_chunks`, at the first chunk that holds a box costing more
+  than ``done``: the cheaper boxes are never visited.
 
   The order of the chunks, hence of any accumulation into ``carry``, is a
   function of the inputs only: the result is bitwise reproducible.
   """
+  if cost.shape[0] == 0:
+    return init
   chunks, num_chunks = _sorted_chunks(per_box, cost, chunk)
   arguments = _with_rows(rows, cost.shape[0])
+  first = 0 if done is None else jnp.sum(cost <= done, dtype=jnp.int32) // chunk
 
   def body(i, carry):
     return fn(carry, arguments(*jax.tree.map(lambda x: x[i], chunks)))
 
-  return lax.fori_loop(0, num_chunks, body, init)
+  return lax.fori_loop(first, num_chunks, body, init)
 
 
 def own_block(t, passes_y: jax.Array, passes_x: jax.Array):
@@ -235,7 +246,9 @@ def own_block_passes(passes_y: jax.Array, passes_x: jax.Array) -> jax.Array:
   return jnp.max(passes_y * passes_x, initial=0)
 
 
-def walk_grid(height: jax.Array, width: jax.Array, slots: int, visit: Callable, state: Any) -> Any:
+def walk_grid(
+  height: jax.Array, width: jax.Array, slots: int, visit: Callable, state: Any, start: int = 0
+) -> Any:
   """Visits every point ``(a, b)`` of each of ``[B]`` bins' ``height x width`` grids.
 
   Each bin's points (the cells of its rectangle, for ``cell_mean``) are one
@@ -247,25 +260,35 @@ def walk_grid(height: jax.Array, width: jax.Array, slots: int, visit: Callable, 
   ``[B]`` int32 ``a``, ``b`` and bool ``used``; where ``used`` is False,
   ``a`` and ``b`` may lie past the bin's grid and must not be read.
 
+  With ``start > 0`` (static) the walk begins at pass ``start``: the points
+  before it were visited by :func:`grid_pass` already.
+
   Returns:
     The final ``state``.
   """
   count = height * width
+  point = start * slots
+  safe_width = jnp.maximum(width, 1)
+  zero = jnp.zeros_like(count)
+  first = (point // safe_width, point % safe_width) if start else (zero, zero)
 
   def one_pass(t, carry):
-    state, a, b = carry
-    for s in range(slots):
-      state = visit(state, a, b, t * slots + s < count)
-      b = b + 1
-      next_row = b >= width
-      a = jnp.where(next_row, a + 1, a)
-      b = jnp.where(next_row, 0, b)
-    return state, a, b
+    return grid_pass(t, count, width, slots, visit, *carry)
 
-  zero = jnp.zeros_like(count)
-  return lax.fori_loop(
-    0, jnp.max(grid_passes(count, slots), initial=0), one_pass, (state, zero, zero)
-  )[0]
+  passes = jnp.max(grid_passes(count, slots), initial=0)
+  return lax.fori_loop(start, jnp.maximum(passes, start), one_pass, (state, *first))[0]
+
+
+def grid_pass(t, count, width, slots: int, visit: Callable, state: Any, a, b):
+  """Pass ``t`` of :func:`walk_grid` (its slots unrolled) from point ``(a, b)`` of each bin;
+  returns ``(state, a, b)`` for the next pass."""
+  for s in range(slots):
+    state = visit(state, a, b, t * slots + s < count)
+    b = b + 1
+    next_row = b >= width
+    a = jnp.where(next_row, a + 1, a)
+    b = jnp.where(next_row, 0, b)
+  return state, a, b
 
 
 def grid_passes(count: jax.Array, slots: int) -> jax.Array:
