@@ -224,3 +224,22 @@ def test_a_chunk_of_tall_and_wide_boxes_takes_the_max_in_as_many_passes_as_its_c
   for got, alone in zip(together, run(), strict=True):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(alone))
   jax.clear_caches()
+
+
+@pytest.mark.parametrize("name", ["avg adaptive", "avg ratio 3"])
+def test_bfloat16_sums_round_once_whether_kept_or_recomputed(name, monkeypatch, fresh_compilation):
+  # 16-bit outputs of multi-pass bins either keep their float32 sums (small outputs) or are
+  # recomputed from pass 0 (large ones, chunking.WIDE_SUM_BYTES): both round the whole sum
+  # once, so they agree to a bfloat16 ulp and match the reference to bfloat16 precision.
+  features, boxes, indices = _problem()
+  features = jnp.asarray(features, jnp.bfloat16)
+  monkeypatch.setattr(tap_sum, "SLOTS", 1)  # every bin of more than one tap is multi-pass
+  outs = []
+  for limit in (1 << 40, 0):
+    monkeypatch.setattr(chunking, "WIDE_SUM_BYTES", limit)
+    jax.clear_caches()
+    outs.append(np.asarray(OPS[name](features, boxes, indices).astype(jnp.float32)))
+  want = _expected(name, np.asarray(features, np.float32), boxes, indices)
+  for out in outs:
+    np.testing.assert_allclose(out, want, rtol=2**-8, atol=1e-6)
+  np.testing.assert_allclose(outs[0], outs[1], rtol=2**-8, atol=0)

@@ -23,7 +23,8 @@ first block of every bin and writes the output directly (a zero-filled
 output updated chunk by chunk cost about as much as the work); the bins with
 more blocks are then sorted by cost and revisited in chunks
 (:func:`chunking.refine_chunks`), continuing from their float32/float64
-partial sums (16-bit outputs, rounded in the first pass, are recomputed). A
+partial sums (16-bit outputs too, up to 16 MB of sums; larger ones, rounded
+in the first pass, are recomputed: :func:`chunking.refine_sums`). A
 bin off the map costs one masked block; a box much larger than the map costs
 about one sample per map cell per bin it overlaps, never ``g_h * g_w``
 samples.

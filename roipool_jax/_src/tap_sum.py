@@ -24,8 +24,10 @@ the map.
 * The bins with more blocks are sorted by cost and revisited in small chunks
   (:func:`chunking.refine_chunks`), in which each bin walks its remaining
   blocks, so a chunk makes as many passes as its costliest bin. float32 and
-  float64 partial sums continue from the first pass; 16-bit outputs (rounded
-  there) are recomputed from zero.
+  float64 partial sums continue from the first pass; so do 16-bit outputs
+  of up to 16 MB of float32 sums, rounded at the end, while larger ones,
+  rounded in the first pass, are recomputed from zero
+  (:func:`chunking.refine_sums`).
 
 A bin outside the map costs one block of masked taps, all reading the
 first cell of the box's map (cached), in the fused pass and nothing more,
