@@ -167,3 +167,34 @@ def test_fold_chunks_with_done_skips_the_chunks_of_cheap_boxes(k, done):
     want[boxes] += boxes + 1
     want[0] += 4 - len(boxes)
   np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("k", [1, 6, 13, 40])
+@pytest.mark.parametrize("done", [0, 1, 3])
+def test_fold_in_two_chunk_sizes_visits_every_box_once_in_sorted_order(k, done):
+  # Boxes costing at most `done` go in chunks of 8, the rest in chunks of 3: each box must
+  # be folded exactly once, with its own row, and all of them in the (stable) cost order;
+  # the boxes a chunk does not own look like padding (id 0, zero row).
+  rng = np.random.default_rng([k, done])
+  cost = rng.integers(0, 4, k).astype(np.int32)
+  ids = jnp.arange(k, dtype=jnp.int32)
+  rows = jnp.arange(1, k + 1, dtype=jnp.float32)[:, None]  # box b's row holds b + 1
+  shapes = []
+
+  def fold(carry, data):
+    seen, count, wrong_rows = carry
+    box, row = data
+    shapes.append(box.shape)  # traced once per loop body
+    real = row[:, 0] > 0
+    place = jnp.where(real, count + jnp.cumsum(real) - 1, k)
+    seen = seen.at[place].set(box, mode="drop")
+    wrong_rows += jnp.sum(real & (row[:, 0] != box + 1))
+    return seen, count + jnp.sum(real), wrong_rows
+
+  zero = jnp.zeros((), jnp.int32)
+  seen, count, wrong_rows = chunking.fold_chunks(
+    fold, (jnp.full(k, -1, jnp.int32), zero, zero), ids, jnp.asarray(cost), 3, rows, done, 8
+  )
+  np.testing.assert_array_equal(np.asarray(seen), np.argsort(cost, kind="stable"))
+  assert int(count) == k and int(wrong_rows) == 0
+  assert set(shapes) == {(8,), (3,)}

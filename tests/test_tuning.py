@@ -31,6 +31,7 @@ CHUNK_BUDGETS = [
   (tap_sum, "_WEIGHT_GRAD_ELEMENTS"),
   (sample_max, "_CHUNK_ELEMENTS"),
   (bin_max, "_CHUNK_ELEMENTS"),
+  (bin_max, "_ONE_PASS_CHUNK_ELEMENTS"),
   (dense, "_CHUNK_ELEMENTS"),
 ]
 

@@ -224,27 +224,71 @@ def fold_chunks(
   chunk: int,
   rows: Any = None,
   done: int | None = None,
+  cheap_chunk: int | None = None,
 ) -> Any:
   """Folds ``carry = fn(carry, chunk)`` over chunks of boxes in order of ``cost``.
 
   ``rows`` is as in :func:`map_chunks`: with it, ``fn`` takes ``(carry,
-  (per_box chunk, rows chunk))``. With ``done``, the loop starts, as in
-  :func:`refine_chunks`, at the first chunk that holds a box costing more
-  than ``done``: the cheaper boxes are never visited.
+  (per_box chunk, rows chunk))``. With ``done``, the boxes costing at most
+  ``done`` (sorted first) are either skipped, as in :func:`refine_chunks`
+  (the loop starts at the first chunk that holds a costlier box), or, with
+  ``cheap_chunk``, folded in chunks of ``cheap_chunk`` boxes of their own,
+  and the costlier ones in chunks of ``chunk`` from the first of them on: a
+  chunk loops as long as its costliest box, so cheap boxes can go in larger
+  chunks (less work per box outside the loop) without making any chunk of
+  costly boxes longer. Boxes outside a chunk's share look like the padding
+  of the last chunk (zero leaves, zero rows).
 
-  The order of the chunks, hence of any accumulation into ``carry``, is a
-  function of the inputs only: the result is bitwise reproducible.
+  The boxes are folded in sorted order however they are chunked, so any
+  accumulation into ``carry`` happens in an order that is a function of the
+  inputs only: the result is bitwise reproducible.
   """
-  if cost.shape[0] == 0:
+  k = cost.shape[0]
+  if k == 0:
     return init
+  if cheap_chunk is not None:
+    return _fold_two_sizes(fn, init, per_box, cost, (cheap_chunk, chunk), rows, done)
   chunks, num_chunks = _sorted_chunks(per_box, cost, chunk)
-  arguments = _with_rows(rows, cost.shape[0])
+  arguments = _with_rows(rows, k)
   first = 0 if done is None else jnp.sum(cost <= done, dtype=jnp.int32) // chunk
 
   def body(i, carry):
     return fn(carry, arguments(*jax.tree.map(lambda x: x[i], chunks)))
 
   return lax.fori_loop(first, num_chunks, body, init)
+
+
+def _fold_two_sizes(fn, init, per_box, cost, sizes, rows, done):
+  """:func:`fold_chunks` with the boxes costing at most ``done`` in chunks of ``sizes[0]``
+  and the rest in chunks of ``sizes[1]``."""
+  k = cost.shape[0]
+  order = sort_order(cost)
+  pad = max(sizes)
+  # Sorted boxes, then `pad` padding boxes: every window of at most `pad` boxes that
+  # starts at or before K lies inside, so dynamic_slice never shifts it.
+  data = jax.tree.map(lambda x: jnp.pad(x[order], [(0, pad)] + [(0, 0)] * (x.ndim - 1)), per_box)
+  left = jnp.pad((k - order).astype(jnp.int32), (0, pad))
+  arguments = _with_rows(rows, k)
+  cheap = jnp.sum(cost <= done, dtype=jnp.int32)
+
+  def window(start, size, end):
+    """Sorted boxes ``[start, start + size)``; those at or past ``end`` as padding."""
+    keep = start + jnp.arange(size, dtype=jnp.int32) < end
+
+    def take(x):
+      x = lax.dynamic_slice_in_dim(x, start, size)
+      return jnp.where(keep.reshape((size,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+
+    return arguments(jax.tree.map(take, data), take(left))
+
+  def fold(carry, first, end, size):
+    def body(i, carry):
+      return fn(carry, window(first + i * size, size, end))
+
+    return lax.fori_loop(0, (end - first + size - 1) // size, body, carry)
+
+  carry = fold(init, 0, cheap, sizes[0])
+  return fold(carry, cheap, k, sizes[1])
 
 
 def own_block(t, passes_y: jax.Array, passes_x: jax.Array):
