@@ -114,6 +114,14 @@ def _walk(r: Rects, strides: tuple[int, int], visit, state, start: int = 0):
   return chunking.walk_grid(r.height, r.width, SLOTS, _visitor(r, strides, visit), state, start)
 
 
+def _first_pass(r: Rects, strides: tuple[int, int], visit, state):
+  """The first pass of :func:`_walk` (each bin's first ``SLOTS`` cells) over all of ``r``'s
+  bins at once, unrolled: no loop, so it fuses with what surrounds it."""
+  zero = jnp.zeros_like(r.height)
+  visit_cell = _visitor(r, strides, visit)
+  return chunking.grid_pass(0, _count(r), r.width, SLOTS, visit_cell, state, zero, zero)[0]
+
+
 def _forward(table: jax.Array, rects: Rects, strides: tuple[int, int], dtype) -> jax.Array:
   def add(acc, cell, used):
     row = dtypes.gather_rows(table, cell).astype(dtype)
@@ -123,11 +131,7 @@ def _forward(table: jax.Array, rects: Rects, strides: tuple[int, int], dtype) ->
   # more); then only the bins with more cells, sorted by cost, chunk by chunk, each sum
   # continuing where the first pass left it.
   count = _count(rects)
-  zero = jnp.zeros_like(count)
-  first = jnp.zeros((count.shape[0], table.shape[1]), dtype)
-  first = chunking.grid_pass(
-    0, count, rects.width, SLOTS, _visitor(rects, strides, add), first, zero, zero
-  )[0]
+  first = _first_pass(rects, strides, add, jnp.zeros((count.shape[0], table.shape[1]), dtype))
   chunk = chunking.chunk_size(count.shape[0], table.shape[1], _CHUNK_ELEMENTS)
   refine = lambda r, rows: _walk(r, strides, add, rows, start=1)  # noqa: E731
   total = chunking.refine_chunks(refine, first, rects, _passes(rects), chunk, done=1)
@@ -145,18 +149,14 @@ def _table_grad(cotangent: jax.Array, rects: Rects, strides: tuple[int, int], ta
 
     return add
 
-  count = _count(rects)
-  zero = jnp.zeros_like(count)
-  grad = jnp.zeros(table_shape, dtype)
   share = _per_cell(cotangent.astype(dtype), rects)  # empty bins have no cell to add it to
-  visit = _visitor(rects, strides, scatter(share))
-  grad = chunking.grid_pass(0, count, rects.width, SLOTS, visit, grad, zero, zero)[0]
+  grad = _first_pass(rects, strides, scatter(share), jnp.zeros(table_shape, dtype))
 
   def chunk_scatter(grad, chunk):
     r, cot = chunk
     return _walk(r, strides, scatter(_per_cell(cot, r)), grad, start=1)
 
-  chunk = chunking.chunk_size(count.shape[0], table_shape[1], _CHUNK_ELEMENTS)
+  chunk = chunking.chunk_size(rects.origin.shape[0], table_shape[1], _CHUNK_ELEMENTS)
   return chunking.fold_chunks(chunk_scatter, grad, rects, _passes(rects), chunk, cotangent, done=1)
 
 

@@ -247,6 +247,8 @@ def fold_chunks(
   if k == 0:
     return init
   if cheap_chunk is not None:
+    if done is None:
+      raise ValueError("fold_chunks: `cheap_chunk` needs `done`, the cost of a cheap box.")
     return _fold_two_sizes(fn, init, per_box, cost, (cheap_chunk, chunk), rows, done)
   chunks, num_chunks = _sorted_chunks(per_box, cost, chunk)
   arguments = _with_rows(rows, k)
