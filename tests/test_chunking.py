@@ -198,3 +198,33 @@ def test_fold_in_two_chunk_sizes_visits_every_box_once_in_sorted_order(k, done):
   np.testing.assert_array_equal(np.asarray(seen), np.argsort(cost, kind="stable"))
   assert int(count) == k and int(wrong_rows) == 0
   assert set(shapes) == {(8,), (3,)}
+
+
+@pytest.mark.parametrize("k", [1, 6, 13, 40])
+@pytest.mark.parametrize("done", [0, 1, 3])
+def test_fold_in_two_chunk_sizes_gives_the_cheap_chunks_to_cheap_fn(k, done):
+  # Each fold marks the real boxes of its chunk: 1 from cheap_fn, 2 from fn. Every box
+  # costing at most `done` must be marked by cheap_fn, every other one by fn.
+  rng = np.random.default_rng([k, done, 1])
+  cost = rng.integers(0, 4, k).astype(np.int32)
+  ids = jnp.arange(k, dtype=jnp.int32)
+  rows = jnp.ones((k, 1), jnp.float32)  # padding boxes get a zero row
+
+  def mark(value):
+    def fold(marks, data):
+      box, row = data
+      return marks.at[jnp.where(row[:, 0] > 0, box, k)].set(value, mode="drop")
+
+    return fold
+
+  marks = chunking.fold_chunks(
+    mark(2), jnp.zeros(k, jnp.int32), ids, jnp.asarray(cost), 3, rows, done, 8, mark(1)
+  )
+  np.testing.assert_array_equal(np.asarray(marks), np.where(cost <= done, 1, 2))
+
+
+def test_fold_chunks_rejects_cheap_fn_without_cheap_chunk():
+  with pytest.raises(ValueError, match="cheap_fn"):
+    chunking.fold_chunks(
+      lambda c, _: c, 0, jnp.zeros(3), jnp.zeros(3, jnp.int32), 2, None, 1, None, lambda c, _: c
+    )

@@ -225,6 +225,7 @@ def fold_chunks(
   rows: Any = None,
   done: int | None = None,
   cheap_chunk: int | None = None,
+  cheap_fn: Callable | None = None,
 ) -> Any:
   """Folds ``carry = fn(carry, chunk)`` over chunks of boxes in order of ``cost``.
 
@@ -236,8 +237,10 @@ def fold_chunks(
   and the costlier ones in chunks of ``chunk`` from the first of them on: a
   chunk loops as long as its costliest box, so cheap boxes can go in larger
   chunks (less work per box outside the loop) without making any chunk of
-  costly boxes longer. Boxes outside a chunk's share look like the padding
-  of the last chunk (zero leaves, zero rows).
+  costly boxes longer. ``cheap_fn`` (default ``fn``) folds those cheap
+  chunks: it may rely on every box of its chunk costing at most ``done``.
+  Boxes outside a chunk's share look like the padding of the last chunk
+  (zero leaves, zero rows).
 
   The boxes are folded in sorted order however they are chunked, so any
   accumulation into ``carry`` happens in an order that is a function of the
@@ -249,7 +252,10 @@ def fold_chunks(
   if cheap_chunk is not None:
     if done is None:
       raise ValueError("fold_chunks: `cheap_chunk` needs `done`, the cost of a cheap box.")
-    return _fold_two_sizes(fn, init, per_box, cost, (cheap_chunk, chunk), rows, done)
+    fns = (cheap_fn or fn, fn)
+    return _fold_two_sizes(fns, init, per_box, cost, (cheap_chunk, chunk), rows, done)
+  if cheap_fn is not None:
+    raise ValueError("fold_chunks: `cheap_fn` needs `cheap_chunk`, the chunks it folds.")
   chunks, num_chunks = _sorted_chunks(per_box, cost, chunk)
   arguments = _with_rows(rows, k)
   first = 0 if done is None else jnp.sum(cost <= done, dtype=jnp.int32) // chunk
@@ -260,9 +266,9 @@ def fold_chunks(
   return lax.fori_loop(first, num_chunks, body, init)
 
 
-def _fold_two_sizes(fn, init, per_box, cost, sizes, rows, done):
-  """:func:`fold_chunks` with the boxes costing at most ``done`` in chunks of ``sizes[0]``
-  and the rest in chunks of ``sizes[1]``."""
+def _fold_two_sizes(fns, init, per_box, cost, sizes, rows, done):
+  """:func:`fold_chunks` with the boxes costing at most ``done`` folded by ``fns[0]`` in
+  chunks of ``sizes[0]``, and the rest by ``fns[1]`` in chunks of ``sizes[1]``."""
   k = cost.shape[0]
   order = sort_order(cost)
   pad = max(sizes)
@@ -283,14 +289,14 @@ def _fold_two_sizes(fn, init, per_box, cost, sizes, rows, done):
 
     return arguments(jax.tree.map(take, data), take(left))
 
-  def fold(carry, first, end, size):
+  def fold(fn, carry, first, end, size):
     def body(i, carry):
       return fn(carry, window(first + i * size, size, end))
 
     return lax.fori_loop(0, (end - first + size - 1) // size, body, carry)
 
-  carry = fold(init, 0, cheap, sizes[0])
-  return fold(carry, cheap, k, sizes[1])
+  carry = fold(fns[0], init, 0, cheap, sizes[0])
+  return fold(fns[1], carry, cheap, k, sizes[1])
 
 
 def own_block(t, passes_y: jax.Array, passes_x: jax.Array):
