@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import roipool_jax
-from roipool_jax._src import bin_max, chunking, dense, sample_max, sampling, tap_sum
+from roipool_jax._src import bin_max, cell_mean, chunking, dense, sample_max, sampling, tap_sum
 from roipool_jax._src import roi_align as roi_align_lib
 from tests import reference
 from tests.quick import some
@@ -244,3 +244,51 @@ def test_bfloat16_sums_round_once_whether_kept_or_recomputed(name, monkeypatch, 
   for out in outs:
     np.testing.assert_allclose(out, want, rtol=2**-8, atol=1e-6)
   np.testing.assert_allclose(outs[0], outs[1], rtol=2**-8, atol=0)
+
+
+def _ps_problem():
+  rng = np.random.default_rng(2)
+  features = rng.standard_normal((2, 9, 11, 2 * 3 * 2)).astype(np.float32)  # C_out = 2, 3 x 2
+  lo = rng.uniform(-4, 9, (9, 2))
+  boxes = np.concatenate([lo, lo + rng.uniform(0.3, 14, (9, 2))], 1).astype(np.float32)
+  boxes[0] = [-30, -25, 40, 35]  # larger than the map: many cells and taps per bin
+  return features, boxes, rng.integers(0, 2, 9).astype(np.int32)
+
+
+PS_OPS = {
+  "ps_roi_pool": (
+    lambda f, b, i: roipool_jax.ps_roi_pool(f, b, (3, 2), box_indices=i),
+    lambda f, b, i: reference.ps_roi_pool(f, b, i, (3, 2), 1.0),
+  ),
+  "ps_roi_align": (
+    lambda f, b, i: roipool_jax.ps_roi_align(f, b, (3, 2), sampling_ratio=-1, box_indices=i),
+    lambda f, b, i: reference.ps_roi_align(f, b, i, (3, 2), 1.0, -1),
+  ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PS_OPS))
+def test_tails_of_small_chunks_change_no_output(name, monkeypatch, fresh_compilation):
+  # With one cell or tap block per pass and chunks of 4 bins, the bins need many passes and
+  # the costliest fill several chunks. Sent to tails of single bins (chunking.tail_chunks on
+  # every chunk), each bin must still sum the same terms in the same order: the same bits,
+  # the reference's values, and gradients that differ at most in the order of their sums.
+  features, boxes, indices = _ps_problem()
+  op, expected = PS_OPS[name]
+  monkeypatch.setattr(cell_mean, "SLOTS", 1)
+  monkeypatch.setattr(tap_sum, "SLOTS", 1)
+  for module, budget in [(cell_mean, "_CHUNK_ELEMENTS"), *CHUNK_BUDGETS[:2]]:
+    monkeypatch.setattr(module, budget, 8)  # 4 bins of 2 channels
+  for module in (cell_mean, tap_sum):
+    monkeypatch.setattr(module, "_TAIL_DIVISOR", 4)
+  cot = jnp.asarray(np.random.default_rng(1).standard_normal((9, 3, 2, 2)), jnp.float32)
+  results = []
+  for min_chunk in (1 << 40, 1):  # no tails; tails everywhere
+    monkeypatch.setattr(chunking, "TAIL_MIN_CHUNK", min_chunk)
+    jax.clear_caches()
+    out, vjp = jax.vjp(lambda f: op(f, boxes, indices), features)
+    results.append((np.asarray(out), np.asarray(vjp(cot)[0])))
+  (out, grad), (tail_out, tail_grad) = results
+  np.testing.assert_array_equal(tail_out, out)
+  np.testing.assert_allclose(out, expected(features, boxes, indices), rtol=1e-5, atol=2e-6)
+  np.testing.assert_allclose(tail_grad, grad, rtol=1e-6, atol=1e-6)
