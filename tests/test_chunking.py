@@ -230,64 +230,7 @@ def test_fold_chunks_rejects_cheap_fn_without_cheap_chunk():
     )
 
 
-@pytest.mark.parametrize("k", [1, 6, 13, 40])
-@pytest.mark.parametrize("done", [0, 1])
-def test_refine_chunks_with_a_tail_updates_each_costly_box_once_in_chunks_of_its_cost(k, done):
-  # Chunks of 4 from the first box costing more than `done`, chunks of 2 for the boxes
-  # costing more than 3: `fn` adds 100 plus its chunk's size to each row it is given, so
-  # every costly box must end up with exactly one such update, of its own chunk size, and
-  # every cheap box must be left alone.
-  rng = np.random.default_rng([k, done, 2])
-  cost = rng.integers(0, 7, k).astype(np.int32)
-  ids = jnp.arange(k, dtype=jnp.int32)
-  out = jnp.arange(k, dtype=jnp.float32)[:, None] * jnp.ones((1, 2))
-  shapes = []
-
-  def fn(box, rows):
-    shapes.append(box.shape)  # traced once per loop body
-    return rows + 100.0 + box.shape[0]
-
-  got = chunking.refine_chunks(fn, out, ids, jnp.asarray(cost), 4, done, tail=(3, 2))
-  added = np.where(cost > 3, 102.0, np.where(cost > done, 104.0, 0.0))
-  np.testing.assert_array_equal(np.asarray(got), np.asarray(out) + added[:, None])
-  assert set(shapes) == {(4,), (2,)}
-
-
-@pytest.mark.parametrize("k", [1, 6, 13, 40])
-@pytest.mark.parametrize("cheap_chunk", [None, 8])
-def test_fold_chunks_with_a_tail_folds_each_box_once_in_sorted_order(k, cheap_chunk):
-  # Boxes costing at most 1 go in chunks of 8 (or are skipped without `cheap_chunk`), those
-  # costing 2 or 3 in chunks of 3, the costlier ones in chunks of 2: each box folded must be
-  # folded exactly once, with its own row, in the (stable) cost order, and its chunk's size
-  # must be the one of its cost.
-  rng = np.random.default_rng([k, cheap_chunk or 0])
-  cost = rng.integers(0, 6, k).astype(np.int32)
-  ids = jnp.arange(k, dtype=jnp.int32)
-  rows = jnp.arange(1, k + 1, dtype=jnp.float32)[:, None]  # box b's row holds b + 1
-
-  def fold(carry, data):
-    seen, sizes, count, wrong_rows = carry
-    box, row = data
-    real = row[:, 0] > 0
-    place = jnp.where(real, count + jnp.cumsum(real) - 1, k)
-    seen = seen.at[place].set(box, mode="drop")
-    sizes = sizes.at[jnp.where(real, box, k)].set(box.shape[0], mode="drop")
-    wrong_rows += jnp.sum(real & (row[:, 0] != box + 1))
-    return seen, sizes, count + jnp.sum(real), wrong_rows
-
-  zero = jnp.zeros((), jnp.int32)
-  init = (jnp.full(k, -1, jnp.int32), jnp.zeros(k, jnp.int32), zero, zero)
-  seen, sizes, count, wrong_rows = chunking.fold_chunks(
-    fold, init, ids, jnp.asarray(cost), 3, rows, 1, cheap_chunk, tail=(3, 2)
-  )
-  order = np.argsort(cost, kind="stable")
-  folded = order if cheap_chunk else order[cost[order] > 1]
-  np.testing.assert_array_equal(np.asarray(seen)[: len(folded)], folded)
-  assert int(count) == len(folded) and int(wrong_rows) == 0
-  want_sizes = np.where(cost > 3, 2, np.where(cost > 1, 3, 8 if cheap_chunk else 0))
-  np.testing.assert_array_equal(np.asarray(sizes), want_sizes)
-
-
-def test_only_chunks_of_many_boxes_get_a_tail():
-  assert chunking.tail_chunks(chunking.TAIL_MIN_CHUNK - 1, 3, 4) is None
-  assert chunking.tail_chunks(chunking.TAIL_MIN_CHUNK, 3, 4) == (3, chunking.TAIL_MIN_CHUNK // 4)
+def test_only_chunks_of_many_boxes_are_split_for_costly_boxes():
+  assert chunking.costly_chunk(chunking.COSTLY_MIN_CHUNK - 1, 4) == chunking.COSTLY_MIN_CHUNK - 1
+  assert chunking.costly_chunk(chunking.COSTLY_MIN_CHUNK, 4) == chunking.COSTLY_MIN_CHUNK // 4
+  assert chunking.costly_chunk(chunking.COSTLY_MIN_CHUNK, 10**6) == 1

@@ -268,11 +268,12 @@ PS_OPS = {
 
 
 @pytest.mark.parametrize("name", sorted(PS_OPS))
-def test_tails_of_small_chunks_change_no_output(name, monkeypatch, fresh_compilation):
+def test_smaller_chunks_for_costly_bins_change_no_output(name, monkeypatch, fresh_compilation):
   # With one cell or tap block per pass and chunks of 4 bins, the bins need many passes and
-  # the costliest fill several chunks. Sent to tails of single bins (chunking.tail_chunks on
-  # every chunk), each bin must still sum the same terms in the same order: the same bits,
-  # the reference's values, and gradients that differ at most in the order of their sums.
+  # the costly ones fill several chunks. Revisited in chunks of single bins
+  # (chunking.costly_chunk on every chunk), each bin must still sum the same terms in the
+  # same order: the same bits, the reference's values, and gradients that differ at most in
+  # the order of their sums.
   features, boxes, indices = _ps_problem()
   op, expected = PS_OPS[name]
   monkeypatch.setattr(cell_mean, "SLOTS", 1)
@@ -280,15 +281,15 @@ def test_tails_of_small_chunks_change_no_output(name, monkeypatch, fresh_compila
   for module, budget in [(cell_mean, "_CHUNK_ELEMENTS"), *CHUNK_BUDGETS[:2]]:
     monkeypatch.setattr(module, budget, 8)  # 4 bins of 2 channels
   for module in (cell_mean, tap_sum):
-    monkeypatch.setattr(module, "_TAIL_DIVISOR", 4)
+    monkeypatch.setattr(module, "_COSTLY_DIVISOR", 4)
   cot = jnp.asarray(np.random.default_rng(1).standard_normal((9, 3, 2, 2)), jnp.float32)
   results = []
-  for min_chunk in (1 << 40, 1):  # no tails; tails everywhere
-    monkeypatch.setattr(chunking, "TAIL_MIN_CHUNK", min_chunk)
+  for min_chunk in (1 << 40, 1):  # chunks of 4 for every bin; chunks of 1 for costly bins
+    monkeypatch.setattr(chunking, "COSTLY_MIN_CHUNK", min_chunk)
     jax.clear_caches()
     out, vjp = jax.vjp(lambda f: op(f, boxes, indices), features)
     results.append((np.asarray(out), np.asarray(vjp(cot)[0])))
-  (out, grad), (tail_out, tail_grad) = results
-  np.testing.assert_array_equal(tail_out, out)
+  (out, grad), (small_out, small_grad) = results
+  np.testing.assert_array_equal(small_out, out)
   np.testing.assert_allclose(out, expected(features, boxes, indices), rtol=1e-5, atol=2e-6)
-  np.testing.assert_allclose(tail_grad, grad, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(small_grad, grad, rtol=1e-6, atol=1e-6)

@@ -28,15 +28,13 @@ than the bins hold.)
   however many passes it takes, and every bin is divided once at the end.
 * With 21 channels a chunk holds 1560 bins, and sorted by cost the few
   costliest bins share one chunk that loops as long as they do: 26520
-  bin-passes where 10193 are needed (300 R-FCN proposals). So bins of more
-  than three passes go to chunks 4x smaller, forward and backward
-  (:func:`chunking.tail_chunks`): 14820 bin-passes. Measured (2-core Intel
-  Xeon, alternated processes, new/old time): bin-major 0.91-0.96x forward
-  and 0.90-1.00x forward+backward; channel-major, whose transposed copies
-  cost the same either way, 0.88-1.06x forward and 1.01x forward+backward
-  (tails in the forward alone took 1.05-1.10x there); bfloat16 channel-major
-  0.91-0.96x. Outputs are the same bits; the gradient's additions come in
-  another fixed order.
+  bin-passes where 10193 are needed (300 R-FCN proposals). So chunks of
+  that many bins are 4x smaller here (:func:`chunking.costly_chunk`),
+  forward and backward: 13650 bin-passes. Measured (2-core Intel Xeon,
+  float32, alternated processes, new/old time): bin-major 0.92-0.95x
+  forward and 0.92-0.97x forward+backward, channel-major 0.99x and
+  0.97-0.98x. Smaller chunks for only the bins of more than 3 passes were no
+  faster and compiled each loop body twice.
 
 Visiting every bin in sorted chunks instead took 1.10-1.18x the forward's
 time (R-FCN's 300 boxes, float32, Intel Xeon): the chunks of one-pass bins
@@ -46,7 +44,7 @@ Gradient (a ``custom_vjp``)
 ---------------------------
 Each bin's cotangent divided by its cell count is scatter-added to every one
 of its cells: the first pass of every bin, slot after slot, then chunk after
-chunk of the costlier bins (as in the forward), pass after pass, slot after slot. A fixed order,
+chunk of the costlier bins, pass after pass, slot after slot. A fixed order,
 so bitwise reproducible on CPU (XLA:GPU scatters with atomics). For a
 lane table (:func:`dtypes.table_rows`) the rows are scattered into a
 contiguous ``[M * P, C]`` buffer, transposed once at the end: measured faster
@@ -73,11 +71,9 @@ SLOTS = 4
 # updates. Smaller chunks end closer to their own bins' costs; picked by
 # measurement on R-FCN's bins.
 _CHUNK_ELEMENTS = 1 << 15
-# Chunks of many bins (few channels) visit their bins of more than _TAIL_PASSES passes in
-# chunks _TAIL_DIVISOR times smaller, forward and backward (chunking.tail_chunks); picked by
-# measurement on R-FCN's 21-channel bins.
-_TAIL_PASSES = 3
-_TAIL_DIVISOR = 4
+# Chunks of many bins (few channels) are this many times smaller for the bins revisited
+# after the first pass (chunking.costly_chunk); picked by measurement on R-FCN's bins.
+_COSTLY_DIVISOR = 4
 
 
 class Rects(NamedTuple):
@@ -94,6 +90,12 @@ def _count(r: Rects) -> jax.Array:
 
 def _passes(r: Rects) -> jax.Array:
   return chunking.grid_passes(_count(r), SLOTS)
+
+
+def _chunk(bins: int, channels: int) -> int:
+  """Bins per chunk of the bins revisited after the first pass."""
+  chunk = chunking.chunk_size(bins, channels, _CHUNK_ELEMENTS)
+  return chunking.costly_chunk(chunk, _COSTLY_DIVISOR)
 
 
 def _per_cell(x: jax.Array, r: Rects) -> jax.Array:
@@ -148,10 +150,9 @@ def _forward(table: jax.Array, rects: Rects, strides: tuple[int, int], dtype) ->
   # continuing where the first pass left it.
   count = _count(rects)
   first = _first_pass(rects, strides, add, jnp.zeros((count.shape[0], table.shape[1]), dtype))
-  chunk = chunking.chunk_size(count.shape[0], table.shape[1], _CHUNK_ELEMENTS)
   refine = lambda r, rows: _walk(r, strides, add, rows, start=1)  # noqa: E731
-  tail = chunking.tail_chunks(chunk, _TAIL_PASSES, _TAIL_DIVISOR)
-  total = chunking.refine_chunks(refine, first, rects, _passes(rects), chunk, done=1, tail=tail)
+  chunk = _chunk(count.shape[0], table.shape[1])
+  total = chunking.refine_chunks(refine, first, rects, _passes(rects), chunk, done=1)
   mean = jnp.where(count[:, None] > 0, _per_cell(total, rects), 0.0)
   return dtypes.narrow(mean, table.dtype)
 
@@ -173,12 +174,8 @@ def _table_grad(cotangent: jax.Array, rects: Rects, strides: tuple[int, int], ta
     r, cot = chunk
     return _walk(r, strides, scatter(_per_cell(cot, r)), grad, start=1)
 
-  chunk = chunking.chunk_size(rects.origin.shape[0], table_shape[1], _CHUNK_ELEMENTS)
-  tail = chunking.tail_chunks(chunk, _TAIL_PASSES, _TAIL_DIVISOR)
-  passes = _passes(rects)
-  return chunking.fold_chunks(
-    chunk_scatter, grad, rects, passes, chunk, cotangent, done=1, tail=tail
-  )
+  chunk = _chunk(rects.origin.shape[0], table_shape[1])
+  return chunking.fold_chunks(chunk_scatter, grad, rects, _passes(rects), chunk, cotangent, done=1)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -68,25 +68,28 @@ def _sorted_chunks(per_box: Any, cost: jax.Array, chunk: int):
   return split((jax.tree.map(lambda x: x[order], per_box), left), chunk), -(-k // chunk)
 
 
-# Chunks of fewer boxes than this never get a tail (:func:`tail_chunks`).
-TAIL_MIN_CHUNK = 1024
+# Chunks of at least this many boxes are made smaller for the costly boxes (costly_chunk).
+COSTLY_MIN_CHUNK = 1024
 
 
-def tail_chunks(chunk: int, bound: int, divisor: int) -> tuple[int, int] | None:
-  """The ``tail`` of :func:`refine_chunks` and :func:`fold_chunks` for chunks of ``chunk``
-  boxes: ``(bound, chunk // divisor)`` when ``chunk >= TAIL_MIN_CHUNK``, else None.
+def costly_chunk(chunk: int, divisor: int) -> int:
+  """Boxes per chunk for the costly boxes that :func:`refine_chunks` (or :func:`fold_chunks`
+  with ``done``) visits: ``chunk // divisor`` when ``chunk >= COSTLY_MIN_CHUNK``, else
+  ``chunk``.
 
-  Sorted by cost, the few costliest boxes fall in the last chunk, which
-  loops as long as the costliest of them for all of its boxes. In chunks of
-  thousands of bins (bins of few channels, as R-FCN's 21) that last chunk
-  can cost more than all the others: with 300 R-FCN proposals, ``ps_roi_pool``'s
-  chunks of 1560 bins made 26520 bin-passes for 10193 needed, 14820 with a
-  tail of ``(3, 390)``. Maps of hundreds of channels get chunks of 128-256
-  bins: on the other benchmark configs a tail saves at most 17% of the
-  passes for 1.1-8x the loop iterations, and it made ``roi_pool``'s forward
-  1.01-1.05x slower on the article and VGG16 configs.
+  Sorted by cost, the few costliest boxes share the last chunk, which loops
+  as long as the costliest of them for all of its boxes. In chunks of
+  thousands of bins (bins of few channels, as R-FCN's 21) that chunk can
+  cost more than all the others: with 300 R-FCN proposals, ``ps_roi_pool``'s
+  chunks of 1560 bins made 26520 bin-passes for 10193 needed (13650 in
+  chunks of 390), ``ps_roi_align``'s chunks of 3120 bins 12480 for 4268
+  (5070 in chunks of 390). Maps of hundreds of channels get chunks of
+  128-256 bins, whose costs spread less: on the other benchmark configs,
+  smaller chunks for the costliest bins would save at most 17% of the passes
+  for 1.1-8x the loop iterations, and made ``roi_pool``'s forward 1.01-1.05x
+  slower on the article and VGG16 configs.
   """
-  return (bound, max(chunk // divisor, 1)) if chunk >= TAIL_MIN_CHUNK else None
+  return max(chunk // divisor, 1) if chunk >= COSTLY_MIN_CHUNK else chunk
 
 
 def chunk_size(num_boxes: int, per_box_elements: int, budget: int) -> int:
@@ -150,13 +153,7 @@ def map_chunks(fn: Callable, per_box: Any, cost: jax.Array, chunk: int, rows: An
 
 
 def refine_chunks(
-  fn: Callable,
-  out: Any,
-  per_box: Any,
-  cost: jax.Array,
-  chunk: int,
-  done: int,
-  tail: tuple[int, int] | None = None,
+  fn: Callable, out: Any, per_box: Any, cost: jax.Array, chunk: int, done: int
 ) -> Any:
   """Updates the rows of boxes costing more than ``done``, chunk by chunk, in place.
 
@@ -167,35 +164,21 @@ def refine_chunks(
   chunk, rows of out)`` to the chunk's new rows, which are written back
   (padding boxes are dropped).
 
-  With ``tail = (bound, small)`` (:func:`tail_chunks`), the chunks start
-  exactly at the first box costing more than ``done``, and the boxes
-  costing more than ``bound`` are visited in chunks of ``small`` boxes, from
-  the first of them on. Either way each box's rows are read once, updated by
-  ``fn`` and written once.
-
   Returns:
     ``out`` with the rows of the costly boxes (and of their chunks) replaced.
   """
   k = cost.shape[0]
   if k == 0:
     return out
-
-  def update(out, args):
-    data, left = args
-    box = k - left
-    rows = jax.tree.map(lambda o: o.at[jnp.minimum(box, k - 1)].get(mode="promise_in_bounds"), out)
-    put = lambda o, y: o.at[box].set(y, mode="drop", unique_indices=True)  # noqa: E731
-    return jax.tree.map(put, out, fn(data, rows))
-
-  if tail is not None:
-    ranges = _with_tail([], update, chunk, cost, tail)
-    start = jnp.sum(cost <= done, dtype=jnp.int32)
-    return _fold_ranges(ranges, start, out, per_box, cost, lambda data, left: (data, left))
   chunks, num_chunks = _sorted_chunks(per_box, cost, chunk)
   first = jnp.sum(cost <= done, dtype=jnp.int32) // chunk
 
   def body(i, out):
-    return update(out, jax.tree.map(lambda x: x[i], chunks))
+    data, left = jax.tree.map(lambda x: x[i], chunks)
+    box = k - left
+    rows = jax.tree.map(lambda o: o.at[jnp.minimum(box, k - 1)].get(mode="promise_in_bounds"), out)
+    put = lambda o, y: o.at[box].set(y, mode="drop", unique_indices=True)  # noqa: E731
+    return jax.tree.map(put, out, fn(data, rows))
 
   return lax.fori_loop(first, num_chunks, body, out)
 
@@ -212,7 +195,6 @@ def refine_sums(
   cost: jax.Array,
   chunk: int,
   dtype,
-  tail: tuple[int, int] | None = None,
 ) -> jax.Array:
   """Sums over passes whose pass 0 is already done for every unit; ``[U, C]`` in ``dtype``.
 
@@ -245,8 +227,7 @@ def refine_sums(
   """
   wide = first.dtype
   if dtype != wide and first.size * wide.itemsize <= WIDE_SUM_BYTES:
-    wide_sums = refine_sums(first, add_pass, passes, units, cost, chunk, wide, tail)
-    return dtypes.narrow(wide_sums, dtype)
+    return dtypes.narrow(refine_sums(first, add_pass, passes, units, cost, chunk, wide), dtype)
   out = dtypes.narrow_bits(first, dtype)
   exact = out.dtype == wide  # the written sums were not rounded: continue from them
 
@@ -256,8 +237,7 @@ def refine_sums(
     acc = lax.fori_loop(0, passes(u), add_pass(u), jnp.zeros(rows.shape, wide))
     return dtypes.narrow_bits(acc, dtype)
 
-  out = refine_chunks(refine, out, units, cost, chunk, done=1, tail=tail)
-  return dtypes.from_bits(out, dtype)
+  return dtypes.from_bits(refine_chunks(refine, out, units, cost, chunk, done=1), dtype)
 
 
 def fold_chunks(
@@ -270,7 +250,6 @@ def fold_chunks(
   done: int | None = None,
   cheap_chunk: int | None = None,
   cheap_fn: Callable | None = None,
-  tail: tuple[int, int] | None = None,
 ) -> Any:
   """Folds ``carry = fn(carry, chunk)`` over chunks of boxes in order of ``cost``.
 
@@ -284,86 +263,64 @@ def fold_chunks(
   chunks (less work per box outside the loop) without making any chunk of
   costly boxes longer. ``cheap_fn`` (default ``fn``) folds those cheap
   chunks: it may rely on every box of its chunk costing at most ``done``.
-  With ``tail = (bound, small)`` (:func:`tail_chunks`), the boxes costing
-  more than ``bound`` are folded in chunks of ``small`` boxes, from the
-  first of them on. Boxes outside a chunk's share look like the padding of
-  the last chunk (zero leaves, zero rows).
+  Boxes outside a chunk's share look like the padding of the last chunk
+  (zero leaves, zero rows).
 
   The boxes are folded in sorted order however they are chunked, so any
   accumulation into ``carry`` happens in an order that is a function of the
   inputs only: the result is bitwise reproducible.
   """
   k = cost.shape[0]
-  if cheap_fn is not None and cheap_chunk is None:
-    raise ValueError("fold_chunks: `cheap_fn` needs `cheap_chunk`, the chunks it folds.")
-  if cheap_chunk is not None and done is None:
-    raise ValueError("fold_chunks: `cheap_chunk` needs `done`, the cost of a cheap box.")
   if k == 0:
     return init
+  if cheap_chunk is not None:
+    if done is None:
+      raise ValueError("fold_chunks: `cheap_chunk` needs `done`, the cost of a cheap box.")
+    fns = (cheap_fn or fn, fn)
+    return _fold_two_sizes(fns, init, per_box, cost, (cheap_chunk, chunk), rows, done)
+  if cheap_fn is not None:
+    raise ValueError("fold_chunks: `cheap_fn` needs `cheap_chunk`, the chunks it folds.")
+  chunks, num_chunks = _sorted_chunks(per_box, cost, chunk)
   arguments = _with_rows(rows, k)
-  if cheap_chunk is None and tail is None:
-    chunks, num_chunks = _sorted_chunks(per_box, cost, chunk)
-    first = 0 if done is None else jnp.sum(cost <= done, dtype=jnp.int32) // chunk
+  first = 0 if done is None else jnp.sum(cost <= done, dtype=jnp.int32) // chunk
 
-    def body(i, carry):
-      return fn(carry, arguments(*jax.tree.map(lambda x: x[i], chunks)))
+  def body(i, carry):
+    return fn(carry, arguments(*jax.tree.map(lambda x: x[i], chunks)))
 
-    return lax.fori_loop(first, num_chunks, body, init)
-  ranges, start = [], 0
-  if done is not None:
-    cheap = jnp.sum(cost <= done, dtype=jnp.int32)
-    if cheap_chunk is None:
-      start = cheap
-    else:
-      ranges.append((cheap_fn or fn, cheap_chunk, cheap))
-  ranges = _with_tail(ranges, fn, chunk, cost, tail)
-  return _fold_ranges(ranges, start, init, per_box, cost, arguments)
+  return lax.fori_loop(first, num_chunks, body, init)
 
 
-def _with_tail(ranges: list, fn: Callable, chunk: int, cost: jax.Array, tail) -> list:
-  """``ranges`` (see :func:`_fold_ranges`) followed by the rest of the boxes for ``fn``: in
-  chunks of ``chunk``, or with ``tail = (bound, small)``, those costing more than ``bound``
-  in chunks of ``small``."""
-  k = cost.shape[0]
-  if tail is None:
-    return ranges + [(fn, chunk, k)]
-  bound, small = tail
-  return ranges + [(fn, chunk, jnp.sum(cost <= bound, dtype=jnp.int32)), (fn, small, k)]
-
-
-def _fold_ranges(ranges, start, init, per_box, cost, arguments):
-  """Folds ``carry = fn(carry, arguments(per_box chunk, left chunk))`` over the boxes in
-  order of ``cost`` from sorted box ``start`` on, one ``(fn, size, end)`` of ``ranges``
-  after the other: ``fn`` in chunks of ``size`` boxes up to sorted box ``end``, each chunk
-  starting where the last one ended. A chunk's boxes at or past its range's ``end`` look
-  like padding (zero leaves, ``left == 0``)."""
+def _fold_two_sizes(fns, init, per_box, cost, sizes, rows, done):
+  """:func:`fold_chunks` with the boxes costing at most ``done`` folded by ``fns[0]`` in
+  chunks of ``sizes[0]``, and the rest by ``fns[1]`` in chunks of ``sizes[1]``."""
   k = cost.shape[0]
   order = sort_order(cost)
-  pad = max(size for _, size, _ in ranges)
+  pad = max(sizes)
   # Sorted boxes, then `pad` padding boxes: every window of at most `pad` boxes that
   # starts at or before K lies inside, so dynamic_slice never shifts it.
   data = jax.tree.map(lambda x: jnp.pad(x[order], [(0, pad)] + [(0, 0)] * (x.ndim - 1)), per_box)
   left = jnp.pad((k - order).astype(jnp.int32), (0, pad))
+  arguments = _with_rows(rows, k)
+  cheap = jnp.sum(cost <= done, dtype=jnp.int32)
 
-  def window(first, size, end):
-    """Sorted boxes ``[first, first + size)``; those at or past ``end`` as padding."""
-    keep = first + jnp.arange(size, dtype=jnp.int32) < end
+  def window(start, size, end):
+    """Sorted boxes ``[start, start + size)``; those at or past ``end`` as padding."""
+    keep = start + jnp.arange(size, dtype=jnp.int32) < end
 
     def take(x):
-      x = lax.dynamic_slice_in_dim(x, first, size)
+      x = lax.dynamic_slice_in_dim(x, start, size)
       return jnp.where(keep.reshape((size,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
 
     return arguments(jax.tree.map(take, data), take(left))
 
-  carry = init
-  for fn, size, end in ranges:
-
-    def body(i, carry, fn=fn, size=size, first=start, end=end):
+  def fold(fn, carry, first, end, size):
+    def body(i, carry):
       return fn(carry, window(first + i * size, size, end))
 
-    carry = lax.fori_loop(0, jnp.maximum(end - start + size - 1, 0) // size, body, carry)
-    start = jnp.maximum(start, end)
-  return carry
+    return lax.fori_loop(0, (end - first + size - 1) // size, body, carry)
+
+  carry = fold(fns[0], init, 0, cheap, sizes[0])
+  return fold(fns[1], carry, cheap, k, sizes[1])
 
 
 def own_block(t, passes_y: jax.Array, passes_x: jax.Array):

@@ -29,13 +29,16 @@ the map.
   rounded in the first pass, are recomputed from zero
   (:func:`chunking.refine_sums`).
 * Chunks of thousands of bins (maps of few channels: R-FCN's 21 per bin)
-  send their bins of more than two blocks to chunks 8x smaller, forward and
-  backward (:func:`chunking.tail_chunks`): otherwise the few costliest bins
-  make a whole chunk loop as long as they do. On 300 R-FCN proposals
-  (2-core Intel Xeon, alternated processes, new/old time), ``ps_roi_align``
-  took 0.89-0.95x forward and 0.91-0.94x forward+backward, in either channel
-  order. The outputs are the same bits (each bin's sum is unchanged); the
-  gradient's additions come in another fixed order.
+  are 8x smaller for those revisits (:func:`chunking.costly_chunk`), so the
+  few costliest bins no longer make a whole chunk loop as long as they do.
+  On 300 R-FCN proposals (2-core Intel Xeon, float32, alternated processes,
+  new/old time), ``ps_roi_align`` took 0.91-0.92x forward and 0.97-0.98x
+  forward+backward bin-major, 0.98-1.01x and 0.94-0.98x channel-major; its
+  first forward+backward call about 0.2 s longer (2.0 -> 2.2 s). The
+  backward keeps its chunks: sending its costliest bins to chunks 8x
+  smaller saved another 5-7% forward+backward but compiled the scatter loop
+  twice (first call 2.9 s), and chunks 8x smaller throughout were 2-10%
+  slower.
 
 A bin outside the map costs one block of masked taps, all reading the
 first cell of the box's map (cached), in the fused pass and nothing more,
@@ -77,11 +80,9 @@ SLOTS = 4
 _CHUNK_ELEMENTS = 1 << 16
 _SCATTER_ELEMENTS = 1 << 16
 _WEIGHT_GRAD_ELEMENTS = 1 << 16
-# Chunks of many bins (few channels) visit their bins of more than _TAIL_PASSES passes in
-# chunks _TAIL_DIVISOR times smaller, forward and backward (chunking.tail_chunks); picked by
-# measurement on R-FCN's 21-channel bins.
-_TAIL_PASSES = 2
-_TAIL_DIVISOR = 8
+# Chunks of many bins (few channels) are this many times smaller for the bins the forward
+# revisits after its first pass (chunking.costly_chunk); picked by measurement on R-FCN's bins.
+_COSTLY_DIVISOR = 8
 
 
 class Plan(NamedTuple):
@@ -380,9 +381,9 @@ def _forward(table: jax.Array, wy, wx, plan: Plan) -> jax.Array:
   # Every bin's first block in one fused pass that writes the output (no zero-filled buffer
   # to update); then only the bins with more blocks are visited again, in place.
   first = accumulate(taps, jnp.zeros((), wy.dtype)).reshape(-1, channels)
-  tail = chunking.tail_chunks(chunk, _TAIL_PASSES, _TAIL_DIVISOR)
+  chunk = chunking.costly_chunk(chunk, _COSTLY_DIVISOR)
   out = chunking.refine_sums(
-    first, unit_pass, _unit_passes, units, _unit_cost(units), chunk, table.dtype, tail
+    first, unit_pass, _unit_passes, units, _unit_cost(units), chunk, table.dtype
   )
   return out.reshape(k, oh, ow, channels)
 
@@ -411,8 +412,7 @@ def _features_grad(cotangent, wy, wx, plan: Plan, table_shape) -> jax.Array:
   grad = jnp.zeros(table_shape, wy.dtype)
   cot = cotangent.reshape(-1, channels)
   chunk = chunking.chunk_size(k * oh * ow, channels, _SCATTER_ELEMENTS)
-  tail = chunking.tail_chunks(chunk, _TAIL_PASSES, _TAIL_DIVISOR)
-  return chunking.fold_chunks(unit_chunk, grad, units, _unit_cost(units), chunk, cot, tail=tail)
+  return chunking.fold_chunks(unit_chunk, grad, units, _unit_cost(units), chunk, cot)
 
 
 def _weights_grad(table, cotangent, wy, wx, plan: Plan):
