@@ -378,10 +378,10 @@ def _forward(table: jax.Array, wy, wx, plan: Plan) -> jax.Array:
   units = _units(taps, slots)
   k = plan.origin.shape[0]
   chunk = chunking.chunk_size(k * oh * ow, channels, _CHUNK_ELEMENTS)
+  chunk = chunking.costly_chunk(chunk, _COSTLY_DIVISOR)
   # Every bin's first block in one fused pass that writes the output (no zero-filled buffer
   # to update); then only the bins with more blocks are visited again, in place.
   first = accumulate(taps, jnp.zeros((), wy.dtype)).reshape(-1, channels)
-  chunk = chunking.costly_chunk(chunk, _COSTLY_DIVISOR)
   out = chunking.refine_sums(
     first, unit_pass, _unit_passes, units, _unit_cost(units), chunk, table.dtype
   )
