@@ -227,14 +227,21 @@ def test_a_chunk_of_tall_and_wide_boxes_takes_the_max_in_as_many_passes_as_its_c
   jax.clear_caches()
 
 
+@pytest.mark.parametrize("one_bin_per_chunk", [False, True])
 @pytest.mark.parametrize("name", ["avg adaptive", "avg ratio 3"])
-def test_bfloat16_sums_round_once_whether_kept_or_recomputed(name, monkeypatch, fresh_compilation):
+def test_bfloat16_sums_round_once_whether_kept_or_recomputed(
+  name, one_bin_per_chunk, monkeypatch, fresh_compilation
+):
   # 16-bit outputs of multi-pass bins either keep their float32 sums (small outputs) or are
   # recomputed from pass 0 (large ones, chunking.WIDE_SUM_BYTES): both round the whole sum
   # once, so they agree to a bfloat16 ulp and match the reference to bfloat16 precision.
+  # With one bin per chunk, the single-pass bins are never revisited: the recomputing first
+  # pass must have skipped only the bins revisited after it.
   features, boxes, indices = _problem()
   features = jnp.asarray(features, jnp.bfloat16)
   monkeypatch.setattr(tap_sum, "SLOTS", 1)  # every bin of more than one tap is multi-pass
+  if one_bin_per_chunk:
+    monkeypatch.setattr(tap_sum, "_CHUNK_ELEMENTS", 1)
   outs = []
   for limit in (1 << 40, 0):
     monkeypatch.setattr(chunking, "WIDE_SUM_BYTES", limit)

@@ -187,6 +187,18 @@ def refine_chunks(
 WIDE_SUM_BYTES = 1 << 24
 
 
+def recomputes_sums(size: int, wide, dtype) -> bool:
+  """Whether :func:`refine_sums` recomputes its costlier units from pass 0 (static).
+
+  True for 16-bit outputs (``dtype``) whose ``size`` sums in the
+  accumulation dtype ``wide`` take more than ``WIDE_SUM_BYTES``: their first
+  pass is rounded where it is written. A first-pass kernel may then skip
+  those units, whose first-pass values are overwritten.
+  """
+  wide = jnp.dtype(wide)
+  return jnp.dtype(dtype) != wide and size * wide.itemsize > WIDE_SUM_BYTES
+
+
 def refine_sums(
   first: jax.Array,
   add_pass: Callable,
@@ -226,7 +238,7 @@ def refine_sums(
   than the few recomputed units; boxes 10x the map (12.8 MB) took 0.99-1.08x.
   """
   wide = first.dtype
-  if dtype != wide and first.size * wide.itemsize <= WIDE_SUM_BYTES:
+  if dtype != wide and not recomputes_sums(first.size, wide, dtype):
     return dtypes.narrow(refine_sums(first, add_pass, passes, units, cost, chunk, wide), dtype)
   out = dtypes.narrow_bits(first, dtype)
   exact = out.dtype == wide  # the written sums were not rounded: continue from them
