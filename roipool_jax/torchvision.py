@@ -25,6 +25,11 @@ reads where it can, but a model written for JAX should keep NHWC maps and call
 :mod:`roipool_jax` directly, which avoids them (and, for R-FCN, can lay its score
 maps out bin-major: ``channel_order`` of :func:`roipool_jax.ps_roi_pool`).
 
+As with the NHWC ops, an eager call compiles at most one program: concrete
+rois are split on the host, K is padded to the ops' bucket, and the
+transposes compile with the op, so a call with a new K whose bucket was seen
+compiles nothing.
+
 Differences from torchvision that remain: the batch index in ``[K, 5]`` rois
 is truncated to an int32 (as torchvision's kernels do), and an index outside
 ``[0, N)`` raises a ``ValueError`` when the rois are concrete and gives zeros
@@ -56,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import roipool_jax
+from roipool_jax._src import boxes as boxes_lib
 from roipool_jax._src import validation
 
 __all__ = (
@@ -94,49 +100,80 @@ class ChannelsError(ValueError, RuntimeError):
   """
 
 
-def _ps_nhwc(input: jax.typing.ArrayLike, output_size: Size) -> jax.Array:
-  """:func:`_nhwc` of position-sensitive maps: ``C`` must be ``C_out * oh * ow``."""
-  features = _nhwc("input", input)
-  oh, ow = validation.normalize_size(output_size)
-  channels = features.shape[-1]
+def _check_ps_channels(input: jax.typing.ArrayLike, output_size: tuple[int, int]) -> None:
+  """Position-sensitive maps: ``C`` must be ``C_out * oh * ow``."""
+  oh, ow = output_size
+  channels = np.shape(input)[1]
   if channels % (oh * ow):
     raise ChannelsError(
       f"`input` channels C must be a multiple of oh * ow = {oh} * {ow} = {oh * ow} "
       f"(C = C_out * oh * ow); got input shape {np.shape(input)} (NCHW) and output_size "
       f"{output_size}."
     )
-  return features
 
 
-def _nhwc(name: str, input: jax.typing.ArrayLike) -> jax.Array:
-  """``[N, C, H, W]`` to ``[N, H, W, C]``, with errors that speak of NCHW."""
+def _check_nchw(name: str, input: jax.typing.ArrayLike) -> None:
+  """A numeric ``[N, C, H, W]`` map, with errors that speak of NCHW."""
   validation.array_dtype(name, input)
   shape = np.shape(input)
   if len(shape) != 4:
     raise ValueError(f"`{name}` must be NCHW [N, C, H, W] (rank 4); got shape {shape}.")
-  return jnp.asarray(input).transpose(0, 2, 3, 1)
-
-
-def _nchw(pooled: jax.Array) -> jax.Array:
-  return pooled.transpose(0, 3, 1, 2)
 
 
 def _on_nchw(op, input, boxes, output_size, *, position_sensitive=False, **options) -> jax.Array:
   """``op`` (an NHWC roipool_jax op) on NCHW ``input`` and torchvision ``boxes``; NCHW out."""
+  output_size = validation.normalize_size(output_size)
   b, indices = convert_boxes(boxes)
-  features = _ps_nhwc(input, output_size) if position_sensitive else _nhwc("input", input)
-  return _nchw(op(features, b, output_size, box_indices=indices, **options))
+  _check_nchw("input", input)
+  if position_sensitive:
+    _check_ps_channels(input, output_size)
+  return _pool_nchw(op, input, b, indices, output_size=output_size, **options)
+
+
+def _pool_nchw(op, maps, boxes: jax.Array, box_indices: jax.Array, **options) -> jax.Array:
+  """``op(maps, boxes, box_indices=..., **options)`` on NCHW ``maps`` (one map or a list of
+  levels), its result ``[K, C, oh, ow]``.
+
+  The layout changes compile into one program with the op, and an eager call
+  pads K to the op's bucket on the host first (:func:`boxes.prepare_boxes`),
+  so an eager call compiles at most one program, and none for a K whose
+  bucket was seen, as the NHWC ops do.
+  """
+  leaves = [*jax.tree.leaves(maps), boxes, box_indices]
+  eager = not any(isinstance(x, jax.core.Tracer) for x in leaves)
+  num_images = np.shape(jax.tree.leaves(maps)[0])[0]
+  args = boxes_lib.prepare_boxes(boxes, box_indices, num_images, pad=eager)
+  options = tuple(sorted(options.items()))
+  try:
+    hash(options)
+  except TypeError:  # an array where a static option belongs: the op raises its own error
+    return _nchw_pool(maps, boxes, box_indices, op=op, options=options)
+  out = _nchw_pool_program(maps, args.boxes, args.box_indices, op=op, options=options)
+  return boxes_lib.unpad(out, boxes.shape[0])
+
+
+def _nchw_pool(maps, boxes, box_indices, *, op, options):
+  nhwc = jax.tree.map(lambda m: jnp.asarray(m).transpose(0, 2, 3, 1), maps)
+  return op(nhwc, boxes, box_indices=box_indices, **dict(options)).transpose(0, 3, 1, 2)
+
+
+_nchw_pool_program = jax.jit(_nchw_pool, static_argnames=("op", "options"))
 
 
 def convert_boxes(boxes: object) -> tuple[jax.Array, jax.Array]:
   """torchvision's box argument as ``(boxes [K, 4], box_indices [K])``.
+
+  Concrete boxes are split (or concatenated) on the host, so nothing is
+  compiled per K; traced ones in the program.
 
   Args:
     boxes: ``[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)``, or a list (or
       tuple) of ``[L_i, 4]`` arrays, one per image.
 
   Returns:
-    ``[K, 4]`` boxes in the dtype given and ``[K]`` int32 image indices.
+    ``[K, 4]`` boxes in the dtype given and ``[K]`` int32 image indices
+    (``[K, 5]`` rows: the batch index truncated toward zero, as a float to
+    int32 conversion in XLA: NaN becomes 0, out-of-range values saturate).
 
   Raises:
     TypeError: ``boxes`` that is neither an array nor a list of arrays.
@@ -153,19 +190,32 @@ def convert_boxes(boxes: object) -> tuple[jax.Array, jax.Array]:
           f"`boxes[{i}]` must be [L, 4] (x1, y1, x2, y2) boxes of image {i}; got shape "
           f"{np.shape(b)}."
         )
-    arrays = [jnp.asarray(b) for b in boxes]
+    arrays = [b if isinstance(b, jax.Array) else np.asarray(b) for b in boxes]
     dtype = jnp.result_type(*arrays)
     counts = [a.shape[0] for a in arrays]
-    indices = np.repeat(np.arange(len(arrays), dtype=np.int32), counts)
-    return jnp.concatenate([a.astype(dtype) for a in arrays]), jnp.asarray(indices)
+    indices = boxes_lib.to_device(np.repeat(np.arange(len(arrays), dtype=np.int32), counts))
+    if any(isinstance(a, jax.core.Tracer) for a in arrays):
+      return jnp.concatenate([a.astype(dtype) for a in arrays]), indices
+    return boxes_lib.to_device(np.concatenate([np.asarray(a, dtype) for a in arrays])), indices
   dtype = validation.array_dtype("boxes", boxes)
   if np.ndim(boxes) != 2 or np.shape(boxes)[1] != 5:
     raise BoxesShapeError(
       "`boxes` must be torchvision's rois [K, 5] (batch_index, x1, y1, x2, y2) or a list of "
       f"[L, 4] arrays, one per image; got shape {np.shape(boxes)} and dtype {dtype}."
     )
-  rois = jnp.asarray(boxes)
-  return rois[:, 1:], rois[:, 0].astype(jnp.int32)
+  if isinstance(boxes, jax.core.Tracer):
+    return boxes[:, 1:], boxes[:, 0].astype(jnp.int32)
+  rois = np.asarray(boxes)
+  return boxes_lib.to_device(rois[:, 1:]), boxes_lib.to_device(_int32(rois[:, 0]))
+
+
+def _int32(x: np.ndarray) -> np.ndarray:
+  """``x.astype(int32)`` with XLA's rule on the host: truncation toward zero, NaN to 0,
+  saturation outside the int32 range (NumPy's own cast leaves those undefined)."""
+  info = np.iinfo(np.int32)
+  if np.issubdtype(x.dtype, np.floating):
+    x = np.where(np.isnan(x), 0, np.trunc(x))
+  return np.clip(x, info.min, info.max).astype(np.int32)
 
 
 def roi_pool(
@@ -434,16 +484,17 @@ class MultiScaleRoIAlign:
       raise ValueError("`image_shapes` must hold one (height, width) per image; got none.")
     height = max(int(shape[0]) for shape in image_shapes)
     width = max(int(shape[1]) for shape in image_shapes)
-    levels = [_nhwc(f"x[{name!r}]", x[name]) for name in self.featmap_names]
+    for name in self.featmap_names:
+      _check_nchw(f"x[{name!r}]", x[name])
     b, indices = convert_boxes(boxes)
-    pooled = roipool_jax.multi_scale_roi_align(
-      levels,
+    return _pool_nchw(
+      roipool_jax.multi_scale_roi_align,
+      [x[name] for name in self.featmap_names],
       b,
-      self.output_size,
+      indices,
+      output_size=self.output_size,
       image_size=(height, width),
       sampling_ratio=self.sampling_ratio,
-      box_indices=indices,
       canonical_scale=self.canonical_scale,
       canonical_level=self.canonical_level,
     )
-    return _nchw(pooled)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import roipool_jax
+import roipool_jax.torchvision as tv
 from roipool_jax._src import boxes as boxes_lib
 
 
@@ -168,3 +169,44 @@ def test_box_geometry_runs_each_long_division_once(op, size, kernels):
   b, i = _boxes(5, 0)
   fn = lambda f, b, i: getattr(roipool_jax, op)(f, b, size, spatial_scale=0.25, box_indices=i)  # noqa: E731
   assert _long_division_kernels(fn, features, b, i) == kernels
+
+
+def _rois(k, seed):
+  b, i = _boxes(k, seed)
+  return np.concatenate([i[:, None].astype(np.float32), b], axis=1)
+
+
+TV_OPS = {  # x: NCHW P2 and P3 maps
+  "roi_pool": lambda x, rois: tv.roi_pool(x[0], rois, 3, 0.25),
+  "roi_align": lambda x, rois: tv.roi_align(x[0], rois, 3, 0.25, 2, True),
+  "ps_roi_pool": lambda x, rois: tv.ps_roi_pool(x[0], rois, 2, 0.25),
+  "ps_roi_align": lambda x, rois: tv.ps_roi_align(x[0], rois, 2, 0.25, -1),
+  "box list": lambda x, rois: tv.roi_align(
+    x[0], [rois[rois[:, 0] == n, 1:] for n in range(2)], 3, 0.25, 2, True
+  ),
+  "MultiScaleRoIAlign": lambda x, rois: tv.MultiScaleRoIAlign(["p2", "p3"], 3, 2)(
+    {"p2": x[0], "p3": x[1]}, [rois[rois[:, 0] == n, 1:] for n in range(2)], [(48, 64)] * 2
+  ),
+}
+
+
+@pytest.mark.parametrize("op", sorted(TV_OPS))
+def test_torchvision_layer_compiles_one_program_per_bucket(op, compiles):
+  # The NCHW layer pads K as the NHWC ops do, and its transposes and rois split compile with
+  # the op: an eager call with a new K compiles at most one program.
+  jax.clear_caches()  # the programs of other parametrizations may hold this one
+  p2 = np.random.default_rng(0).standard_normal((2, 8, 12, 16))
+  features = (jax.device_put(p2), jax.device_put(p2[:, :, ::2, ::2]))  # NCHW P2 and P3
+  rois = _rois(48, 1)
+  rois = rois[np.argsort(rois[:, 0], kind="stable")]  # box lists keep the rois' order
+  first = TV_OPS[op](features, rois[:41])  # K = 41: bucket 48
+  assert len(compiles) == 1, compiles
+  for k in (42, 45, 48):  # same bucket: nothing compiles
+    compiles.clear()
+    out = TV_OPS[op](features, rois[:k])
+    assert compiles == [], compiles
+    assert out.shape[0] == k
+    np.testing.assert_array_equal(out[:41], first)  # padding changes no box's result
+  traced = jax.jit(lambda x: TV_OPS[op](x, rois[:45]))(features)  # traced: K stays 45, unpadded
+  # Another program (K = 45, other chunks): adaptive sums may round differently in the last bit.
+  np.testing.assert_allclose(traced, out[:45], rtol=1e-6, atol=1e-6)

@@ -117,6 +117,23 @@ def test_rois_and_box_list_agree_with_the_nhwc_api():
   np.testing.assert_array_equal(np.asarray(out), np.asarray(expected).transpose(0, 3, 1, 2))
 
 
+def test_batch_index_is_truncated_alike_eager_and_traced():
+  # Column 0 of [K, 5] rois becomes an int32 as XLA converts floats: toward zero, NaN to 0.
+  # Concrete rois are split on the host, traced ones in the program: the same images.
+  x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+  boxes = np.array([[0.5, 0.5, 6.5, 5.5]] * 4, np.float32)
+  index = np.array([1.9, -0.5, np.nan, 1.0], np.float32)
+  rois = np.concatenate([index[:, None], boxes], axis=1)
+  expected = tv.roi_align(x, np.concatenate([[[1.0], [0.0], [0.0], [1.0]], boxes], 1), 2)
+  np.testing.assert_array_equal(tv.roi_align(x, rois, 2), expected)
+  np.testing.assert_array_equal(jax.jit(lambda r: tv.roi_align(x, r, 2))(rois), expected)
+  assert not np.array_equal(expected[0], expected[1])  # the two images differ
+  _, pulled = tv.convert_boxes(np.array([[-3e9, 0, 0, 1, 1], [3e9, 0, 0, 1, 1]]))
+  np.testing.assert_array_equal(pulled, [-(2**31), 2**31 - 1])  # saturated, as XLA converts
+  with pytest.raises(ValueError, match="box_indices"):  # concrete: out of range is an error
+    tv.roi_align(x, np.array([[2.0, 0, 0, 1, 1]], np.float32), 2)
+
+
 @pytest.mark.parametrize("op", [tv.roi_pool, tv.roi_align])
 def test_empty_inputs_and_float64(op):
   # K = 0 rois, and N = 0 images with an empty per-image list: empty outputs, zero gradients.

@@ -142,6 +142,14 @@ def to_device(x: jax.typing.ArrayLike) -> jax.Array:
   return jax.device_put(x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False))
 
 
+def unpad(out: jax.Array, k: int) -> jax.Array:
+  """The first ``k`` rows of ``out`` (the boxes of an eager call padded by
+  :func:`prepare_boxes`); on CPU sliced on the host, so no program is compiled per K."""
+  if out.shape[0] == k:
+    return out
+  return to_device(np.asarray(out)[:k]) if jax.default_backend() == "cpu" else out[:k]
+
+
 def bucket(k: int) -> int:
   """The padded box count of an eager call with ``k`` boxes: 8 or more, at most 25% more.
 

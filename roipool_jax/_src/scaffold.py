@@ -71,8 +71,7 @@ def run(
     kernel=kernel,
     options=tuple(sorted(options.items())),
   )
-  if out.shape[0] != k:  # drop the padding boxes; on CPU on the host, so no program per K
-    out = boxes_lib.to_device(np.asarray(out)[:k]) if jax.default_backend() == "cpu" else out[:k]
+  out = boxes_lib.unpad(out, k)
   return out.reshape(args.batch_shape + out.shape[1:])
 
 
