@@ -149,7 +149,7 @@ def _pool_nchw(op, maps, boxes: jax.Array, box_indices: jax.Array, **options) ->
   except TypeError:  # an array where a static option belongs: the op raises its own error
     return _nchw_pool(maps, boxes, box_indices, op=op, options=options)
   out = _nchw_pool_program(maps, args.boxes, args.box_indices, op=op, options=options)
-  return boxes_lib.unpad(out, boxes.shape[0])
+  return boxes_lib.unpad(out, args.batch_shape)
 
 
 def _nchw_pool(maps, boxes, box_indices, *, op, options):

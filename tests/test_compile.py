@@ -41,14 +41,30 @@ def _boxes(k, seed):
   return corners.reshape(k, 4).astype(np.float32), rng.integers(0, 2, k).astype(np.int32)
 
 
+def _offsets(b, dtype):
+  """Deformable offsets ``[K, 3, 3, 2]`` made from the boxes: on the host for concrete boxes,
+  so that the test itself compiles nothing per K."""
+  xp = jnp if isinstance(b, jax.core.Tracer) else np
+  angle = b[:, :1, None, None] + xp.arange(18, dtype=np.float32).reshape(1, 3, 3, 2)
+  return xp.sin(angle).astype(dtype)
+
+
 OPS = {
   "roi_pool": lambda f, b, i: roipool_jax.roi_pool(f, b, 3, spatial_scale=0.25, box_indices=i),
   "roi_align": lambda f, b, i: roipool_jax.roi_align(f, b, 3, spatial_scale=0.25, box_indices=i),
+  "roi_warp": lambda f, b, i: roipool_jax.roi_warp(f, b, 3, spatial_scale=0.25, box_indices=i),
+  "deform_roi_pool": lambda f, b, i: roipool_jax.deform_roi_pool(
+    f, b, None, 3, spatial_scale=0.25, sampling_ratio=2, box_indices=i
+  ),
+  "deform_roi_pool, bfloat16 offsets": lambda f, b, i: roipool_jax.deform_roi_pool(
+    f, b, _offsets(b, jnp.bfloat16), 3, spatial_scale=0.25, sampling_ratio=2, box_indices=i
+  ),
 }
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_nearby_k_reuses_one_compiled_program(op, compiles):
+  jax.clear_caches()  # the programs of other parametrizations may hold this one
   features = jax.device_put(np.random.default_rng(0).standard_normal((2, 12, 16, 5)))
   b, i = _boxes(48, 1)
   OPS[op](features, b[:41], i[:41])  # K = 41: bucket 48, compiles
@@ -74,15 +90,17 @@ def test_padded_eager_call_equals_the_jitted_call(op):
   assert not np.any(np.asarray(eager[3]))
 
 
-def test_per_image_boxes_are_padded_in_flat_form():
-  features = jnp.asarray(np.random.default_rng(5).standard_normal((2, 12, 16, 5)), jnp.float32)
-  b, _ = _boxes(14, 6)
-  per_image = b.reshape(2, 7, 4)
-  out = roipool_jax.roi_align(features, per_image, 2, spatial_scale=0.25)
-  expected = jax.jit(lambda f, x: roipool_jax.roi_align(f, x, 2, spatial_scale=0.25))(
-    features, per_image
-  )
-  assert out.shape == (2, 7, 2, 2, 5)
+def test_per_image_boxes_are_padded_in_flat_form(compiles):
+  features = jax.device_put(np.random.default_rng(5).standard_normal((2, 12, 16, 5)))
+  b, _ = _boxes(20, 6)
+  op = lambda f, x: roipool_jax.roi_align(f, x, 2, spatial_scale=0.25)  # noqa: E731
+  out = op(features, b[:18].reshape(2, 9, 4))  # 18 boxes: bucket 20
+  assert len(compiles) == 1, compiles
+  compiles.clear()
+  op(features, b.reshape(2, 10, 4))  # 20: the same bucket, and nothing else compiles
+  assert compiles == [], compiles
+  expected = jax.jit(op)(features, b[:18].reshape(2, 9, 4))
+  assert out.shape == (2, 9, 2, 2, 5)
   np.testing.assert_array_equal(out, expected)
 
 

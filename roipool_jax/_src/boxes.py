@@ -108,7 +108,7 @@ def prepare_boxes(
     validation.check_box_indices(box_indices, shape[0], num_images)
   k = int(np.prod(shape[:-1]))
   pad_to = bucket(k) if pad and k else k
-  if pad_to > k:
+  if pad_to > k or (pad and len(shape) == 3):  # eager: always flat, so a bucket is one program
     index = np.zeros((pad_to,), np.int32)
     if box_indices is not None:
       index[:k] = np.asarray(box_indices)
@@ -142,12 +142,17 @@ def to_device(x: jax.typing.ArrayLike) -> jax.Array:
   return jax.device_put(x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False))
 
 
-def unpad(out: jax.Array, k: int) -> jax.Array:
-  """The first ``k`` rows of ``out`` (the boxes of an eager call padded by
-  :func:`prepare_boxes`); on CPU sliced on the host, so no program is compiled per K."""
-  if out.shape[0] == k:
+def unpad(out: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:
+  """``[K', ...]`` results of flat boxes (padded by :func:`prepare_boxes` in an eager call)
+  as ``batch_shape + [...]``: the first ``prod(batch_shape)`` rows, reshaped. A concrete
+  result is sliced and reshaped on the host on CPU, so no program is compiled per K."""
+  k = int(np.prod(batch_shape))
+  shape = tuple(batch_shape) + out.shape[1:]
+  if out.shape == shape:
     return out
-  return to_device(np.asarray(out)[:k]) if jax.default_backend() == "cpu" else out[:k]
+  if jax.default_backend() == "cpu" and not isinstance(out, jax.core.Tracer):
+    return to_device(np.asarray(out)[:k].reshape(shape))
+  return out[:k].reshape(shape)
 
 
 def bucket(k: int) -> int:

@@ -169,14 +169,18 @@ def deform_roi_pool(
   if not math.isfinite(gamma):
     raise ValueError(f"`gamma` must be finite; got {gamma!r}.")
   validation.check_boxes(boxes)
-  boxes = jnp.asarray(boxes)
+  # Concrete boxes and offsets are joined on the host (NumPy rounds as XLA does), so that an
+  # eager call compiles nothing per K; traced ones in the program.
+  traced = any(isinstance(x, jax.core.Tracer) for x in (boxes, offsets))
+  xp = jnp if traced else np
+  boxes = xp.asarray(boxes)
   if offsets is None:
-    offsets = jnp.zeros(boxes.shape[:-1] + size + (2,), jnp.result_type(boxes, jnp.float32))
+    offsets = xp.zeros(boxes.shape[:-1] + size + (2,), jnp.result_type(boxes, jnp.float32))
   check_offsets(offsets, boxes, size)
-  offsets = jnp.asarray(offsets)
+  offsets = xp.asarray(offsets)
   dtype = jnp.result_type(boxes, offsets)
   # The offsets travel with their box (padding, flattening, validity) as extra coordinates.
-  joined = jnp.concatenate(
+  joined = xp.concatenate(
     [
       boxes.astype(dtype),
       (gamma * offsets.astype(dtype)).reshape(boxes.shape[:-1] + (2 * size[0] * size[1],)),

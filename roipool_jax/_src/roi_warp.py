@@ -9,8 +9,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from roipool_jax._src import backends, scaffold, validation
 from roipool_jax._src import roi_align as roi_align_lib
-from roipool_jax._src import validation
 
 
 def roi_warp(
@@ -92,17 +92,19 @@ def roi_warp(
       f"`warp_size` must be a multiple of `output_size` per axis; got warp_size "
       f"{(wh, ww)} and output_size {(oh, ow)}."
     )
-  warped = roi_align_lib.roi_align(
-    features,
-    boxes,
-    (wh, ww),
-    spatial_scale=spatial_scale,
-    sampling_ratio=1,
-    aligned=aligned,
-    box_indices=box_indices,
-    impl=impl,
-  )
-  return _max_pool(warped, (oh, ow))
+  validation.check_features(features)
+  scale = validation.check_spatial_scale(spatial_scale)
+  aligned = validation.check_bool("aligned", aligned)
+  impl = backends.resolve(impl)
+  options = dict(size=(oh, ow), warp=(wh, ww), scale=scale, aligned=aligned, impl=impl)
+  return scaffold.run(_roi_warp, jnp.asarray(features), boxes, box_indices, (oh, ow), **options)
+
+
+# The warp and the max pool compile as one program (an eager call compiles at most one).
+@partial(jax.jit, static_argnames=("size", "warp", "scale", "aligned", "impl"))
+def _roi_warp(features, flat, *, size, warp, scale, aligned, impl):
+  warped = roi_align_lib.align_bins(features, flat, warp, scale, 1, aligned, "avg", impl=impl)
+  return _max_pool(warped, size)
 
 
 @partial(jax.named_call, name="roi_warp_max_pool")

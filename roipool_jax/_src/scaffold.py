@@ -71,8 +71,7 @@ def run(
     kernel=kernel,
     options=tuple(sorted(options.items())),
   )
-  out = boxes_lib.unpad(out, k)
-  return out.reshape(args.batch_shape + out.shape[1:])
+  return boxes_lib.unpad(out, args.batch_shape)
 
 
 # Flattening and the kernel compile as one program, once per shape and configuration.
