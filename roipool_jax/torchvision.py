@@ -213,7 +213,8 @@ def _int32(x: np.ndarray) -> np.ndarray:
   """``x.astype(int32)`` with XLA's rule on the host: truncation toward zero, NaN to 0,
   saturation outside the int32 range (NumPy's own cast leaves those undefined)."""
   info = np.iinfo(np.int32)
-  if np.issubdtype(x.dtype, np.floating):
+  if not np.issubdtype(x.dtype, np.integer):  # in float64, where the int32 bounds are exact
+    x = np.asarray(x, np.float64)
     x = np.where(np.isnan(x), 0, np.trunc(x))
   return np.clip(x, info.min, info.max).astype(np.int32)
 
