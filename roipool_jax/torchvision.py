@@ -139,8 +139,7 @@ def _pool_nchw(op, maps, boxes: jax.Array, box_indices: jax.Array, **options) ->
   so an eager call compiles at most one program, and none for a K whose
   bucket was seen, as the NHWC ops do.
   """
-  leaves = [*jax.tree.leaves(maps), boxes, box_indices]
-  eager = not any(isinstance(x, jax.core.Tracer) for x in leaves)
+  eager = validation.is_concrete(maps, boxes, box_indices)
   num_images = np.shape(jax.tree.leaves(maps)[0])[0]
   args = boxes_lib.prepare_boxes(boxes, box_indices, num_images, pad=eager)
   options = tuple(sorted(options.items()))
@@ -194,7 +193,7 @@ def convert_boxes(boxes: object) -> tuple[jax.Array, jax.Array]:
     dtype = jnp.result_type(*arrays)
     counts = [a.shape[0] for a in arrays]
     indices = boxes_lib.to_device(np.repeat(np.arange(len(arrays), dtype=np.int32), counts))
-    if any(isinstance(a, jax.core.Tracer) for a in arrays):
+    if not validation.is_concrete(arrays):
       return jnp.concatenate([a.astype(dtype) for a in arrays]), indices
     return boxes_lib.to_device(np.concatenate([np.asarray(a, dtype) for a in arrays])), indices
   dtype = validation.array_dtype("boxes", boxes)
@@ -203,7 +202,7 @@ def convert_boxes(boxes: object) -> tuple[jax.Array, jax.Array]:
       "`boxes` must be torchvision's rois [K, 5] (batch_index, x1, y1, x2, y2) or a list of "
       f"[L, 4] arrays, one per image; got shape {np.shape(boxes)} and dtype {dtype}."
     )
-  if isinstance(boxes, jax.core.Tracer):
+  if not validation.is_concrete(boxes):
     return boxes[:, 1:], boxes[:, 0].astype(jnp.int32)
   rois = np.asarray(boxes)
   return boxes_lib.to_device(rois[:, 1:]), boxes_lib.to_device(_int32(rois[:, 0]))

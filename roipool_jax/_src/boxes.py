@@ -150,7 +150,7 @@ def unpad(out: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:
   shape = tuple(batch_shape) + out.shape[1:]
   if out.shape == shape:
     return out
-  if jax.default_backend() == "cpu" and not isinstance(out, jax.core.Tracer):
+  if jax.default_backend() == "cpu" and validation.is_concrete(out):
     return to_device(np.asarray(out)[:k].reshape(shape))
   return out[:k].reshape(shape)
 

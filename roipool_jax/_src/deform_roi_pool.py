@@ -171,8 +171,7 @@ def deform_roi_pool(
   validation.check_boxes(boxes)
   # Concrete boxes and offsets are joined on the host (NumPy rounds as XLA does), so that an
   # eager call compiles nothing per K; traced ones in the program.
-  traced = any(isinstance(x, jax.core.Tracer) for x in (boxes, offsets))
-  xp = jnp if traced else np
+  xp = np if validation.is_concrete(boxes, offsets) else jnp
   boxes = xp.asarray(boxes)
   if offsets is None:
     offsets = xp.zeros(boxes.shape[:-1] + size + (2,), jnp.result_type(boxes, jnp.float32))

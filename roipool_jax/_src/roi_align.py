@@ -232,15 +232,23 @@ def roi_align(
     He, Gkioxari, Dollar, Girshick, "Mask R-CNN", ICCV 2017.
     https://arxiv.org/abs/1703.06870
   """
-  validation.check_features(features)
+  scale, aligned, impl = check_options(features, spatial_scale, aligned, impl, mode)
   size = validation.normalize_size(output_size)
-  scale = validation.check_spatial_scale(spatial_scale)
   ratio = validation.check_sampling_ratio(sampling_ratio)
-  aligned = validation.check_bool("aligned", aligned)
-  validation.check_choice("mode", mode, MODES)
-  impl = backends.resolve(impl, mode == "avg", 'for mode="max"')
   options = dict(size=size, scale=scale, ratio=ratio, aligned=aligned, mode=mode, impl=impl)
   return scaffold.run(_roi_align, jnp.asarray(features), boxes, box_indices, size, **options)
+
+
+def check_options(
+  features: object, spatial_scale: object, aligned: object, impl: str, mode: str = "avg"
+) -> tuple[float, bool, str]:
+  """The checks of the options :func:`roi_align` shares with the ops built on it
+  (``roi_warp``); returns the checked ``(spatial_scale, aligned, impl)``."""
+  validation.check_features(features)
+  scale = validation.check_spatial_scale(spatial_scale)
+  aligned = validation.check_bool("aligned", aligned)
+  validation.check_choice("mode", mode, MODES)
+  return scale, aligned, backends.resolve(impl, mode == "avg", 'for mode="max"')
 
 
 # Compiled once per shape and configuration, also when called outside `jit`.

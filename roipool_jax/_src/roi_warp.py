@@ -9,8 +9,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from roipool_jax._src import backends, scaffold, validation
 from roipool_jax._src import roi_align as roi_align_lib
+from roipool_jax._src import scaffold, validation
 
 
 def roi_warp(
@@ -92,10 +92,7 @@ def roi_warp(
       f"`warp_size` must be a multiple of `output_size` per axis; got warp_size "
       f"{(wh, ww)} and output_size {(oh, ow)}."
     )
-  validation.check_features(features)
-  scale = validation.check_spatial_scale(spatial_scale)
-  aligned = validation.check_bool("aligned", aligned)
-  impl = backends.resolve(impl)
+  scale, aligned, impl = roi_align_lib.check_options(features, spatial_scale, aligned, impl)
   options = dict(size=(oh, ow), warp=(wh, ww), scale=scale, aligned=aligned, impl=impl)
   return scaffold.run(_roi_warp, jnp.asarray(features), boxes, box_indices, (oh, ow), **options)
 

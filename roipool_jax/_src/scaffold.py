@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from roipool_jax._src import boxes as boxes_lib
-from roipool_jax._src import dtypes
+from roipool_jax._src import dtypes, validation
 
 
 def run(
@@ -57,7 +57,7 @@ def run(
   """
   levels = list(features) if isinstance(features, (list, tuple)) else [features]
   first = levels[0]
-  eager = not any(isinstance(x, jax.core.Tracer) for x in [*levels, boxes, box_indices])
+  eager = validation.is_concrete(levels, boxes, box_indices)
   args = boxes_lib.prepare_boxes(boxes, box_indices, first.shape[0], pad=eager, coords=coords)
   k = int(np.prod(args.batch_shape))
   n, _, _, c = first.shape

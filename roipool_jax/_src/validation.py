@@ -51,6 +51,12 @@ NCHW_HINT = (
 )
 
 
+def is_concrete(*arrays: object) -> bool:
+  """Whether every array leaf of ``arrays`` holds values (none is a tracer), so
+  that it can be inspected, or prepared, on the host."""
+  return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(arrays))
+
+
 def _describe(value: object) -> str:
   if isinstance(value, (jax.Array, np.ndarray)):
     return f"an array of shape {np.shape(value)} and dtype {value.dtype}"
@@ -208,7 +214,7 @@ def check_box_indices(box_indices: object, num_boxes: int, num_images: int) -> N
     raise ValueError(
       f"`box_indices` must have shape [K] = ({num_boxes},) to match `boxes`; got {shape}."
     )
-  if isinstance(box_indices, jax.core.Tracer):
+  if not is_concrete(box_indices):
     return
   values = np.asarray(box_indices)
   if values.size and (values.min() < 0 or values.max() >= num_images):
