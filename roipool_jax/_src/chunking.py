@@ -226,7 +226,7 @@ def refine_sums(
     its loop, so that no zero-filled buffer starts the sums: the bfloat16
     forward of adaptive ``roi_align`` took about 0.95x the time on 512 large
     boxes and 0.85-0.95x on 1000 RPN proposals (2-core AMD EPYC, alternated
-    processes), and its first call about 0.3 s longer (the pass compiles
+    processes), and its first call 0.3-0.5 s longer (the pass compiles
     twice).
 
   Both round one sum of the same terms in the same order, but its first
