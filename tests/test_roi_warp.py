@@ -51,6 +51,39 @@ def test_roi_warp_gradients():
   np.testing.assert_allclose(grad_f, jax.grad(dense)(features), rtol=1e-5, atol=1e-5)
 
 
+def test_tied_maxima_share_the_cotangent_evenly():
+  # Zeros outside one corner: windows there tie (every sample exactly 0). The backward
+  # rebuilds the warp and splits each window's cotangent among its tied maxima, as
+  # jax.grad of the max-pooled dense warp does; an arg-max rule would not.
+  rng = np.random.default_rng(8)
+  features = np.zeros((1, 8, 8, 2), np.float32)
+  features[0, :3, :3] = rng.uniform(1, 2, (3, 3, 2))
+  boxes = jnp.asarray([[1.3, 0.7, 6.0, 5.6], [0.2, 2.6, 4.6, 7.4], [0.0, 0.0, 7.0, 7.0]])
+  cot = jnp.asarray(rng.standard_normal((3, 2, 2, 2)), jnp.float32)
+  grad_f = jax.grad(lambda f: jnp.vdot(roi_warp(f, boxes, 2), cot))(jnp.asarray(features))
+
+  def dense(f):
+    warped = reference.dense_roi_align(f, boxes, np.zeros(3, int), (4, 4), 1.0, 1, True, "avg")
+    return jnp.vdot(warped.reshape(3, 2, 2, 2, 2, 2).max(axis=(2, 4)), cot)
+
+  np.testing.assert_allclose(grad_f, jax.grad(dense)(jnp.asarray(features)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_output_has_the_same_bits_with_and_without_grad(dtype):
+  # The forward's fused kernel and the warp the backward differentiates may round a sample
+  # differently; the output must come from the same kernel either way.
+  features, boxes, indices = _problem(7, k=96, shape=(2, 20, 30, 16))
+  features = jnp.asarray(features, dtype)
+
+  def op(f):
+    return roi_warp(f, boxes * 2.5, 3, box_indices=indices)
+
+  plain = np.asarray(jax.jit(op)(features))
+  with_grad = np.asarray(jax.jit(lambda f: jax.vjp(op, f)[0])(features))
+  np.testing.assert_array_equal(plain.view(np.uint8), with_grad.view(np.uint8))
+
+
 def test_roi_warp_under_jit_and_vmap():
   features, boxes, _ = _problem(6, k=3, shape=(2, 6, 6, 2))
   per_map = jnp.stack([boxes, boxes + 1.0])

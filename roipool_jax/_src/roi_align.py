@@ -66,11 +66,16 @@ def average_per_bin(features, rows, cols, image_index, output_size, sampling_rat
   return out.reshape(-1, oh, ow, channels)
 
 
+def weighted_sum(features, wy, wx, image_index, impl):
+  """``[K, oh, ow, C]`` sums of :func:`average_weights`' weights for a resolved ``impl``."""
+  if impl == "einsum":
+    return dense.separable_sum(features, wy, wx, image_index)
+  return backends.sum_taps(features, wy, wx, image_index, impl)
+
+
 def _average(features, flat, rows, cols, output_size, sampling_ratio, impl):
   wy, wx = average_weights(rows, cols, output_size, features.shape[1:3], sampling_ratio, impl)
-  if impl == "einsum":
-    return dense.separable_sum(features, wy, wx, flat.image_index)
-  return backends.sum_taps(features, wy, wx, flat.image_index, impl)
+  return weighted_sum(features, wy, wx, flat.image_index, impl)
 
 
 def _maximum(features, flat, rows, cols, output_size, sampling_ratio):

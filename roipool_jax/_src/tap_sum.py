@@ -66,6 +66,7 @@ Unused taps (index -1) contribute exactly 0 even when their cell holds inf or Na
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -340,33 +341,63 @@ def _unit_cost(u: Units):
   return u.passes_y * u.passes_x
 
 
+def _first_block(table, c: TapTable, slots, skip=None):
+  """``[K, oh, ow, C]`` sums of every bin's first tap block, in the weights' dtype.
+
+  ``skip``: ``[K, oh, ow]`` bins whose taps all read the box's first cell, unused.
+  """
+  blk = block(c, 0, 0, slots)
+  cells, used = blk.cells, blk.used
+  if skip is not None:
+    first_cell = jnp.broadcast_to(c.origin[:, None, None], skip.shape)
+    cells = [[jnp.where(skip, first_cell, x) for x in row] for row in cells]
+    used = [[x & ~skip for x in row] for row in used]
+  acc = jnp.zeros((), c.wy.dtype)
+  for a in range(slots[0]):
+    wya = blk.wy[:, :, None, a, None]
+    row_sum = sum(
+      term(table, cells[a][b], used[a][b], blk.wx[:, None, :, b, None]) for b in range(slots[1])
+    )
+    acc = acc + wya * row_sum
+  return acc
+
+
+def max_of_sums(table: jax.Array, terms) -> jax.Array:
+  """Per element, the max over ``terms`` of their tap sums; forward only.
+
+  Args:
+    table: ``[M, C]`` rows of the map(s), as for :func:`tap_sum`.
+    terms: ``(wy, wx, plan)`` triples of the same ``[K, oh, ow]`` bins whose
+      taps fit one block each (at most ``SLOTS`` taps per axis).
+
+  Returns:
+    ``[K, oh, ow, C]`` in the table's dtype: each sum is the one :func:`tap_sum`
+    makes (rounded to the table's dtype), then they are maxed in order
+    (``jnp.maximum``). One fused kernel writes only the result; taps of more
+    than one block (a smaller ``SLOTS``) fall back to a max of :func:`tap_sum`.
+  """
+  prepared = [prepare(wy, wx, plan) for wy, wx, plan in terms]
+  if not all(single for _, _, single, _ in prepared):
+    return functools.reduce(jnp.maximum, [_forward(table, *term) for term in terms])
+
+  def compute():
+    sums = [_first_block(table, taps, slots) for taps, (slots, _), _, _ in prepared]
+    return functools.reduce(jnp.maximum, [dtypes.narrow(v, table.dtype) for v in sums])
+
+  return boxes_lib.computed_once(compute, terms[0][2].row_count)
+
+
 def _forward(table: jax.Array, wy, wx, plan: Plan) -> jax.Array:
   channels = table.shape[1]
   taps, (slots, _), single, _ = prepare(wy, wx, plan)
   oh, ow = wy.shape[1], wx.shape[1]
 
-  def accumulate(c, acc, skip=None):
-    blk = block(c, 0, 0, slots)
-    cells, used = blk.cells, blk.used
-    if skip is not None:  # [K, oh, ow] bins whose taps all read the box's first cell, unused
-      first_cell = jnp.broadcast_to(c.origin[:, None, None], skip.shape)
-      cells = [[jnp.where(skip, first_cell, x) for x in row] for row in cells]
-      used = [[x & ~skip for x in row] for row in used]
-    for a in range(slots[0]):
-      wya = blk.wy[:, :, None, a, None]
-      row_sum = sum(
-        term(table, cells[a][b], used[a][b], blk.wx[:, None, :, b, None]) for b in range(slots[1])
-      )
-      acc = acc + wya * row_sum
-    return acc
-
   if single:  # one fused pass over all boxes
-    zero = jnp.zeros((), wy.dtype)
     # One buffer: consumers that compare values (a later max) see one rounding.
     # Narrowed to 16 bits in the same place: a separate pass over the result was measured
     # 3x slower than the whole sum on XLA:CPU.
     return boxes_lib.computed_once(
-      lambda: dtypes.narrow(accumulate(taps, zero), table.dtype), plan.row_count
+      lambda: dtypes.narrow(_first_block(table, taps, slots), table.dtype), plan.row_count
     )
 
   blocks = _block_taps(taps, slots)
@@ -393,7 +424,7 @@ def _forward(table: jax.Array, wy, wx, plan: Plan) -> jax.Array:
   skip = None
   if chunking.recomputes_sums(k * oh * ow * channels, wy.dtype, table.dtype):
     skip = (_unit_cost(units) > 1).reshape(k, oh, ow)
-  first = accumulate(taps, jnp.zeros((), wy.dtype), skip).reshape(-1, channels)
+  first = _first_block(table, taps, slots, skip).reshape(-1, channels)
   out = chunking.refine_sums(
     first, unit_pass, _unit_passes, units, _unit_cost(units), chunk, table.dtype
   )
