@@ -60,8 +60,8 @@ def roi_warp(
   their running max, writing only the ``[K, oh, ow, C]`` output; the backward
   rebuilds the warp for the split of tied maxima. On the FPN P2 config of the
   benchmarks (512 boxes, 256 channels, 7 x 7 from a 14 x 14 warp; 2-core AMD
-  EPYC, float32) this took the forward from 41-47 to 14-15 ms, with no
-  ``[K, wh, ww, C]`` temporary, and forward+backward from 202-230 to 154-187
+  EPYC, float32) this took the forward from 37-47 to 12-15 ms, with no
+  ``[K, wh, ww, C]`` temporary, and forward+backward from 200-230 to 149-187
   ms; the first call is 0.1-0.3 s longer. That kernel may round a sample one
   ulp differently from ``roi_align`` (XLA:CPU contracts a multiply and an add
   into one FMA where they share a kernel), so the output can differ by an ulp
