@@ -64,8 +64,8 @@ def roi_warp(
   ``[K, wh, ww, C]`` temporary, and forward+backward from 200-230 to 149-187
   ms; the first call is 0.1-0.3 s longer. That kernel may round a sample one
   ulp differently from ``roi_align`` (XLA:CPU contracts a multiply and an add
-  into one FMA where they share a kernel), so the output can differ by an ulp
-  from the max-pooled warp (1-2 ulp in 3.7% of that config's float32
+  into one FMA where they share a kernel), so the output can differ from the
+  max-pooled warp by an ulp or two (in 3.7% of that config's float32
   outputs). The output has the same bits with and without ``grad``, and the
   gradient is that of the max-pooled warp. ``impl="einsum"`` builds the warp
   (each offset would redo the row matmul of every bin).
