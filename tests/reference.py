@@ -261,6 +261,15 @@ def crop_and_resize(features, boxes, box_indices, crop_size, scale, aligned, met
   return out
 
 
+def roi_warp(features, boxes, box_indices, output_size, warp_size):
+  """MNC RoI warping: the bilinear ``warp_size`` crop of each box (pixel centres, aligned),
+  max-pooled over non-overlapping windows to ``output_size``. For boxes with ``x1 < x2``
+  and ``y1 < y2`` (the op gives inverted boxes zeros; this crop would flip them)."""
+  (oh, ow), (wh, ww) = output_size, warp_size
+  crop = crop_and_resize(features, boxes, box_indices, (wh, ww), 1.0, True, "bilinear", None)
+  return crop.reshape(len(boxes), oh, wh // oh, ow, ww // ow, -1).max(axis=(2, 4))
+
+
 def dense_tf_crop_and_resize(image, boxes, box_indices, crop_size):
   """TensorFlow's bilinear ``crop_and_resize`` in ``jax.numpy`` (gathers from a per-box copy).
 
