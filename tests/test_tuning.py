@@ -260,6 +260,33 @@ def test_bfloat16_sums_round_once_whether_kept_or_recomputed(
   np.testing.assert_allclose(outs[0], outs[1], rtol=2**-8, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("name", ["avg adaptive", "avg ratio 3"])
+def test_a_widened_16_bit_table_gives_the_same_bits(name, dtype, monkeypatch, fresh_compilation):
+  # The forward widens a small 16-bit table to float32 once when its bins read it many times
+  # over (tap_sum._widens_table; here always, or never). The values are the same and are
+  # summed in the same order, so the outputs have the same bits, and so has the value under
+  # grad, whose forward never widens.
+  features, boxes, indices = _problem()
+  features = jnp.asarray(features, dtype)
+  op = OPS[name]
+  programs, outs = [], []
+  for reads in (0, 1 << 40):
+    monkeypatch.setattr(tap_sum, "_WIDEN_READS", reads)
+    jax.clear_caches()
+    programs.append(jax.jit(op).lower(features, boxes, indices).as_text())
+    outs.append(op(features, boxes, indices))
+  under_grad, _ = jax.vjp(lambda f: op(f, boxes, indices), features)
+  table = f"tensor<{np.prod(features.shape[:3])}x{features.shape[3]}xf32>"
+  assert [table in program for program in programs] == [True, False]  # widened, not widened
+  want = _expected(name, np.asarray(features, np.float32), boxes, indices)
+  np.testing.assert_allclose(np.asarray(outs[0], np.float32), want, rtol=2**-8, atol=1e-6)
+  for other in (outs[1], under_grad):
+    np.testing.assert_array_equal(
+      np.asarray(outs[0]).view(np.uint16), np.asarray(other).view(np.uint16)
+    )
+
+
 def _ps_problem():
   rng = np.random.default_rng(2)
   features = rng.standard_normal((2, 9, 11, 2 * 3 * 2)).astype(np.float32)  # C_out = 2, 3 x 2
