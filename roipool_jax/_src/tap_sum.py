@@ -32,7 +32,7 @@ the map.
   took 0.95-0.96x the time on the benchmark's 512 large boxes and 0.98x on
   its 1000 RPN proposals (2-core Intel Xeon, alternated processes), with
   the same output bits.
-* A 16-bit map that the bins read many times over (large boxes on a small
+* A bfloat16 map that the bins read many times over (large boxes on a small
   map) is widened to float32 once before the forward (not under ``grad``)
   when the sums continue in place (:func:`_widens_table`): the same values,
   so the same output bits.
@@ -92,7 +92,7 @@ _WEIGHT_GRAD_ELEMENTS = 1 << 16
 # Chunks of many bins (few channels) are this many times smaller for the bins the forward
 # revisits after its first pass (chunking.costly_chunk); picked by measurement on R-FCN's bins.
 _COSTLY_DIVISOR = 8
-# The forward (not under `grad`) widens a 16-bit table to the compute dtype once, up front,
+# The forward (not under `grad`) widens a bfloat16 table to the compute dtype once, up front,
 # when its first blocks alone read the table's rows at least this many times over and its
 # sums continue in place (:func:`_widens_table`). Picked by measurement.
 _WIDEN_READS = 8
@@ -396,10 +396,10 @@ def max_of_sums(table: jax.Array, terms) -> jax.Array:
 
 
 def _widens_table(table: jax.Array, bins: int, slots, sums_continue: bool) -> bool:
-  """Whether the forward reads a 16-bit table widened to the compute dtype (static).
+  """Whether the forward reads a bfloat16 table widened to the compute dtype (static).
 
-  Bins of several tap blocks gather their rows in a loop, where widening 16-bit
-  rows costs more than in the fused first pass. When the table is small next to
+  Bins of several tap blocks gather their rows in a loop, where widening
+  bfloat16 bit patterns costs more than in the fused first pass. When the table is small next to
   what the first blocks alone read (``_WIDEN_READS`` times its rows: large
   boxes on a small map, adaptive sampling) and the sums continue in place, one
   widened copy of the table is cheaper: the bfloat16 forward of adaptive
@@ -408,14 +408,17 @@ def _widens_table(table: jax.Array, bins: int, slots, sums_continue: bool) -> bo
   the sums are recomputed it was slower (1.05-1.42x: 1000 RPN proposals,
   ``precise_roi_pool`` on 512 boxes), as it was on R-FCN's bin-major
   ``ps_roi_align``, whose first blocks read its table twice over (1.11x). The
-  values are the same, so the output has the same bits either way.
+  values are the same, so the output has the same bits either way. float16
+  rows are converted by a vector instruction and cost no more than float32
+  ones: widening a float16 table took 1.04-1.11x the time on the same boxes.
   """
   reads = bins * slots[0] * slots[1]
-  return dtypes.is_half(table.dtype) and sums_continue and reads >= _WIDEN_READS * table.shape[0]
+  bfloat16 = table.dtype == jnp.bfloat16
+  return bfloat16 and sums_continue and reads >= _WIDEN_READS * table.shape[0]
 
 
 def _forward(table: jax.Array, wy, wx, plan: Plan, widen: bool = False) -> jax.Array:
-  """The tap sums; ``widen``: the primal forward may widen a 16-bit table
+  """The tap sums; ``widen``: the primal forward may widen a bfloat16 table
   (:func:`_widens_table`). The forward of the vjp does not: under ``grad`` that
   measured slower (1.07x forward+backward on the same boxes)."""
   channels = table.shape[1]
