@@ -399,10 +399,10 @@ def _widens_table(table: jax.Array, bins: int, slots, sums_continue: bool) -> bo
   """Whether the forward reads a bfloat16 table widened to the compute dtype (static).
 
   Bins of several tap blocks gather their rows in a loop, where widening
-  bfloat16 bit patterns costs more than in the fused first pass. When the table is small next to
-  what the first blocks alone read (``_WIDEN_READS`` times its rows: large
-  boxes on a small map, adaptive sampling) and the sums continue in place, one
-  widened copy of the table is cheaper: the bfloat16 forward of adaptive
+  bfloat16 bit patterns costs more than in the fused first pass. When the
+  table is small next to what the first blocks alone read (``_WIDEN_READS``
+  times its rows: large boxes on a small map, adaptive sampling) and the sums
+  continue in place, one widened copy of the table is cheaper: the bfloat16 forward of adaptive
   ``roi_align`` took 0.84-0.85x the time on 256 boxes 10x a 64 x 64 map and
   0.95x on map-sized ones (2-core AMD EPYC, alternated in one process). Where
   the sums are recomputed it was slower (1.05-1.42x: 1000 RPN proposals,
