@@ -402,15 +402,16 @@ def _widens_table(table: jax.Array, bins: int, slots, sums_continue: bool) -> bo
   bfloat16 bit patterns costs more than in the fused first pass. When the
   table is small next to what the first blocks alone read (``_WIDEN_READS``
   times its rows: large boxes on a small map, adaptive sampling) and the sums
-  continue in place, one widened copy of the table is cheaper: the bfloat16 forward of adaptive
-  ``roi_align`` took 0.84-0.85x the time on 256 boxes 10x a 64 x 64 map and
-  0.95x on map-sized ones (2-core AMD EPYC, alternated in one process). Where
-  the sums are recomputed it was slower (1.05-1.42x: 1000 RPN proposals,
-  ``precise_roi_pool`` on 512 boxes), as it was on R-FCN's bin-major
-  ``ps_roi_align``, whose first blocks read its table twice over (1.11x). The
-  values are the same, so the output has the same bits either way. float16
-  rows are converted by a vector instruction and cost no more than float32
-  ones: widening a float16 table took 1.04-1.11x the time on the same boxes.
+  continue in place, one widened copy of the table is cheaper: the bfloat16
+  forward of adaptive ``roi_align`` took 0.84-0.85x the time on 256 boxes 10x
+  a 64 x 64 map and 0.95x on map-sized ones (2-core AMD EPYC, alternated in
+  one process). Where the sums are recomputed it was slower (1.05-1.46x: 1000
+  RPN proposals, ``precise_roi_pool`` on 512 boxes), as it was on R-FCN's
+  bin-major ``ps_roi_align``, whose first blocks read its table twice over
+  (1.11x). The values are the same, so the output has the same bits either
+  way. float16 rows are converted by a vector instruction and cost no more
+  than float32 ones: widening a float16 table took 1.04-1.11x the time on the
+  same boxes.
   """
   reads = bins * slots[0] * slots[1]
   bfloat16 = table.dtype == jnp.bfloat16
