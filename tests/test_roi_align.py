@@ -341,6 +341,25 @@ def test_nan_features_only_reach_bins_that_sample_them():
   assert np.all(out[0] == 0) and np.isnan(out[1, 1, 1, 0])
 
 
+
+def test_max_mode_nan_sample_wins_its_bin_and_a_bin_without_samples_is_zero():
+  # aligned, adaptive: the 4 x 4 box samples every cell centre once; the zero-size box has
+  # no sample (g = 0). mmcv's kernel would skip the NaN and give -FLT_MAX (documented).
+  features = jnp.arange(16.0).reshape(1, 4, 4, 1).at[0, 1, 1, 0].set(jnp.nan)
+  boxes = jnp.asarray([[0.0, 0.0, 4.0, 4.0], [2.0, 2.0, 2.0, 2.0]])
+
+  def pool(x):
+    return roi_align(x, boxes, 2, aligned=True, mode="max")
+
+  expected = [[[np.nan, 7.0], [13.0, 15.0]], [[0.0, 0.0], [0.0, 0.0]]]
+  np.testing.assert_array_equal(np.asarray(pool(features))[..., 0], expected)
+  # The NaN bin's cotangent is zeroed by nan_to_num; the others reach their arg-max cells.
+  grad = jax.grad(lambda x: jnp.sum(jnp.nan_to_num(pool(x), nan=0.0)))(features)
+  want = np.zeros((4, 4), np.float32)
+  want[1, 3] = want[3, 1] = want[3, 3] = 1.0
+  np.testing.assert_array_equal(np.asarray(grad)[0, :, :, 0], want)
+
+
 def test_empty_box_list():
   features = jnp.ones((2, 4, 4, 3))
   assert roi_align(features, jnp.zeros((0, 4)), 2, box_indices=jnp.zeros(0, int)).shape == (

@@ -147,7 +147,8 @@ def roi_align(
   * ``mode="avg"``: the sum of the ``g_y * g_x`` samples divided by
     ``max(g_y * g_x, 1)``;
   * ``mode="max"``: the maximum of the samples (as mmcv's ``pool_mode="max"``);
-    0 if the bin has no sample.
+    NaN if a sample is NaN, and 0 if the bin has no sample. (mmcv's kernel
+    skips NaN samples, and gives a bin without samples ``-FLT_MAX``.)
 
   A bin with ``g = 0`` (a zero-size box with ``aligned=True`` and adaptive
   sampling) has no sample and outputs 0. Inverted boxes (``x2 < x1`` or
