@@ -341,7 +341,6 @@ def test_nan_features_only_reach_bins_that_sample_them():
   assert np.all(out[0] == 0) and np.isnan(out[1, 1, 1, 0])
 
 
-
 def test_max_mode_nan_sample_wins_its_bin_and_a_bin_without_samples_is_zero():
   # aligned, adaptive: the 4 x 4 box samples every cell centre once; the zero-size box has
   # no sample (g = 0). mmcv's kernel would skip the NaN and give -FLT_MAX (documented).
