@@ -98,6 +98,14 @@ def multi_scale_roi_align(
   ``False``, the default here). Gradients flow to every level and to the
   boxes (the level choice itself is piecewise constant).
 
+  detectron2's ``ROIPooler`` (``pooler_type="ROIAlignV2"``) is this op with
+  ``aligned=True``, ``sampling_ratio=0`` and its ``canonical_box_size`` as
+  ``canonical_scale``, except that it adds its epsilon inside the logarithm,
+  ``log2(sqrt(A) / canonical_box_size + 1e-8)``. The levels differ only for
+  boxes whose ``sqrt(A)`` lies within about one part in a million below a
+  power-of-two multiple of ``canonical_scale``, which torchvision's rule
+  (the one above) puts a level higher.
+
   Cost (``impl="gather"``): one pass over the whole pyramid. The levels are
   read as one ``[sum_l N * H_l * W_l, C]`` table (a copy of the pyramid), and
   every box's taps address its own level in it, so the work is one RoIAlign of
