@@ -43,6 +43,12 @@ def riroi_align_rotated(
       out[k, i, j, g * O + o] = (1 - f) * A[k, i, j, g * O + (o - s) mod O]
                                     + f * A[k, i, j, g * O + (o - s + 1) mod O]
 
+  As in mmcv's kernel, the mix jumps where ``u`` crosses a whole number
+  ``m``: just below it, output orientation ``o`` is nearly ``A[..., g * O +
+  (o - m + 2) mod O]``; from ``m`` on, it is ``A[..., g * O + (o - m) mod
+  O]``. So the output is discontinuous in the angle at multiples of ``360 /
+  O`` degrees (finite-difference gradient checks need angles away from them).
+
   ``u`` uses the angle as given: ``clockwise=True`` turns the sampling grid
   the other way (as in ``roi_align_rotated``) but not the orientation
   index, as mmcv's kernel does. mmcv's angles are in radians: multiply them
