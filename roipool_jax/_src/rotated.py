@@ -145,7 +145,7 @@ def _block(floats, grid, origin, u: _Units, t, map_size):
   buffers of their own (:func:`boxes.materialize`). Otherwise XLA recomputes
   them, divisions included, in each of the kernels that make ``cells``,
   ``used`` and ``weight`` at ``[B, 4 * S * S]``: these took 3.2 of the 8.4 ms
-  of the benchmark's rotated forward in a profile. Computed once, the
+  of the benchmark's bfloat16 rotated forward in a profile. Computed once, the
   forward took 0.82-0.92x the time and forward+backward 0.95-0.98x (the
   rotated and ReDet configs, float32 and bfloat16, fastest of 15 alternated
   calls, 2-core AMD EPYC), with the same output bits.
