@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from roipool_jax import multi_scale_roi_align, roi_align
-from roipool_jax._src import multiscale
+from roipool_jax._src import multiscale, pyramid
 from tests import fixtures_io
 from tests.quick import some
 
@@ -95,3 +95,97 @@ def test_inferred_scales_and_errors():
   with pytest.raises(ValueError, match="share N and C"):
     maps = [jnp.ones((1, 8, 8, 2)), jnp.ones((1, 4, 4, 3))]
     multi_scale_roi_align(maps, jnp.ones((1, 4)), 2, image_size=(32, 32))
+
+
+def _spread_pyramid(dtype, boxes_per_level=(5, 0, 9, 2), channels=3):
+  """A 4-level pyramid and boxes whose levels (P2..P5) have the given counts, shuffled, plus
+  degenerate boxes (NaN, inverted, zero-area: level 0)."""
+  rng = np.random.default_rng(7)
+  maps = [
+    jnp.asarray(rng.standard_normal((2, 64 >> i, 96 >> i, channels)), dtype) for i in range(4)
+  ]
+  sides = {0: (8, 100), 1: (115, 220), 2: (230, 440), 3: (460, 900)}
+  boxes = []
+  for level, count in enumerate(boxes_per_level):
+    side = rng.uniform(*sides[level], size=(count, 1))
+    corner = rng.uniform(-40, 300, size=(count, 2))
+    boxes.append(np.concatenate([corner, corner + side], axis=1))
+  degenerate = [[np.nan, 1, 2, 3], [50, 50, 10, 10], [30, 30, 30, 80]]
+  boxes = np.concatenate(boxes + [np.asarray(degenerate)])[
+    rng.permutation(sum(boxes_per_level) + 3)
+  ]
+  index = rng.integers(0, 2, len(boxes))
+  return maps, jnp.asarray(boxes, jnp.float32), jnp.asarray(index, jnp.int32)
+
+
+def _concatenations(jaxpr) -> list:
+  """Output shapes of the concatenations of a jaxpr and of every jaxpr nested in it."""
+  shapes = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "concatenate":
+      shapes.append(eqn.outvars[0].aval.shape)
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      shapes += _concatenations(sub)
+  return shapes
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("chunk_elements", [None, 7 * 7 * 3 * 2])
+def test_forward_by_level_has_the_bits_of_the_stacked_pyramid(dtype, chunk_elements, monkeypatch):
+  # The plain forward reads each level in place, chunk by chunk (float32, float64, float16 on
+  # CPU); under grad the forward is the stacked table's. Both must give the same bits, also
+  # with chunks of 2 boxes (levels split over several chunks, the last one padded) and a level
+  # without boxes.
+  if chunk_elements is not None:
+    monkeypatch.setattr(pyramid, "_CHUNK_ELEMENTS", chunk_elements)
+  jax.clear_caches()
+  with jax.enable_x64(dtype == jnp.float64):
+    _check_by_level_bits(dtype)
+  jax.clear_caches()
+
+
+def _check_by_level_bits(dtype):
+  maps, boxes, index = _spread_pyramid(dtype)
+
+  def f(*levels):
+    return multi_scale_roi_align(list(levels), boxes, 7, image_size=(256, 384), box_indices=index)
+
+  plain = jax.jit(f)(*maps)
+  stacked, _ = jax.vjp(f, *maps)
+  assert plain.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(plain, np.float64), np.asarray(stacked, np.float64))
+  assert np.abs(np.asarray(plain, np.float64)).sum() > 0
+  # Only the stacked form copies the pyramid into one table; the plain forward does not
+  # where it reads the levels in place, and the same check finds the copy under grad.
+  table = (sum(m.shape[0] * m.shape[1] * m.shape[2] for m in maps), maps[0].shape[3])
+  by_level = dtype != jnp.bfloat16 and jax.default_backend() == "cpu"
+  assert (table in _concatenations(jax.make_jaxpr(f)(*maps).jaxpr)) != by_level
+  grad_jaxpr = jax.make_jaxpr(lambda *m: jax.vjp(f, *m)[0])(*maps).jaxpr
+  assert table in _concatenations(grad_jaxpr)
+
+
+def test_forward_by_level_vmap_matches_per_example_calls():
+  # Batched boxes take the stacked form (custom_vmap); unbatched boxes with batched maps too.
+  maps, boxes, index = _spread_pyramid(jnp.float32)
+  batch = jnp.stack([boxes, boxes[::-1] * 0.9])
+
+  def f(levels, b):
+    return multi_scale_roi_align(levels, b, 3, image_size=(256, 384), box_indices=index)
+
+  out = jax.vmap(f, in_axes=(None, 0))(maps, batch)
+  for i in range(2):
+    np.testing.assert_allclose(out[i], f(maps, batch[i]), rtol=1e-5, atol=1e-5)
+  maps2 = [jnp.stack([m, -m]) for m in maps]
+  out = jax.vmap(f, in_axes=(0, None))(maps2, boxes)
+  np.testing.assert_allclose(out[1], -f(maps, boxes), rtol=1e-5, atol=1e-5)
+
+
+def test_forward_reads_levels_in_place_only_for_outputs_no_larger_than_the_pyramid():
+  # The by-level form pays one gather of the output where the stacked one copies the
+  # pyramid: the plain forward takes it when K * oh * ow <= the pyramid's rows (here 80).
+  maps = [jnp.ones((1, 8, 8, 2)), jnp.ones((1, 4, 4, 2))]
+  for k, in_place in ((1, True), (2, False)):
+    boxes = jnp.tile(jnp.asarray([[0.0, 0.0, 20.0, 20.0]]), (k, 1))
+    pool = lambda m, b: multi_scale_roi_align(m, b, 7, image_size=(32, 32))  # noqa: E731
+    concatenations = _concatenations(jax.make_jaxpr(pool)(maps, boxes).jaxpr)
+    assert ((80, 2) in concatenations) != (in_place and jax.default_backend() == "cpu")
