@@ -131,7 +131,7 @@ def _by_level(tables, wy, wx, plan: tap_sum.Plan, level):
 
   def step(_, xs):
     lvl, (wy, wx, plan) = xs
-    return None, lax.switch(jnp.clip(lvl, 0, levels - 1), branches, wy, wx, plan)
+    return None, lax.switch(lvl, branches, wy, wx, plan)
 
   _, out = lax.scan(step, None, (chunk_level, slots))
   return out.reshape((num_chunks * chunk,) + out.shape[2:])[slot]
