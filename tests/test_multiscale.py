@@ -134,36 +134,44 @@ def _concatenations(jaxpr) -> list:
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.float16, jnp.bfloat16])
 @pytest.mark.parametrize("chunk_elements", [None, 7 * 7 * 3 * 2])
 def test_forward_by_level_has_the_bits_of_the_stacked_pyramid(dtype, chunk_elements, monkeypatch):
-  # The plain forward reads each level in place, chunk by chunk (float32, float64, float16 on
-  # CPU); under grad the forward is the stacked table's. Both must give the same bits, also
-  # with chunks of 2 boxes (levels split over several chunks, the last one padded) and a level
-  # without boxes.
+  # The forward reads each level in place, chunk by chunk (float32, float64, float16 on CPU),
+  # plain and under grad. It must give the stacked table's bits, also with chunks of 2 boxes
+  # (levels split over several chunks, the last one padded) and a level without boxes.
   if chunk_elements is not None:
     monkeypatch.setattr(pyramid, "_CHUNK_ELEMENTS", chunk_elements)
-  jax.clear_caches()
   with jax.enable_x64(dtype == jnp.float64):
-    _check_by_level_bits(dtype)
-  jax.clear_caches()
+    maps, boxes, index = _spread_pyramid(dtype)
 
+    def f(*levels):
+      return multi_scale_roi_align(list(levels), boxes, 7, image_size=(256, 384), box_indices=index)
 
-def _check_by_level_bits(dtype):
-  maps, boxes, index = _spread_pyramid(dtype)
+    def fwd_bwd(*levels):
+      out, pullback = jax.vjp(f, *levels)
+      return out, pullback(jnp.ones_like(out))
 
-  def f(*levels):
-    return multi_scale_roi_align(list(levels), boxes, 7, image_size=(256, 384), box_indices=index)
-
-  plain = jax.jit(f)(*maps)
-  stacked, _ = jax.vjp(f, *maps)
+    jax.clear_caches()
+    plain, (out, grads) = jax.jit(f)(*maps), jax.jit(fwd_bwd)(*maps)
+    plain_jaxpr = jax.make_jaxpr(f)(*maps).jaxpr
+    fwd_bwd_hlo = jax.jit(fwd_bwd).lower(*maps).compile().as_text()
+    with monkeypatch.context() as m:
+      m.setattr(pyramid, "_reads_levels_in_place", lambda *_: False)
+      jax.clear_caches()
+      stacked, (_, stacked_grads) = jax.jit(f)(*maps), jax.jit(fwd_bwd)(*maps)
+    jax.clear_caches()
   assert plain.dtype == dtype
-  np.testing.assert_array_equal(np.asarray(plain, np.float64), np.asarray(stacked, np.float64))
-  assert np.abs(np.asarray(plain, np.float64)).sum() > 0
-  # Only the stacked form copies the pyramid into one table; the plain forward does not
-  # where it reads the levels in place, and the same check finds the copy under grad.
-  table = (sum(m.shape[0] * m.shape[1] * m.shape[2] for m in maps), maps[0].shape[3])
+  bits = lambda x: np.asarray(x, np.float64)  # noqa: E731
+  np.testing.assert_array_equal(bits(plain), bits(stacked))
+  np.testing.assert_array_equal(bits(out), bits(stacked))
+  for g, e in zip(grads, stacked_grads, strict=True):
+    np.testing.assert_array_equal(bits(g), bits(e))
+  assert np.abs(bits(plain)).sum() > 0
+  # Only the stacked form copies the pyramid into one table: the by-level forward does not,
+  # and under grad of the maps alone XLA drops the backward's copy (only the weights read it).
+  rows = sum(m.shape[0] * m.shape[1] * m.shape[2] for m in maps)
   by_level = dtype != jnp.bfloat16 and jax.default_backend() == "cpu"
-  assert (table in _concatenations(jax.make_jaxpr(f)(*maps).jaxpr)) != by_level
-  grad_jaxpr = jax.make_jaxpr(lambda *m: jax.vjp(f, *m)[0])(*maps).jaxpr
-  assert table in _concatenations(grad_jaxpr)
+  assert ((rows, maps[0].shape[3]) in _concatenations(plain_jaxpr)) != by_level
+  table = f"[{rows},{maps[0].shape[3]}]" + "{1,0} concatenate("
+  assert (table in fwd_bwd_hlo) != by_level
 
 
 def test_forward_by_level_vmap_matches_per_example_calls():

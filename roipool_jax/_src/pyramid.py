@@ -73,12 +73,14 @@ def _stacked(tables, wy, wx, plan: tap_sum.Plan, level):
   return tap_sum.tap_sum(jnp.concatenate(tables), wy, wx, plan._replace(origin=origin))
 
 
-def _reads_levels_in_place(tables, wy, wx) -> bool:
-  """Whether the forward takes the by-level form (see the module docstring): on CPU, for maps
-  other than bfloat16, when the output has no more rows (``K * oh * ow``) than the pyramid."""
+def _reads_levels_in_place(tables, wy, wx, by_level: bool) -> bool:
+  """Whether the forward takes the by-level form (see the module docstring): where the caller
+  allows it, on CPU, for maps other than bfloat16, when the output has no more rows (``K * oh
+  * ow``) than the pyramid."""
   output_rows = wy.shape[0] * wy.shape[1] * wx.shape[1]
   return (
-    len(tables) > 1
+    by_level
+    and len(tables) > 1
     and tables[0].dtype != jnp.bfloat16
     and jax.default_backend() == "cpu"
     and output_rows <= sum(t.shape[0] for t in tables)
@@ -168,19 +170,27 @@ def pyramid_tap_sum(tables, wy, wx, plan: tap_sum.Plan, level, by_level: bool) -
     ``[K, oh, ow, C]`` in the tables' dtype, the bits of :func:`tap_sum.tap_sum`
     on the concatenated levels.
   """
-  if by_level and _reads_levels_in_place(tables, wy, wx):
+  if _reads_levels_in_place(tables, wy, wx, by_level):
     return _by_level_unbatched(tables, wy, wx, plan, level)
   return _stacked(tables, wy, wx, plan, level)
 
 
 def _pyramid_fwd(tables, wy, wx, plan, level, by_level):
-  del by_level
+  if _reads_levels_in_place(tables, wy, wx, by_level):
+    return _by_level_unbatched(tables, wy, wx, plan, level), (None, (tables, wy, wx, plan, level))
   out, pullback = jax.vjp(lambda t, wy, wx: _stacked(t, wy, wx, plan, level), tables, wy, wx)
-  return out, pullback
+  return out, (pullback, None)
 
 
-def _pyramid_bwd(by_level, pullback, cotangent):
+def _pyramid_bwd(by_level, residuals, cotangent):
   del by_level
+  pullback, inputs = residuals
+  if pullback is None:
+    # The stacked form's backward, after a by-level forward. Its recomputed forward is dead
+    # code (XLA drops it), and so is its copy of the pyramid unless the weights (the boxes)
+    # need a gradient.
+    tables, wy, wx, plan, level = inputs
+    _, pullback = jax.vjp(lambda t, wy, wx: _stacked(t, wy, wx, plan, level), tables, wy, wx)
   return (*pullback(cotangent), None, None)
 
 
