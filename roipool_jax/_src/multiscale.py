@@ -108,15 +108,17 @@ def multi_scale_roi_align(
 
   Cost (``impl="gather"``): one RoIAlign of every box at its own level, with
   no per-level pass over the boxes, in one of two forms with the same bits
-  (:mod:`roipool_jax._src.pyramid`). Under ``grad``, and for adaptive
-  sampling, bfloat16 maps or outputs of more rows (``K * oh * ow``) than the
-  pyramid has cells (``sum_l N * H_l * W_l``), the levels are read as one
-  ``[sum_l N * H_l * W_l, C]`` table, a copy of the pyramid per call. The
-  plain forward on CPU otherwise reads each level in place: the boxes, grouped
-  by level in chunks, are pooled chunk by chunk from their own level and put
-  back in box order (a copy of the output instead of the pyramid; 1000 boxes
-  on FPN P2-P5 of an 800 x 1216 image: 0.71-0.91x the time, and twice the
-  compile time).
+  (:mod:`roipool_jax._src.pyramid`). On CPU, with a fixed sampling ratio and
+  float32, float64 or float16 maps, the forward reads each level in place
+  when the output has no more rows (``K * oh * ow``) than the pyramid has
+  cells (``sum_l N * H_l * W_l``): the boxes, grouped by level in chunks,
+  are pooled chunk by chunk from their own level and put back in box order
+  (a copy of the output instead of the pyramid; 1000 boxes on FPN P2-P5 of
+  an 800 x 1216 image: 0.71-0.91x the time, and twice the compile time).
+  Otherwise the levels are read as one ``[sum_l N * H_l * W_l, C]`` table, a
+  copy of the pyramid per call. The backward scatters into such a table's
+  gradient and slices it into the levels' gradients; it copies the pyramid
+  only for the boxes' gradient.
 
   Dtypes: float64 features are computed in float64, all others in float32
   (boxes too); outputs keep the features' dtype. Empty inputs (``K = 0``
