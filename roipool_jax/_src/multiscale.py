@@ -108,7 +108,7 @@ def multi_scale_roi_align(
 
   Cost (``impl="gather"``): one RoIAlign of every box at its own level, with
   no per-level pass over the boxes, in one of two forms with the same bits
-  (:mod:`roipool_jax._src.pyramid`). On CPU, with a fixed sampling ratio and
+  (:mod:`roipool_jax._src.pyramid`). On CPU, with ``0 < sampling_ratio <= 2`` and
   float32, float64 or float16 maps, the forward reads each level in place
   when the output has no more rows (``K * oh * ow``) than the pyramid has
   cells (``sum_l N * H_l * W_l``): the boxes, grouped by level in chunks,
@@ -268,4 +268,4 @@ def _pyramid_gather(features, flat, level, size, scales, ratio, aligned):
   origin = image_index * height * width  # in the box's own level
   plan = tap_sum.Plan(origin, width, ty.index, tx.index, ty.count, tx.count)
   tables = [f.reshape(-1, channels) for f in features]
-  return pyramid.pyramid_tap_sum(tables, ty.weight, tx.weight, plan, level, ratio > 0)
+  return pyramid.pyramid_tap_sum(tables, ty.weight, tx.weight, plan, level)

@@ -24,7 +24,8 @@ written chunk by chunk and then gathered into box order). Which form runs:
 
 * the forward, plain or under ``grad``: by level on CPU for float32,
   float64 and float16 maps whose output has at most as many rows as the
-  pyramid, for a fixed ``sampling_ratio`` (the caller's ``by_level``).
+  pyramid, when every bin's taps fit one block of :mod:`tap_sum` (a fixed
+  ``sampling_ratio`` of at most 2).
   Measured on the plain forward, FPN
   P2-P5 (1 x 200 x 304 x 256 at P2, 80,750 rows), 7 x 7 bins, float32,
   against the stacked form (2-core AMD EPYC, fastest of 10-12 alternated
@@ -59,8 +60,6 @@ bins x 256 channels); 16 to 128 boxes measured alike, 256 slower.
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,13 +78,13 @@ def _stacked(tables, wy, wx, plan: tap_sum.Plan, level):
   return tap_sum.tap_sum(jnp.concatenate(tables), wy, wx, plan._replace(origin=origin))
 
 
-def _reads_levels_in_place(tables, wy, wx, by_level: bool) -> bool:
-  """Whether the forward takes the by-level form (see the module docstring): where the caller
-  allows it, on CPU, for maps other than bfloat16, when the output has no more rows (``K * oh
+def _reads_levels_in_place(tables, wy, wx) -> bool:
+  """Whether the forward takes the by-level form (see the module docstring): on CPU, for maps
+  other than bfloat16 and taps that fit one block, when the output has no more rows (``K * oh
   * ow``) than the pyramid."""
   output_rows = wy.shape[0] * wy.shape[1] * wx.shape[1]
   return (
-    by_level
+    tap_sum.single_pass(wy.shape[2], wx.shape[2])
     and len(tables) > 1
     and tables[0].dtype != jnp.bfloat16
     and jax.default_backend() == "cpu"
@@ -157,8 +156,8 @@ def _by_level_vmap(axis_size, in_batched, tables, wy, wx, plan, level):
   return jax.vmap(_stacked, in_axes=tuple(in_axes))(tables, wy, wx, plan, level), True
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(5,))
-def pyramid_tap_sum(tables, wy, wx, plan: tap_sum.Plan, level, by_level: bool) -> jax.Array:
+@jax.custom_vjp
+def pyramid_tap_sum(tables, wy, wx, plan: tap_sum.Plan, level) -> jax.Array:
   """``[K, oh, ow, C]`` tap sums of boxes on the levels of a pyramid (the module docstring).
 
   Args:
@@ -169,27 +168,24 @@ def pyramid_tap_sum(tables, wy, wx, plan: tap_sum.Plan, level, by_level: bool) -
     plan: :class:`tap_sum.Plan` whose ``origin`` and ``stride`` address each
       box's own level table.
     level: ``[K]`` int32 level of each box, in ``[0, L)``.
-    by_level: static; whether the forward may take the by-level form (the
-      caller's choice: fixed sampling ratios, whose taps fit one block).
 
   Returns:
     ``[K, oh, ow, C]`` in the tables' dtype, the bits of :func:`tap_sum.tap_sum`
     on the concatenated levels.
   """
-  if _reads_levels_in_place(tables, wy, wx, by_level):
+  if _reads_levels_in_place(tables, wy, wx):
     return _by_level_unbatched(tables, wy, wx, plan, level)
   return _stacked(tables, wy, wx, plan, level)
 
 
-def _pyramid_fwd(tables, wy, wx, plan, level, by_level):
-  if _reads_levels_in_place(tables, wy, wx, by_level):
+def _pyramid_fwd(tables, wy, wx, plan, level):
+  if _reads_levels_in_place(tables, wy, wx):
     return _by_level_unbatched(tables, wy, wx, plan, level), (None, (tables, wy, wx, plan, level))
   out, pullback = jax.vjp(lambda t, wy, wx: _stacked(t, wy, wx, plan, level), tables, wy, wx)
   return out, (pullback, None)
 
 
-def _pyramid_bwd(by_level, residuals, cotangent):
-  del by_level
+def _pyramid_bwd(residuals, cotangent):
   pullback, inputs = residuals
   if pullback is None:
     # The stacked form's backward, after a by-level forward. Its recomputed forward is dead

@@ -147,6 +147,12 @@ def blocking(num_row_taps: int, num_col_taps: int, group: int = 1) -> Blocking:
   return Blocking((sy, sx), (ty, tx))
 
 
+def single_pass(num_row_taps: int, num_col_taps: int) -> bool:
+  """Whether every bin's taps fit one block, so that one fused pass covers every box."""
+  slots, padded = blocking(num_row_taps, num_col_taps)
+  return slots == padded
+
+
 def map_plan(image_index: jax.Array, ty, tx, map_shape) -> Plan:
   """The :class:`Plan` of taps ``ty``, ``tx`` (:class:`sampling.Taps`) on one ``[N, H, W, C]``
   map read as an ``[N * H * W, C]`` table."""
