@@ -1,6 +1,7 @@
 """Tests of multi_scale_roi_align: torchvision MultiScaleRoIAlign parity, level rule, cost."""
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -126,7 +127,7 @@ def _concatenations(jaxpr) -> list:
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "concatenate":
       shapes.append(eqn.outvars[0].aval.shape)
-    for sub in jax.core.jaxprs_in_params(eqn.params):
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
       shapes += _concatenations(sub)
   return shapes
 
