@@ -221,7 +221,9 @@ def jax_op(config: Config, indices, impl: str):
   """``features -> [K, out, out, C]`` with the boxes as the second argument."""
   size, scale, index = config.output, config.scale, indices
   if config.op == "roi_pool":
-    return lambda f, b: roipool_jax.roi_pool(f, b, size, spatial_scale=scale, box_indices=index)
+    return lambda f, b: roipool_jax.roi_pool(
+      f, b, size, spatial_scale=scale, box_indices=index, impl=impl
+    )
   if config.op == "roi_align":
     return lambda f, b: roipool_jax.roi_align(
       f,
