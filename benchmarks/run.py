@@ -622,7 +622,12 @@ def main(argv=None):
     "--rounds", type=int, default=1, help="time the suite this many times; keep each best median"
   )
   parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-  parser.add_argument("--impl", default="auto", choices=["auto", "gather", "einsum"])
+  parser.add_argument(
+    "--impl",
+    default="auto",
+    choices=["auto", "gather", "einsum"],
+    help="the implementation of the ops that take impl= (the others have one)",
+  )
   parser.add_argument("--only", help="run the configs whose name contains this")
   parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
   parser.add_argument(
