@@ -110,3 +110,25 @@ def test_bin_major_rows_compute_what_torchvision_computes(op):
     suite.jax_op(ours, indices, "gather")(reordered, boxes),
     suite.jax_op(theirs, indices, "gather")(features, boxes),
   )
+
+
+def test_every_op_that_takes_impl_gets_the_one_asked_for(monkeypatch):
+  # `--impl einsum` must time the einsum path of every op that has one, not `auto`'s pick.
+  import inspect
+
+  import roipool_jax
+
+  seen = {}
+  for config in suite.CONFIGS:
+    fn = getattr(roipool_jax, {"multi_scale": "multi_scale_roi_align"}.get(config.op, config.op))
+    if "impl" not in inspect.signature(fn).parameters:
+      continue
+
+    def record(*args, _op=config.op, **kwargs):
+      seen[_op] = kwargs.get("impl")
+
+    monkeypatch.setattr(roipool_jax, fn.__name__, record)
+    suite.jax_op(config, None, "einsum")(None, None)
+    monkeypatch.undo()
+  assert seen and set(seen.values()) == {"einsum"}, seen
+  assert "roi_pool" in seen
