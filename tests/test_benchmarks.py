@@ -1,11 +1,13 @@
 """The benchmark suite runs end to end (tiny shapes) and writes its three reports."""
 
+import inspect
 import json
 import time
 
 import numpy as np
 import pytest
 
+import roipool_jax
 from benchmarks import common
 from benchmarks import run as suite
 from tests.quick import some
@@ -114,10 +116,6 @@ def test_bin_major_rows_compute_what_torchvision_computes(op):
 
 def test_every_op_that_takes_impl_gets_the_one_asked_for(monkeypatch):
   # `--impl einsum` must time the einsum path of every op that has one, not `auto`'s pick.
-  import inspect
-
-  import roipool_jax
-
   seen = {}
   for config in suite.CONFIGS:
     fn = getattr(roipool_jax, {"multi_scale": "multi_scale_roi_align"}.get(config.op, config.op))
