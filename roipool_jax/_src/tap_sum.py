@@ -127,6 +127,11 @@ class Blocking(NamedTuple):
   slots: tuple[int, int]
   padded: tuple[int, int]
 
+  @property
+  def single(self) -> bool:
+    """Whether every bin's taps fit one block, so that one fused pass covers every box."""
+    return self.slots == self.padded
+
 
 def blocking(num_row_taps: int, num_col_taps: int, group: int = 1) -> Blocking:
   """Blocks of about ``SLOTS`` taps per axis that never split a group of ``group`` taps.
@@ -148,9 +153,8 @@ def blocking(num_row_taps: int, num_col_taps: int, group: int = 1) -> Blocking:
 
 
 def single_pass(num_row_taps: int, num_col_taps: int) -> bool:
-  """Whether every bin's taps fit one block, so that one fused pass covers every box."""
-  slots, padded = blocking(num_row_taps, num_col_taps)
-  return slots == padded
+  """Whether every bin's taps fit one block (:attr:`Blocking.single`)."""
+  return blocking(num_row_taps, num_col_taps).single
 
 
 def map_plan(image_index: jax.Array, ty, tx, map_shape) -> Plan:
@@ -254,7 +258,7 @@ def prepare(wy, wx, plan: Plan, group: int = 1):
     row_count=plan.row_count,
     col_count=plan.col_count,
   )
-  single = ty == sy and tx == sx  # every box in one pass: no chunks, no loop
+  single = blk.single  # every box in one pass: no chunks, no loop
   cost = -(-plan.row_count // sy) * -(-plan.col_count // sx)
   return table, blk, single, cost
 
