@@ -178,10 +178,15 @@ def pyramid_tap_sum(tables, wy, wx, plan: tap_sum.Plan, level) -> jax.Array:
   return _stacked(tables, wy, wx, plan, level)
 
 
+def _stacked_vjp(tables, wy, wx, plan, level):
+  """``(out, pullback)`` of the stacked form, differentiated in the tables and the weights."""
+  return jax.vjp(lambda t, wy, wx: _stacked(t, wy, wx, plan, level), tables, wy, wx)
+
+
 def _pyramid_fwd(tables, wy, wx, plan, level):
   if _reads_levels_in_place(tables, wy, wx):
     return _by_level_unbatched(tables, wy, wx, plan, level), (None, (tables, wy, wx, plan, level))
-  out, pullback = jax.vjp(lambda t, wy, wx: _stacked(t, wy, wx, plan, level), tables, wy, wx)
+  out, pullback = _stacked_vjp(tables, wy, wx, plan, level)
   return out, (pullback, None)
 
 
@@ -191,8 +196,7 @@ def _pyramid_bwd(residuals, cotangent):
     # The stacked form's backward, after a by-level forward. Its recomputed forward is dead
     # code (XLA drops it), and so is its copy of the pyramid unless the weights (the boxes)
     # need a gradient.
-    tables, wy, wx, plan, level = inputs
-    _, pullback = jax.vjp(lambda t, wy, wx: _stacked(t, wy, wx, plan, level), tables, wy, wx)
+    _, pullback = _stacked_vjp(*inputs)
   return (*pullback(cotangent), None, None)
 
 
